@@ -1,0 +1,136 @@
+"""BAGEL Few-Step Sampler: prompt -> IMAGE + LATENT with Hyper-Bagel / training-free / teacher schedules."""
+from __future__ import annotations
+
+import logging
+import time
+
+from comfy_api.latest import io
+
+from . import adapters as A
+from . import runtime
+from .loaders import BagelModelType
+
+log = logging.getLogger("hyperbagel")
+STAT_KEYS = ("schedule", "nfe", "passes", "seconds")
+
+
+def schedule_inputs(default_schedule: str = "hyper-6nfe") -> list:
+    """The schedule widgets shared by the sampler and the editor (same order in both)."""
+    return [
+        io.Combo.Input("schedule", options=A.SCHEDULE_CHOICES, default=default_schedule,
+                       tooltip="hyper-6nfe / hyper-6nfe-shift3 / hyper-1nfe: Hyper-Bagel's fixed grids for a "
+                               "distilled expert (one pass per step, no CFG). training-free: a higher-order "
+                               "solver in 'steps' steps on stock BAGEL. teacher-50: BAGEL's reference sampler. "
+                               "custom: your own timesteps."),
+        io.Int.Input("steps", default=8, min=1, max=200,
+                     tooltip="Steps for the training-free schedule (ignored by the others)."),
+        io.Combo.Input("solver", options=A.SOLVER_CHOICES, default="unipc",
+                       tooltip="Flow-matching solver for the training-free schedule."),
+        io.String.Input("custom_timesteps", default="1.0, 0.75, 0.5, 0.25",
+                        tooltip="For schedule=custom: decreasing times in [0, 1], 1 = noise; a final 0 is added."),
+        io.Float.Input("shift", default=3.0, min=0.1, max=20.0, step=0.1,
+                       tooltip="Timestep shift t' = s t / (1 + (s - 1) t) for teacher, training-free and custom."),
+    ]
+
+
+def run_images(bagel, method: str, plan: A.SchedulePlan, items: list, seeds: list[int], **kwargs):
+    """Call ``pipe.generate``/``pipe.edit`` once per item with progress + interrupt checks.
+
+    Returns ``(results, stats)``; the model is released (per memory mode) even on error or interrupt.
+    """
+    if plan.wants_distilled and not bagel.distilled_expert:
+        log.warning("hyperbagel: schedule %s without a distilled expert runs the stock model on that grid; "
+                    "load one in the loader for Hyper-Bagel quality", plan.kwargs.get("schedule"))
+    progress = runtime.make_progress(len(items), plan.steps)
+    pipe = bagel.prepare()
+    results, stats = [], []
+    try:
+        fn = getattr(pipe, method)
+        for i, item in enumerate(items):
+            progress.start_item(i)
+            t0 = time.perf_counter()
+            res = runtime.call_core(fn, *item, seed=seeds[i], callback=progress.callback, **plan.kwargs, **kwargs)
+            s = dict(getattr(res, "stats", None) or {})
+            s.setdefault("seconds", time.perf_counter() - t0)
+            s["schedule"] = plan.label
+            stats.append(s)
+            results.append(res)
+    finally:
+        bagel.release()
+    merged = A.merge_stats(stats)
+    if plan.wants_distilled and not bagel.distilled_expert:
+        merged["warning"] = "no distilled expert loaded: stock model on a few-step grid"
+    return results, merged
+
+
+def image_ui(stats: dict, kind: str, thinking: str = "") -> dict:
+    line = A.format_stats(stats, STAT_KEYS)
+    text = line + (f"\n{stats['warning']}" if stats.get("warning") else "") + (f"\n\n{thinking}" if thinking else "")
+    return {"text": [text], "bagel_stats": [dict(A.jsonable_stats(stats), kind=kind, summary=line)]}
+
+
+class BagelFewStepSampler(io.ComfyNode):
+    @classmethod
+    def define_schema(cls) -> io.Schema:
+        return io.Schema(
+            node_id="HyperBagelFewStepSampler",
+            display_name="BAGEL Few-Step Sampler (Hyper-Bagel)",
+            category="BAGEL/generation",
+            description="Text to image with BAGEL in 1-6 network passes (Hyper-Bagel distilled expert) or a few "
+                        "training-free solver steps, or the 50-step teacher. Outputs the image and its latent "
+                        "(raw FLUX-AE latent, decodable by core VAEDecode with the FLUX ae).",
+            inputs=[
+                BagelModelType.Input("model", tooltip="From 'BAGEL Model Loader (Hyper-Bagel)'."),
+                io.String.Input("prompt", multiline=True, default="A photo of a red fox in fresh snow.",
+                                tooltip="What to draw. Convert to an input to feed it from another node."),
+                io.Int.Input("width", default=1024, min=16, max=4096, step=16,
+                             tooltip="Multiple of 16; BAGEL-7B-MoT supports up to 1024."),
+                io.Int.Input("height", default=1024, min=16, max=4096, step=16,
+                             tooltip="Multiple of 16; BAGEL-7B-MoT supports up to 1024."),
+                *schedule_inputs("hyper-6nfe"),
+                io.Float.Input("text_guidance", default=4.0, min=0.0, max=10.0, step=0.1,
+                               tooltip="Text guidance scale. Teacher/training-free: classifier-free guidance. "
+                                       "Distilled expert: a conditioning input (trained on 1-5)."),
+                io.Float.Input("cfg_interval_start", default=0.4, min=0.0, max=1.0, step=0.05,
+                               tooltip="Teacher/training-free only: apply CFG for t in [start, 1]."),
+                io.Int.Input("seed", default=0, min=0, max=A.MAX_SEED, control_after_generate=True,
+                             tooltip="Noise seed; image i of the batch uses seed + i."),
+                io.Int.Input("batch_size", default=1, min=1, max=16, tooltip="Images to generate (seed, seed+1, ...)."),
+                io.Boolean.Input("think", default=False,
+                                 tooltip="Let BAGEL write a plan before drawing (slower; shown on the node)."),
+            ],
+            outputs=[io.Image.Output(display_name="image"), io.Latent.Output(display_name="latent"),
+                     io.String.Output(display_name="thinking", tooltip="The reasoning text when think is on.")],
+        )
+
+    @classmethod
+    def execute(cls, model, prompt, width, height, schedule, steps, solver, custom_timesteps, shift,
+                text_guidance, cfg_interval_start, seed, batch_size, think) -> io.NodeOutput:
+        bagel = runtime.check_model(model)
+        A.check_text(prompt, "prompt")
+        A.check_size(width, height, max_side=max_side(bagel))
+        plan = A.plan_schedule(schedule, steps, shift, solver, custom_timesteps)
+        seeds = A.batch_seeds(seed, batch_size)
+        results, stats = run_images(bagel, "generate", plan, [(prompt,)] * batch_size, seeds,
+                                    height=height, width=width, cfg_text_scale=text_guidance,
+                                    cfg_interval=(cfg_interval_start, 1.0), think=think)
+        images = A.stack_images([A.result_to_image(r) for r in results])
+        latent = A.concat_latents([latent_of(bagel, r) for r in results])
+        thinking = "\n\n".join(r.thinking for r in results if getattr(r, "thinking", None))
+        return io.NodeOutput(images, latent, thinking, ui=image_ui(stats, "sampler", thinking))
+
+
+def max_side(bagel) -> int | None:
+    cfg = getattr(bagel.pipe, "config", None)
+    size = getattr(cfg, "max_latent_size", None)
+    down = getattr(cfg, "latent_downsample", None)
+    if isinstance(size, int) and isinstance(down, int):
+        return size * down
+    return None
+
+
+def latent_of(bagel, result) -> dict:
+    cfg = getattr(bagel.pipe, "config", None)
+    vae = getattr(cfg, "vae", None) or {}
+    return A.bagel_latent_to_comfy(result.latent, vae.get("scale_factor", A.FLUX_SCALE_FACTOR),
+                                   vae.get("shift_factor", A.FLUX_SHIFT_FACTOR))

@@ -1,0 +1,94 @@
+"""Model folders, registered by merging into ``folder_paths`` (never overwriting a user's entries).
+
+Keys (all may also be set in ``extra_model_paths.yaml``):
+
+* ``bagel``             -> ``models/bagel``: one sub-folder per checkpoint (official BAGEL-7B-MoT layout).
+* ``bagel_draft_heads`` -> ``models/bagel/draft_heads``: speculative-decoding draft heads (``.safetensors``).
+* ``bagel_distilled``   -> ``models/bagel/distilled``: distilled few-step generation experts (``.safetensors``).
+"""
+from __future__ import annotations
+
+import os
+from typing import MutableMapping
+
+from .adapters import NONE_CHOICE, checkpoint_dirs, files_with_ext
+
+FOLDERS = {
+    "bagel": ("bagel", set()),
+    "bagel_draft_heads": (os.path.join("bagel", "draft_heads"), {".safetensors"}),
+    "bagel_distilled": (os.path.join("bagel", "distilled"), {".safetensors"}),
+}
+
+
+def merge_folder(table: MutableMapping, key: str, path: str, extensions: set) -> None:
+    """Add ``path`` to ``table[key]`` (created if missing). Existing paths stay first; an existing empty
+    extension set (= every file) is kept; otherwise our extensions are added to the user's."""
+    if key not in table:
+        table[key] = ([path], set(extensions))
+        return
+    paths, exts = table[key]
+    if path not in paths:
+        paths.append(path)
+    if exts and extensions:
+        if isinstance(exts, set):
+            exts.update(extensions)
+        else:
+            table[key] = (paths, set(exts) | set(extensions))
+
+
+def register_folders() -> None:
+    import folder_paths
+
+    for key, (rel, exts) in FOLDERS.items():
+        merge_folder(folder_paths.folder_names_and_paths, key, os.path.join(folder_paths.models_dir, rel), exts)
+
+
+def _listing(key: str) -> list[str]:
+    import folder_paths
+
+    try:
+        return folder_paths.get_filename_list(key)
+    except KeyError:
+        return []
+
+
+def checkpoint_choices() -> list[str]:
+    found = [d for d in checkpoint_dirs(_listing("bagel")) if not d.startswith(("draft_heads/", "distilled/"))]
+    return found or ["(put a BAGEL checkpoint folder in models/bagel)"]
+
+
+def draft_head_choices() -> list[str]:
+    return [NONE_CHOICE] + files_with_ext(_listing("bagel_draft_heads"))
+
+
+def distilled_choices() -> list[str]:
+    return [NONE_CHOICE] + files_with_ext(_listing("bagel_distilled"))
+
+
+def resolve_checkpoint(name: str) -> str:
+    """Absolute folder of a checkpoint listed by ``checkpoint_choices``; a clear error otherwise."""
+    import folder_paths
+
+    rel = os.path.normpath(name.replace("/", os.sep))
+    if rel.startswith("..") or os.path.isabs(rel):
+        raise ValueError(f"checkpoint {name!r} must be a folder inside models/bagel.")
+    for root in folder_paths.get_folder_paths("bagel"):
+        cand = os.path.join(root, rel)
+        if os.path.isfile(os.path.join(cand, "llm_config.json")):
+            return cand
+    roots = ", ".join(folder_paths.get_folder_paths("bagel"))
+    raise FileNotFoundError(f"BAGEL checkpoint folder {name!r} not found in {roots}. Put the BAGEL-7B-MoT folder "
+                            "(llm_config.json, vit_config.json, ema.safetensors, ae.safetensors, tokenizer files) "
+                            "there and press 'Refresh'; hyperbagel never downloads models.")
+
+
+def resolve_file(key: str, name: str) -> str | None:
+    if not name or name == NONE_CHOICE:
+        return None
+    import folder_paths
+
+    path = folder_paths.get_full_path(key, name)
+    if path is None:
+        raise FileNotFoundError(f"{name!r} not found in the {key} folders ({', '.join(folder_paths.get_folder_paths(key))}); "
+                                "press 'Refresh' or pick another file.")
+    return path

@@ -1,0 +1,159 @@
+"""ComfyUI runtime glue: the BAGEL_MODEL object, memory management, progress and interrupts.
+
+ComfyUI modules are imported inside functions so that this file can be imported (and its logic tested)
+with ``comfy`` stubbed out.
+"""
+from __future__ import annotations
+
+import logging
+import os
+import time
+from dataclasses import dataclass, field
+from typing import Any, Callable
+
+from .adapters import NodeInputError, StepProgress
+
+log = logging.getLogger("hyperbagel")
+
+MEMORY_MODES = ["auto", "gpu_full", "offload_after_run"]
+
+
+def import_core():
+    """Import ``hyperbagel_core`` (inside the pack when loaded by ComfyUI, else from ``sys.path``)."""
+    try:
+        from .. import hyperbagel_core as core  # the pack is a package: <pack>.hyperbagel_core
+    except ImportError:
+        import hyperbagel_core as core
+    return core
+
+
+@dataclass
+class BagelModel:
+    """What flows through a ``BAGEL_MODEL`` socket: the pipeline and its ModelPatcher."""
+    pipe: Any
+    patcher: Any
+    checkpoint: str
+    dtype_name: str
+    attn_backend: str
+    memory_mode: str = "auto"
+    draft_head: str | None = None
+    distilled_expert: str | None = None
+    info: dict = field(default_factory=dict)
+
+    def prepare(self) -> Any:
+        """Ask ComfyUI to (re)load the weights on the compute device; returns the pipeline."""
+        import comfy.model_management as mm
+
+        mm.load_models_gpu([self.patcher], force_full_load=self.memory_mode == "gpu_full")
+        set_dev = getattr(self.pipe, "set_device", None)
+        if callable(set_dev):
+            set_dev(self.patcher.load_device)
+        return self.pipe
+
+    def release(self) -> None:
+        """After a run in ``offload_after_run`` mode: move the weights back to the offload device."""
+        if self.memory_mode != "offload_after_run":
+            return
+        import comfy.model_management as mm
+
+        for loaded in list(getattr(mm, "current_loaded_models", [])):
+            if getattr(loaded, "model", None) is self.patcher:
+                loaded.model_unload()
+                mm.current_loaded_models.remove(loaded)
+        mm.soft_empty_cache()
+
+    def describe(self) -> str:
+        parts = [os.path.basename(self.checkpoint.rstrip("/\\")), self.dtype_name, self.attn_backend]
+        if self.draft_head:
+            parts.append(f"draft head {os.path.basename(self.draft_head)}")
+        if self.distilled_expert:
+            parts.append(f"distilled {os.path.basename(self.distilled_expert)}")
+        return ", ".join(parts)
+
+
+def check_model(model: Any) -> BagelModel:
+    if not isinstance(model, BagelModel):
+        raise NodeInputError("model: connect the output of 'BAGEL Model Loader (Hyper-Bagel)' to this input.")
+    return model
+
+
+def attention_backends() -> list[str]:
+    """``sdpa`` always; ``flash_attn`` only when the package is importable (checked without importing it)."""
+    import importlib.util
+
+    out = ["sdpa"]
+    if importlib.util.find_spec("flash_attn") is not None:
+        out.append("flash_attn")
+    return out
+
+
+def interrupt_check() -> None:
+    import comfy.model_management as mm
+
+    mm.throw_exception_if_processing_interrupted()
+
+
+def make_progress(items: int, steps_hint: int, node_id: str | None = None) -> StepProgress:
+    """A batch-aware progress reporter driving ``comfy.utils.ProgressBar`` and checking for interrupts."""
+    import comfy.utils
+
+    bar = comfy.utils.ProgressBar(max(1, items * max(1, steps_hint)), node_id=node_id)
+    return StepProgress(items, lambda v, t: bar.update_absolute(v, t), interrupt_check)
+
+
+def load_bagel(checkpoint_dir: str, dtype_choice: str, attn_backend: str, memory_mode: str,
+               draft_head: str | None, distilled_expert: str | None) -> BagelModel:
+    """Build the pipeline on the offload device with ``comfy.ops`` layers and wrap it in a ModelPatcher."""
+    import comfy.model_management as mm
+    import comfy.model_patcher
+    import comfy.ops
+
+    from .adapters import resolve_dtype
+
+    core = import_core()
+    load_device = mm.get_torch_device()
+    offload_device = mm.unet_offload_device()
+    dtype = resolve_dtype(dtype_choice, mm.should_use_bf16(load_device), mm.should_use_fp16(load_device))
+    if memory_mode not in MEMORY_MODES:
+        raise NodeInputError(f"unknown memory mode {memory_mode!r}; choose one of {', '.join(MEMORY_MODES)}.")
+    if attn_backend not in attention_backends():
+        raise NodeInputError(f"attention backend {attn_backend!r} is not available here; use 'sdpa' "
+                             "(flash_attn needs the optional flash-attn package).")
+    t0 = time.perf_counter()
+    pipe = core.BagelPipeline.from_pretrained(checkpoint_dir, device=offload_device, dtype=dtype,
+                                              ops=comfy.ops.manual_cast, attn_backend=attn_backend)
+    if draft_head:
+        _attach(pipe, "load_draft_head", draft_head, "speculative decoding with a draft head")
+    if distilled_expert:
+        _attach(pipe, "load_distilled_expert", distilled_expert, "the distilled few-step expert")
+    patcher = comfy.model_patcher.ModelPatcher(pipe.modules, load_device=load_device, offload_device=offload_device)
+    dtype_name = {"torch.bfloat16": "bf16", "torch.float16": "fp16", "torch.float32": "fp32"}.get(str(dtype), str(dtype))
+    log.info("hyperbagel: loaded %s (%s, %s) in %.1f s", checkpoint_dir, dtype_name, attn_backend,
+             time.perf_counter() - t0)
+    return BagelModel(pipe=pipe, patcher=patcher, checkpoint=checkpoint_dir, dtype_name=dtype_name,
+                      attn_backend=attn_backend, memory_mode=memory_mode, draft_head=draft_head,
+                      distilled_expert=distilled_expert)
+
+
+def _attach(pipe: Any, method: str, path: str, what: str) -> None:
+    fn: Callable | None = getattr(pipe, method, None)
+    if not callable(fn):
+        raise NodeInputError(f"this hyperbagel_core has no {method}() yet, so {what} cannot be loaded; "
+                             "update hyperbagel or set this option to 'none'.")
+    fn(path)
+
+
+def call_core(fn: Callable, *args, **kwargs):
+    """Call a pipeline method, turning an unsupported keyword into an actionable error (not a TypeError)."""
+    import inspect
+
+    try:
+        params = inspect.signature(fn).parameters
+    except (TypeError, ValueError):
+        return fn(*args, **kwargs)
+    if not any(p.kind is inspect.Parameter.VAR_KEYWORD for p in params.values()):
+        unknown = [k for k in kwargs if k not in params]
+        if unknown:
+            raise NodeInputError(f"this hyperbagel_core's {getattr(fn, '__name__', 'method')}() does not support "
+                                 f"{', '.join(unknown)}; pick another schedule/option or update hyperbagel.")
+    return fn(*args, **kwargs)
