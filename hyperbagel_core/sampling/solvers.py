@@ -11,7 +11,7 @@ Methods (``SOLVERS``):
                    final step to t = 0 is a plain Euler step unless ``heun_final=True``.
   * ``unipc``    - diffusers' ``UniPCMultistepScheduler`` (bh2, order 2, predictor + corrector) in flow
                    form (``use_flow_sigmas``, ``prediction_type="flow_prediction"``) over our grid.
-  * ``dpmpp-2m`` - diffusers' ``DPMSolverMultistepScheduler`` (DPM-Solver++ 2M) in flow form over our grid.
+  * ``dpmpp_2m`` - diffusers' ``DPMSolverMultistepScheduler`` (DPM-Solver++ 2M) in flow form over our grid.
 The multistep methods reuse past evaluations, so they cost 1 evaluation per step like Euler.
 ``grid_for_budget`` turns an evaluation budget into a grid for a method.
 """
@@ -19,6 +19,7 @@ from __future__ import annotations
 
 import inspect
 import logging
+import warnings
 from typing import Callable
 
 import torch
@@ -98,7 +99,9 @@ def _set_flow_grid(sched, t: torch.Tensor) -> None:
     if "sigmas" in inspect.signature(sched.set_timesteps).parameters:  # UniPC: custom flow sigmas supported
         sched.set_timesteps(sigmas=sigmas[:-1].double().numpy())
     else:  # DPM-Solver++: no custom-sigma hook; build its state, then replace the grid
-        sched.set_timesteps(num_inference_steps=n)
+        with warnings.catch_warnings():
+            warnings.simplefilter("ignore", DeprecationWarning)  # numpy-2 notice inside diffusers
+            sched.set_timesteps(num_inference_steps=n)
     sched.sigmas = sigmas
     sched.timesteps = sigmas[:-1] * sched.config.num_train_timesteps
     sched.num_inference_steps = n
@@ -125,7 +128,7 @@ SOLVERS: dict[str, Callable[..., torch.Tensor]] = {
     "euler": _euler,
     "heun": _heun,
     "unipc": _diffusers_solver(_make_unipc),
-    "dpmpp-2m": _diffusers_solver(_make_dpmpp),
+    "dpmpp_2m": _diffusers_solver(_make_dpmpp),
 }
 
 
@@ -139,7 +142,7 @@ def solve(velocity_fn: VelocityFn, x: torch.Tensor, timesteps: torch.Tensor, met
         timesteps: fp32 grid, strictly decreasing, ending at 0.
         method: a key of ``SOLVERS``.
         callback: ``callback(step, total)`` after every step (may raise to interrupt).
-        options: ``heun_final`` (heun), ``order`` (unipc, dpmpp-2m; default 2).
+        options: ``heun_final`` (heun), ``order`` (unipc, dpmpp_2m; default 2).
 
     Returns:
         The latent at t = 0 (fp32).
