@@ -1,0 +1,285 @@
+"""The CFG-distilled generation expert: file format, loader, and the prefill/denoise weight swap.
+
+File format (``docs/distilled_expert.md``): one ``.safetensors`` file, no pickle.
+  * ``gen.<official key>``: replacement tensors for generation-expert parameters (any subset of
+    ``gen_expert_keys(model)``; a key that is absent keeps the base weight);
+  * ``guidance.{text,img}_scale_embedder.mlp.{0,2}.{weight,bias}``: the two guidance-scale embedders;
+  * metadata ``format`` = ``hyperbagel.distilled_expert``, ``format_version`` = ``1``, ``config`` = JSON of
+    ``DistillConfig`` (NFE, schedule, timesteps, shift, scale ranges, base checkpoint fingerprint, the list
+    of replaced keys).
+
+Deployment (Hyper-Bagel 2.8): the base (original) generation-expert weights stay in the model and are used
+for every prefill (source-image VAE tokens, clean latents); ``DistilledExpert.swapped_into(model)`` puts
+the distilled tensors in place for the denoising passes only and restores the originals in ``finally``.
+Only the replaced tensors are held twice; the swap re-points parameters (no copy, no allocation).
+"""
+from __future__ import annotations
+
+import contextlib
+import hashlib
+import json
+from dataclasses import asdict, dataclass, field
+from pathlib import Path
+
+import torch
+from torch import nn
+
+from ..errors import CheckpointError
+from .embedders import IMG_SCALE_RANGE, T2I_IMG_SCALE, TEXT_SCALE_RANGE, GuidanceEmbedding
+
+FORMAT = "hyperbagel.distilled_expert"
+FORMAT_VERSION = "1"
+GEN_PREFIX, GUIDANCE_PREFIX = "gen.", "guidance."
+_GEN_MODULES = ("time_embedder.", "vae2llm.", "llm2vae.")
+
+
+def is_gen_expert_key(key: str) -> bool:
+    """Generation-expert parameters: every ``_moe_gen`` key plus the latent-side embedders and head."""
+    return "_moe_gen" in key or key.startswith(_GEN_MODULES)
+
+
+def gen_expert_keys(model: nn.Module) -> list[str]:
+    return [k for k, _ in model.named_parameters() if is_gen_expert_key(k)]
+
+
+def base_fingerprint(model: nn.Module, samples: int = 1024) -> str:
+    """A cheap identity of the base checkpoint: shapes + strided samples of a few tensors rounded to bf16.
+
+    The same on CPU/GPU and for bf16/fp32 loads of a bf16 checkpoint. Computed from the weights in place,
+    so it must be taken outside a swap (``swapped_into`` refuses nesting; the loader calls it first).
+    """
+    params = dict(model.named_parameters())
+    layers = [k for k in params if ".layers." in k and k.startswith("language_model.")]
+    last = max((int(k.split(".layers.")[1].split(".")[0]) for k in layers), default=0)
+    picks = ["language_model.model.embed_tokens.weight", "language_model.lm_head.weight",
+             "language_model.model.layers.0.self_attn.q_proj.weight",
+             "language_model.model.layers.0.self_attn.q_proj_moe_gen.weight",
+             f"language_model.model.layers.{last}.mlp_moe_gen.down_proj.weight",
+             f"language_model.model.layers.{last}.mlp.down_proj.weight",
+             "time_embedder.mlp.0.weight", "vae2llm.weight", "llm2vae.weight", "connector.fc1.weight"]
+    h = hashlib.sha256()
+    for key in picks:
+        p = params.get(key)
+        if p is None:
+            continue
+        flat = p.detach().reshape(-1)
+        idx = torch.linspace(0, flat.numel() - 1, min(samples, flat.numel()), device=flat.device).long()
+        vals = flat[idx].to(torch.bfloat16).float().cpu().numpy().tobytes()
+        h.update(f"{key}:{tuple(p.shape)};".encode())
+        h.update(vals)
+    return h.hexdigest()[:24]
+
+
+@dataclass(frozen=True)
+class DistillConfig:
+    """What a distilled-expert file is for (stored as JSON in the file's metadata)."""
+    base_fingerprint: str
+    base_hidden_size: int
+    base_num_layers: int
+    nfe: int = 6
+    schedule: str = "hyper-6nfe"
+    timesteps: tuple = ()
+    shift: float = 1.0
+    text_scale_range: tuple = TEXT_SCALE_RANGE
+    img_scale_range: tuple = IMG_SCALE_RANGE
+    t2i_img_scale: float = T2I_IMG_SCALE
+    scale_encoding: str = "raw"
+    stages: tuple = ("cfg_distillation",)
+    base_name: str = ""
+    replaced_keys: tuple = ()
+    notes: str = ""
+
+    def to_json(self) -> str:
+        return json.dumps(asdict(self), sort_keys=True)
+
+    @classmethod
+    def from_json(cls, text: str, where: str) -> "DistillConfig":
+        try:
+            d = json.loads(text)
+            known = {f for f in cls.__dataclass_fields__}
+            d = {k: tuple(v) if isinstance(v, list) else v for k, v in d.items() if k in known}
+            return cls(**d)
+        except (json.JSONDecodeError, TypeError) as e:
+            raise CheckpointError(f"{where}: the 'config' metadata is not a valid distilled-expert config ({e}); "
+                                  "re-export the file with hyperbagel_core.distill") from e
+
+
+@dataclass
+class DistilledExpert:
+    config: DistillConfig
+    guidance: GuidanceEmbedding
+    tensors: dict = field(default_factory=dict)     # official key -> replacement tensor (or nn.Parameter)
+
+    # -- construction ---------------------------------------------------------------------------------------
+    @classmethod
+    def from_model(cls, model: nn.Module, keys=None, **config) -> "DistilledExpert":
+        """Start a distilled expert from the base model: copies of the gen-expert weights + zero-init embedders."""
+        params = dict(model.named_parameters())
+        keys = gen_expert_keys(model) if keys is None else list(keys)
+        bad = [k for k in keys if k not in params or not is_gen_expert_key(k)]
+        if bad:
+            raise ValueError(f"not generation-expert parameters of this model: {bad[:5]}")
+        ref = params["vae2llm.weight"]
+        g = GuidanceEmbedding(ref.shape[0], config.get("text_scale_range", TEXT_SCALE_RANGE),
+                              config.get("img_scale_range", IMG_SCALE_RANGE)).to(ref.device, ref.dtype)
+        cfg = DistillConfig(base_fingerprint=base_fingerprint(model), base_hidden_size=ref.shape[0],
+                            base_num_layers=_num_layers(model), replaced_keys=tuple(keys), **config)
+        return cls(cfg, g, {k: params[k].detach().clone() for k in keys})
+
+    # -- use ----------------------------------------------------------------------------------------------------
+    def extra(self, text_scale: float, img_scale: float | None = None, dtype: torch.dtype | None = None):
+        """The ``time_embed_extra`` for these scales (clamped to the trained ranges with a warning)."""
+        s_img = self.config.t2i_img_scale if img_scale is None else img_scale
+        return self.guidance(text_scale, s_img, dtype)
+
+    @contextlib.contextmanager
+    def swapped_into(self, model: nn.Module):
+        """Within the block the model's gen-expert parameters are the distilled ones; restored on exit."""
+        with swap_parameters(model, self.tensors):
+            yield model
+
+    def to(self, device=None, dtype=None) -> "DistilledExpert":
+        self.guidance.to(device=device, dtype=dtype)
+        self.tensors = {k: v.to(device=device, dtype=dtype) for k, v in self.tensors.items()}
+        return self
+
+    def parameters(self):
+        """Trainable tensors: replacements that are Parameters, plus the embedders."""
+        return [t for t in self.tensors.values() if isinstance(t, nn.Parameter)] + list(self.guidance.parameters())
+
+    def nbytes(self) -> int:
+        """Extra memory this expert holds on top of the base model."""
+        ts = list(self.tensors.values()) + list(self.guidance.parameters())
+        return sum(t.numel() * t.element_size() for t in ts)
+
+    # -- file format ---------------------------------------------------------------------------------------------
+    def save(self, path: str | Path, dtype: torch.dtype | None = None) -> None:
+        from safetensors.torch import save_file
+
+        out = {GEN_PREFIX + k: v.detach() for k, v in self.tensors.items()}
+        out.update({GUIDANCE_PREFIX + k: v.detach() for k, v in self.guidance.state_dict().items()})
+        out = {k: (v.to(dtype) if dtype else v).contiguous().cpu() for k, v in out.items()}
+        cfg = self.config
+        if tuple(cfg.replaced_keys) != tuple(self.tensors):
+            cfg = DistillConfig(**{**asdict(cfg), "replaced_keys": tuple(self.tensors)})
+        meta = {"format": FORMAT, "format_version": FORMAT_VERSION, "config": cfg.to_json()}
+        Path(path).parent.mkdir(parents=True, exist_ok=True)
+        save_file(out, str(path), metadata=meta)
+
+
+def _num_layers(model: nn.Module) -> int:
+    try:
+        return int(model.config.llm.num_hidden_layers)
+    except AttributeError:
+        return len(model.language_model.model.layers)
+
+
+@contextlib.contextmanager
+def swap_parameters(model: nn.Module, replacements: dict):
+    """Re-point ``model``'s parameters named in ``replacements`` to those tensors; restore in ``finally``.
+
+    A replacement that is an ``nn.Parameter`` is installed as is (gradients flow into it: training); a plain
+    tensor is wrapped without copying. Nested swaps of the same model are refused.
+    """
+    if getattr(model, "_hb_swapped", False):
+        raise RuntimeError("a distilled expert is already swapped into this model")
+    saved = []
+    try:
+        model._hb_swapped = True
+        for key, new in replacements.items():
+            mod_name, _, name = key.rpartition(".")
+            mod = model.get_submodule(mod_name)
+            old = mod._parameters[name]
+            if old.shape != new.shape:
+                raise CheckpointError(f"distilled tensor {key}: shape {tuple(new.shape)} != model {tuple(old.shape)}")
+            param = new if isinstance(new, nn.Parameter) else nn.Parameter(new, requires_grad=False)
+            saved.append((mod, name, old))
+            mod._parameters[name] = param
+        yield model
+    finally:
+        for mod, name, old in reversed(saved):
+            mod._parameters[name] = old
+        model._hb_swapped = False
+
+
+# -- loading -----------------------------------------------------------------------------------------------------
+def read_distilled_file(path: str | Path) -> tuple[DistillConfig, dict]:
+    """Read and validate the container (format, metadata, tensor list). No model needed."""
+    from safetensors import safe_open
+
+    p = Path(path)
+    if not p.is_file():
+        raise CheckpointError(f"{p}: distilled-expert file not found")
+    try:
+        with safe_open(str(p), framework="pt", device="cpu") as f:
+            meta = f.metadata() or {}
+            tensors = {k: f.get_tensor(k) for k in f.keys()}
+    except Exception as e:  # safetensors raises its own error types for truncated / non-safetensors files
+        raise CheckpointError(f"{p}: not a readable safetensors file ({type(e).__name__}: {e}); the file is "
+                              "corrupt or truncated, or is not a distilled expert (pickled .pt/.bin is not "
+                              "supported)") from e
+    if meta.get("format") != FORMAT:
+        raise CheckpointError(f"{p}: metadata 'format' is {meta.get('format')!r}, expected {FORMAT!r}; this "
+                              "safetensors file is not a hyperbagel distilled expert")
+    if meta.get("format_version") != FORMAT_VERSION:
+        raise CheckpointError(f"{p}: distilled-expert format_version {meta.get('format_version')!r} is not "
+                              f"supported (this hyperbagel reads {FORMAT_VERSION!r}); update hyperbagel")
+    if "config" not in meta:
+        raise CheckpointError(f"{p}: the 'config' metadata entry is missing")
+    return DistillConfig.from_json(meta["config"], str(p)), tensors
+
+
+def _check_against(model: nn.Module, cfg: DistillConfig, tensors: dict, where: str) -> None:
+    D = model.vae2llm.weight.shape[0]
+    if cfg.base_hidden_size != D or cfg.base_num_layers != _num_layers(model):
+        raise CheckpointError(
+            f"{where}: made for a base model with hidden size {cfg.base_hidden_size} and {cfg.base_num_layers} "
+            f"layers, but the loaded model has {D} and {_num_layers(model)}; load the matching BAGEL checkpoint")
+    fp = base_fingerprint(model)
+    if cfg.base_fingerprint != fp:
+        raise CheckpointError(
+            f"{where}: made for base checkpoint {cfg.base_name or '?'} with fingerprint {cfg.base_fingerprint}, "
+            f"but the loaded model's fingerprint is {fp}; load the BAGEL weights this expert was distilled from")
+    params = dict(model.named_parameters())
+    gen = {k[len(GEN_PREFIX):] for k in tensors if k.startswith(GEN_PREFIX)}
+    missing = sorted(set(cfg.replaced_keys) - gen)
+    if missing:
+        raise CheckpointError(f"{where}: {len(missing)} tensors listed in the config are missing from the file, "
+                              f"e.g. {missing[:3]}; the file is incomplete, re-export it")
+    for k in sorted(gen):
+        if k not in params or not is_gen_expert_key(k):
+            raise CheckpointError(f"{where}: tensor {k!r} is not a generation-expert parameter of this model; "
+                                  "a distilled expert may only replace generation-expert weights")
+        if tuple(tensors[GEN_PREFIX + k].shape) != tuple(params[k].shape):
+            raise CheckpointError(f"{where}: tensor {k!r} has shape {tuple(tensors[GEN_PREFIX + k].shape)}, the "
+                                  f"model has {tuple(params[k].shape)}")
+    extra = sorted(k for k in tensors if not k.startswith((GEN_PREFIX, GUIDANCE_PREFIX)))
+    if extra:
+        raise CheckpointError(f"{where}: unexpected tensors {extra[:3]} (only 'gen.*' and 'guidance.*' allowed)")
+
+
+def load_distilled_expert(path: str | Path, model: nn.Module) -> DistilledExpert:
+    """Load a distilled-expert file for ``model`` (checked against the base fingerprint) on its device/dtype.
+
+    Raises:
+        CheckpointError: missing/corrupt file, wrong format, wrong base model, missing or misshapen tensors.
+    """
+    cfg, tensors = read_distilled_file(path)
+    _check_against(model, cfg, tensors, str(path))
+    ref = model.vae2llm.weight
+    g = GuidanceEmbedding(cfg.base_hidden_size, cfg.text_scale_range, cfg.img_scale_range, zero_init=False)
+    sd = {k[len(GUIDANCE_PREFIX):]: v for k, v in tensors.items() if k.startswith(GUIDANCE_PREFIX)}
+    want = set(g.state_dict())
+    if set(sd) != want:
+        raise CheckpointError(f"{path}: guidance-embedder tensors missing {sorted(want - set(sd))[:4]} or unexpected "
+                              f"{sorted(set(sd) - want)[:4]}; the file is incomplete, re-export it")
+    try:
+        g.load_state_dict(sd)
+    except RuntimeError as e:
+        raise CheckpointError(f"{path}: guidance-embedder tensors do not fit hidden size "
+                              f"{cfg.base_hidden_size}: {e}") from e
+    g.to(ref.device, ref.dtype)
+    params = dict(model.named_parameters())
+    reps = {k[len(GEN_PREFIX):]: v.to(ref.device, params[k[len(GEN_PREFIX):]].dtype)
+            for k, v in tensors.items() if k.startswith(GEN_PREFIX)}
+    return DistilledExpert(cfg, g, reps)
