@@ -207,9 +207,12 @@ def read_distilled_file(path: str | Path) -> tuple[DistillConfig, dict]:
     """Read and validate the container (format, metadata, tensor list). No model needed."""
     from safetensors import safe_open
 
+    from ..loading import read_safetensors_header
+
     p = Path(path)
     if not p.is_file():
         raise CheckpointError(f"{p}: distilled-expert file not found")
+    read_safetensors_header(p)  # framing + truncation, one clear message
     try:
         with safe_open(str(p), framework="pt", device="cpu") as f:
             meta = f.metadata() or {}
