@@ -1,0 +1,195 @@
+"""Speculative text decoding: draft k tokens, verify them in one target forward, accept, roll back.
+
+Same contract and output as plain decoding (``hyperbagel_core.decoding.generate_text``): feed
+``<|im_start|>`` at ``ctx.rope``, stop when the chosen token is ``<|im_end|>`` (not emitted) or after
+``max_new_tokens``; greedy output is token-for-token that of plain greedy decoding, sampled output has
+the same distribution. ``ctx`` ends holding exactly the tokens plain decoding would have fed.
+"""
+from __future__ import annotations
+
+import time
+from dataclasses import dataclass, field
+
+import torch
+
+from .accept import greedy_accept, greedy_pick, probs, speculative_accept
+
+DEFAULT_DRAFT_TOKENS = 10     # the paper's chain length (Table 1: 10 draft steps)
+
+
+@dataclass
+class AdaptiveDraftLength:
+    """Draft length controller: +2 after a fully accepted round, otherwise accepted+1 (>= 1). After
+    ``patience`` consecutive rounds at k=1 with nothing accepted, drafting pauses for ``cooldown``
+    plain rounds (doubling up to ``max_cooldown`` while probes keep failing), so a useless drafter costs
+    about one draft step per ``cooldown`` tokens."""
+    k_max: int
+    enabled: bool = True
+    k: int = 0
+    patience: int = 2
+    cooldown: int = 0
+    max_cooldown: int = 64
+    _misses: int = 0
+    _pause: int = 0
+    _next_cooldown: int = 4
+
+    def __post_init__(self):
+        self.k = self.k_max if not self.enabled else min(self.k_max, max(1, self.k or 4))
+
+    def next_k(self) -> int:
+        if not self.enabled or self.k_max == 0:
+            return self.k_max
+        if self._pause > 0:
+            self._pause -= 1
+            return 0
+        return self.k
+
+    def update(self, drafted: int, accepted: int) -> None:
+        if not self.enabled or drafted == 0:
+            return
+        if accepted == drafted:
+            self.k = min(self.k_max, self.k + 2)
+        else:
+            self.k = max(1, accepted + 1)
+        if accepted == 0 and drafted <= 1:
+            self._misses += 1
+            if self._misses >= self.patience:
+                self._pause, self._misses = self._next_cooldown, 0
+                self._next_cooldown = min(self.max_cooldown, 2 * self._next_cooldown)
+        elif accepted > 0:
+            self._misses, self._next_cooldown = 0, 4
+
+
+@dataclass
+class SpecStats:
+    rounds: int = 0               # target verification forwards after the first (<|im_start|>) one
+    draft_rounds: int = 0         # rounds with k >= 1
+    drafted: int = 0
+    accepted: int = 0
+    tokens: int = 0
+    seconds: float = 0.0
+    k_hist: dict = field(default_factory=dict)
+
+    def as_dict(self) -> dict:
+        tau = (self.accepted + self.draft_rounds) / self.draft_rounds if self.draft_rounds else 1.0
+        return {"rounds": self.rounds, "draft_rounds": self.draft_rounds, "drafted": self.drafted,
+                "accepted": self.accepted, "tokens": self.tokens,
+                "tau": tau,                                   # tokens per drafting round (incl. bonus)
+                "acceptance_rate": self.accepted / self.drafted if self.drafted else 0.0,
+                "tokens_per_target_forward": self.tokens / (self.rounds + 1),
+                "tokens_per_s": self.tokens / self.seconds if self.seconds > 0 else 0.0,
+                "seconds": self.seconds, "k_hist": dict(sorted(self.k_hist.items()))}
+
+
+@dataclass
+class SpecResult:
+    ids: list[int]
+    stats: dict
+
+
+def _sync(device) -> None:
+    if torch.device(device).type == "cuda":
+        torch.cuda.synchronize(device)
+
+
+def _layers(out, n: int):
+    return None if out.layer_hidden is None else torch.stack([h[:n] for h in out.layer_hidden], 1)
+
+
+@torch.no_grad()
+def speculative_generate(model, ctx, drafter, *, bos_id: int, eos_id: int, max_new_tokens: int,
+                         do_sample: bool = False, temperature: float = 1.0, generator=None,
+                         callback=None, num_draft_tokens: int | None = None, adaptive: bool = True,
+                         prompt_ids: list[int] | None = None) -> SpecResult:
+    """Decode up to ``max_new_tokens`` tokens after ``<|im_start|>`` with draft-and-verify rounds.
+
+    Args:
+        model: anything with ``forward_text(ctx, ids, return_all_hidden)`` (BagelModel, StaticLLM).
+        ctx: context to append to (fork it first if the caller needs it unchanged).
+        drafter: a drafter (``drafters.py``/``prompt_lookup.py``) or None for plain decoding.
+        num_draft_tokens: k, the longest chain (default 10); adaptive=True lets it shrink/grow/pause.
+        callback: ``callback(round, max_new_tokens)`` after every round; it may raise to interrupt.
+    Returns:
+        SpecResult(ids=new token ids (no start token, no stop token), stats=SpecStats.as_dict()).
+    """
+    dev = next(model.parameters()).device
+    k_max = 0 if drafter is None else (DEFAULT_DRAFT_TOKENS if num_draft_tokens is None else num_draft_tokens)
+    ctrl = AdaptiveDraftLength(k_max, enabled=adaptive)
+    hidden = bool(drafter is not None and drafter.needs_hidden)
+    st = SpecStats()
+    _sync(dev)
+    t0 = time.perf_counter()
+
+    def choose(logits):
+        if do_sample:
+            p = probs(logits, temperature)
+            return int(torch.multinomial(p, 1, generator=generator).item())
+        return int(greedy_pick(logits).item())
+
+    ids: list[int] = []
+    if max_new_tokens > 0:
+        if drafter is not None:
+            drafter.reset(ctx.rope, prompt_ids)
+        out = model.forward_text(ctx, torch.tensor([bos_id], device=dev), return_all_hidden=hidden)
+        nxt = choose(out.logits[0])
+        if drafter is not None:
+            drafter.observe([bos_id], _layers(out, 1), nxt)
+        while nxt != eos_id:
+            ids.append(nxt)
+            if len(ids) >= max_new_tokens:
+                break
+            k = min(ctrl.next_k(), max_new_tokens - len(ids) - 1)
+            draft, q = drafter.propose(k, do_sample, temperature, generator) if k > 0 else ([], None)
+            draft = draft[:k]
+            q = None if q is None else q[: len(draft)]
+            kv0, rope0 = ctx.kv_len, ctx.rope
+            out = model.forward_text(ctx, torch.tensor([nxt] + draft, device=dev), return_all_hidden=hidden)
+            if do_sample:
+                m, bonus = speculative_accept(probs(out.logits, temperature), q, draft, generator)
+            else:
+                tgt = greedy_pick(out.logits).tolist()
+                m = greedy_accept(draft, tgt)
+                bonus = tgt[m]
+            ctx.truncate(kv0 + 1 + m, rope0 + 1 + m)
+            st.rounds += 1
+            if draft:
+                st.draft_rounds += 1
+                st.drafted += len(draft)
+                st.accepted += m
+                st.k_hist[len(draft)] = st.k_hist.get(len(draft), 0) + 1
+            ctrl.update(len(draft), m)
+            new = draft[:m] + [bonus]
+            stop = _emit(ids, new, eos_id, max_new_tokens)
+            if stop is not None:
+                # keep exactly the tokens plain decoding would have fed: bos + emitted[:-1] (+ last if eos)
+                fed = stop
+                ctx.truncate(kv0 + fed, rope0 + fed)
+                nxt = eos_id
+                if callback is not None:
+                    callback(st.rounds, max_new_tokens)
+                break
+            if drafter is not None:
+                drafter.observe([nxt] + draft[:m], _layers(out, 1 + m), bonus)
+            nxt = bonus
+            if callback is not None:
+                callback(st.rounds, max_new_tokens)
+    _sync(dev)
+    st.seconds = time.perf_counter() - t0
+    st.tokens = len(ids)
+    return SpecResult(ids, st.as_dict())
+
+
+def _emit(ids: list[int], new: list[int], eos_id: int, max_new: int) -> int | None:
+    """Append ``new`` (accepted drafts + bonus, except the last which becomes the next token) in order.
+
+    ``new[:-1]`` were fed to the target this round; the last one is only predicted. Returns None to go
+    on (the last token of ``new`` becomes the pending token, not yet in ``ids``), or the number of
+    tokens of this round's block that stay in the cache when decoding stops inside the block.
+    """
+    for i, t in enumerate(new[:-1]):
+        if t == eos_id:
+            return 1 + i              # fed: the round's first token + drafts before the stop token
+        ids.append(t)
+        if len(ids) >= max_new:
+            return 1 + i              # plain decoding never feeds the max_new-th token
+    return None

@@ -1,0 +1,118 @@
+"""Drafters: objects that propose the next k tokens; the target verifies them (``decode.py``).
+
+Protocol (duck-typed):
+    needs_hidden: bool                         # wants all target layers' hidden states of committed tokens
+    reset(rope, prompt_ids)                    # before the first target forward (rope of <|im_start|>)
+    observe(tokens, layer_hidden, next_token)  # tokens now committed in the target cache (with their
+                                               # [n, L, D] layer features if needs_hidden), and the next
+                                               # token (known, not yet fed)
+    propose(k, do_sample, temperature, generator) -> (draft ids <= k, q [len, V] probs or None)
+q None means a deterministic proposal (one-hot q); it is only allowed to be None in that sense.
+"""
+from __future__ import annotations
+
+import random
+
+import torch
+
+from .accept import greedy_pick, probs
+from .draft_head import DraftHead
+
+
+class DraftHeadDrafter:
+    """Chain drafting with a DraftHead; the draft's KV cache keeps real-feature entries across rounds
+    and overwrites the speculative ones (rollback by slot index)."""
+
+    needs_hidden = True
+
+    def __init__(self, head: DraftHead, capacity: int = 256, flush_at: int = 64):
+        self.head, self.capacity, self.flush_at = head, capacity, flush_at
+        self.reset(0)
+
+    def reset(self, rope: int, prompt_ids: list[int] | None = None) -> None:
+        self.cache = self.head.new_cache(self.capacity)
+        self.rope = rope                     # RoPE of the first pending (or next) target position
+        self.feats: list[torch.Tensor] = []
+        self.after: list[int] = []           # token following each pending position
+        self.last_g: torch.Tensor | None = None
+
+    @torch.no_grad()
+    def observe(self, tokens: list[int], layer_hidden, next_token: int) -> None:
+        if layer_hidden is None:
+            raise ValueError("DraftHeadDrafter needs the target's per-layer hidden states")
+        h = layer_hidden if torch.is_tensor(layer_hidden) else torch.stack(tuple(layer_hidden), 1)
+        self.feats.append(h[: len(tokens)].clone())   # clone: graph replays reuse output buffers
+        self.after += list(tokens[1:]) + [next_token]
+        if sum(f.shape[0] for f in self.feats) >= self.flush_at:
+            self._catch_up()
+
+    def _catch_up(self) -> None:
+        """Run Dec + draft layers over the pending real positions in one batched forward."""
+        if not self.feats:
+            return
+        head, c = self.head, self.cache
+        feats = torch.cat(self.feats)
+        p = feats.shape[0]
+        tok = torch.tensor(self.after, device=feats.device)
+        F = head.features(feats, c, self.rope)
+        g = head.run_layers(head.draft_input(F, tok), c, c.real_len, self.rope + 1)
+        c.real_len += p
+        self.rope += p
+        self.last_g = g[-1:]
+        self.feats, self.after = [], []
+
+    @torch.no_grad()
+    def propose(self, k: int, do_sample: bool = False, temperature: float = 1.0, generator=None):
+        self._catch_up()
+        head, c, g = self.head, self.cache, self.last_g
+        out, qs = [], []
+        for j in range(k):
+            if j:
+                z = head.draft_input(g, torch.tensor(out[-1:], device=g.device))
+                g = head.run_layers(z, c, c.real_len + j - 1, self.rope + j)
+            logits = head.logits(g)[0]
+            if do_sample:
+                q = probs(logits, temperature)
+                qs.append(q)
+                dist = q if generator is None or generator.device == q.device else q.to(generator.device)
+                out.append(int(torch.multinomial(dist, 1, generator=generator).item()))
+            else:
+                out.append(int(greedy_pick(logits).item()))
+        return out, (torch.stack(qs) if do_sample and qs else None)
+
+
+class OracleDrafter:
+    """Bench/test drafter: proposes the target's own future greedy tokens (``reference``), each one
+    replaced by a wrong token with probability 1 - accept_rate, so the per-token acceptance is exactly
+    ``accept_rate``. ``shadow`` (e.g. a DraftHeadDrafter) is run on every call and its proposals
+    discarded, so its cost is counted."""
+
+    def __init__(self, reference: list[int], accept_rate: float, vocab_size: int, seed: int = 0,
+                 shadow=None):
+        self.reference, self.accept_rate, self.vocab = list(reference), accept_rate, vocab_size
+        self.seed, self.shadow = seed, shadow
+        self.needs_hidden = bool(shadow is not None and shadow.needs_hidden)
+        self.reset(0)
+
+    def reset(self, rope: int, prompt_ids: list[int] | None = None) -> None:
+        self.rng = random.Random(self.seed)
+        self.n = 0                               # generated tokens known (incl. the pending next one)
+        if self.shadow is not None:
+            self.shadow.reset(rope, prompt_ids)
+
+    def observe(self, tokens, layer_hidden, next_token: int) -> None:
+        self.n += 1 if self.n == 0 else len(tokens)
+        if self.shadow is not None:
+            self.shadow.observe(tokens, layer_hidden, next_token)
+
+    def propose(self, k: int, do_sample: bool = False, temperature: float = 1.0, generator=None):
+        if self.shadow is not None:
+            self.shadow.propose(k, do_sample, temperature, generator)
+        out = []
+        for j in range(k):
+            i = self.n + j
+            true = self.reference[i] if i < len(self.reference) else self.rng.randrange(self.vocab)
+            if self.rng.random() >= self.accept_rate:
+                true = (true + 1 + self.rng.randrange(self.vocab - 1)) % self.vocab
+            out.append(true)
+        return out, None
