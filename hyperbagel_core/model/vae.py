@@ -118,6 +118,28 @@ def _convert_key(key: str, levels: int) -> str:
     raise KeyError(key)
 
 
+def _to_official_key(key: str, levels: int) -> str:
+    """Inverse of ``_convert_key``: diffusers key (without the module prefix) -> official FLUX key."""
+    side, _, rest = key.partition(".")
+    leaf = {v: k for k, v in {**_RESNET_LEAF, **_ATTN_LEAF}.items()}
+    simple = {"conv_in": "conv_in", "conv_out": "conv_out", "conv_norm_out": "norm_out"}
+    head, _, tail = rest.partition(".")
+    if head in simple:
+        return f"{side}.{simple[head]}.{tail}"
+    m = re.fullmatch(r"mid_block\.(resnets\.0|resnets\.1|attentions\.0)\.(to_out\.0|[a-z_0-9]+)\.(.+)", rest)
+    if m:
+        part = {"resnets.0": "block_1", "resnets.1": "block_2", "attentions.0": "attn_1"}[m.group(1)]
+        return f"{side}.mid.{part}.{leaf[m.group(2)]}.{m.group(3)}"
+    m = re.fullmatch(r"(down|up)_blocks\.(\d+)\.(resnets\.(\d+)\.([a-z_0-9]+)|(down|up)samplers\.0\.conv)\.(.+)",
+                     rest)
+    if not m:
+        raise KeyError(key)
+    level = int(m.group(2)) if m.group(1) == "down" else levels - 1 - int(m.group(2))
+    if m.group(4) is not None:
+        return f"{side}.{m.group(1)}.{level}.block.{m.group(4)}.{leaf[m.group(5)]}.{m.group(7)}"
+    return f"{side}.{m.group(1)}.{level}.{m.group(6)}sample.conv.{m.group(7)}"
+
+
 class FluxVAE(nn.Module):
     """FLUX autoencoder with BAGEL's latent normalisation (scale/shift) around it."""
 
@@ -165,6 +187,16 @@ class FluxVAE(nn.Module):
                     and any(new.endswith(f".{n}.weight") for n in _ATTN_LINEAR):
                 value = value.reshape(value.shape[0], value.shape[1])
             out[_PREFIX + new] = value
+        return out
+
+    def official_state_dict(self) -> dict:
+        """This module's weights under the official FLUX names (what ``ae.safetensors`` holds)."""
+        out = {}
+        for key, value in self.state_dict().items():
+            name = _to_official_key(key[len(_PREFIX):], self.levels)
+            if name.endswith((".q.weight", ".k.weight", ".v.weight", ".proj_out.weight")) and value.dim() == 2:
+                value = value[:, :, None, None]
+            out[name] = value
         return out
 
     def check_state_dict(self, sd: dict) -> None:

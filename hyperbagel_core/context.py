@@ -1,0 +1,89 @@
+"""The BAGEL context: a KV cache plus the two counters of spec section 3.
+
+Keys are stored after qk-norm and RoPE, so a context never needs positions again. Storage is shared
+copy-on-write between forks: ``fork()`` is O(1), a context appends in place only while it is the sole
+writer past the protected prefix, otherwise it first copies its own prefix. Buffers grow
+geometrically so token-by-token decoding does not reallocate every step.
+"""
+from __future__ import annotations
+
+import torch
+
+
+class _Storage:
+    """Per-layer K/V buffers of one writer; ``protected`` = prefix length that forks may still read."""
+
+    def __init__(self, num_layers: int):
+        self.k: list[torch.Tensor | None] = [None] * num_layers
+        self.v: list[torch.Tensor | None] = [None] * num_layers
+        self.protected = 0
+        self.capacity = 0
+        self.owner: "Context | None" = None
+
+
+class Context:
+    def __init__(self, num_layers: int):
+        self.num_layers = num_layers
+        self.kv_len = 0
+        self.rope = 0
+        self._store = _Storage(num_layers)
+        self._store.owner = self
+        self.layout: list[tuple] = []  # prefilled blocks: (kind, n_tokens, rope, token ids / marker ids)
+
+    # -- inspection ----------------------------------------------------------------------------------------
+    def keys(self, layer: int) -> torch.Tensor | None:
+        k = self._store.k[layer]
+        return None if k is None else k[: self.kv_len]
+
+    def values(self, layer: int) -> torch.Tensor | None:
+        v = self._store.v[layer]
+        return None if v is None else v[: self.kv_len]
+
+    def __repr__(self) -> str:
+        return f"Context(kv_len={self.kv_len}, rope={self.rope})"
+
+    # -- branching -------------------------------------------------------------------------------------------
+    def fork(self) -> "Context":
+        """A new context with the same tokens; later appends to either one stay private."""
+        other = Context.__new__(Context)
+        other.num_layers, other.kv_len, other.rope = self.num_layers, self.kv_len, self.rope
+        other._store, other.layout = self._store, list(self.layout)
+        self._store.protected = max(self._store.protected, self.kv_len)
+        return other
+
+    def truncate(self, kv_len: int, rope: int) -> None:
+        """Roll back to an earlier length (speculative decoding); never grows."""
+        if kv_len > self.kv_len or rope > self.rope:
+            raise ValueError(f"truncate can only shrink: {self.kv_len}->{kv_len}, {self.rope}->{rope}")
+        self.kv_len, self.rope = kv_len, rope
+
+    # -- writing (used by the model's attention layers) -------------------------------------------------------
+    def reserve(self, n: int, like: torch.Tensor, num_kv_heads: int, head_dim: int) -> None:
+        """Make room for ``n`` more tokens in storage that this context may write in place."""
+        st, need = self._store, self.kv_len + n
+        in_place = (st.owner is self and st.protected <= self.kv_len and need <= st.capacity
+                    and st.k[0].device == like.device and st.k[0].dtype == like.dtype)
+        if in_place:
+            return
+        cap = max(2 * need, 16) if st.owner is self else need  # the writer of a growing cache amortises
+        new = _Storage(self.num_layers)
+        new.capacity, new.owner = cap, self
+        for i in range(self.num_layers):
+            new.k[i] = torch.empty(cap, num_kv_heads, head_dim, dtype=like.dtype, device=like.device)
+            new.v[i] = torch.empty_like(new.k[i])
+            if self.kv_len:
+                new.k[i][: self.kv_len] = st.k[i][: self.kv_len]
+                new.v[i][: self.kv_len] = st.v[i][: self.kv_len]
+        self._store = new
+
+    def write(self, layer: int, k: torch.Tensor, v: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        """Store a new block's K/V for ``layer`` (after ``reserve``); return all keys/values up to it."""
+        st, end = self._store, self.kv_len + k.shape[0]
+        st.k[layer][self.kv_len:end] = k
+        st.v[layer][self.kv_len:end] = v
+        return st.k[layer][:end], st.v[layer][:end]
+
+    def advance(self, n_tokens: int, n_positions: int) -> None:
+        """Commit a block written by ``write``: spec section 3's counter updates."""
+        self.kv_len += n_tokens
+        self.rope += n_positions

@@ -1,0 +1,42 @@
+"""Plain autoregressive text decoding (spec 10.1): the reference that speculative decoding must equal."""
+from __future__ import annotations
+
+import time
+
+import torch
+
+from .context import Context
+
+
+def next_token(logits: torch.Tensor, do_sample: bool, temperature: float, generator=None) -> int:
+    """Greedy argmax (ties -> lowest id) or one multinomial draw from softmax(logits / T) in fp32."""
+    if not do_sample:
+        return int(torch.argmax(logits))
+    if temperature <= 0:
+        raise ValueError("temperature must be > 0 when sampling; use do_sample=False for greedy decoding")
+    probs = torch.softmax(logits.float() / temperature, dim=-1)
+    return int(torch.multinomial(probs, 1, generator=generator))
+
+
+@torch.no_grad()
+def generate_text(model, ctx: Context, *, bos_id: int, eos_id: int, max_new_tokens: int, do_sample: bool = False,
+                  temperature: float = 1.0, generator=None, callback=None, stats: dict | None = None) -> list[int]:
+    """Feed <|im_start|> at ``ctx.rope`` and decode until <|im_end|> (not emitted) or ``max_new_tokens``.
+
+    ``ctx`` is extended in place (callers pass a fork). Returns the new ids without the start token.
+    """
+    out: list[int] = []
+    tok, t0 = bos_id, time.perf_counter()
+    for step in range(max_new_tokens):
+        logits = model.forward_text(ctx, torch.tensor([tok])).logits[-1]
+        tok = next_token(logits, do_sample, temperature, generator)
+        if callback is not None:
+            callback(step + 1, max_new_tokens)
+        if tok == eos_id:
+            break
+        out.append(tok)
+    if stats is not None:
+        dt = time.perf_counter() - t0
+        stats.update(drafter="none", rounds=len(out) + (len(out) < max_new_tokens), new_tokens=len(out),
+                     seconds=dt, tokens_per_second=len(out) / dt if dt > 0 else float("inf"))
+    return out

@@ -1,0 +1,223 @@
+"""Qwen2 Mixture-of-Transformers language model (spec section 4).
+
+Every decoder layer holds two full weight sets: understanding ("und") and generation ("gen", suffix
+``_moe_gen``). Routing is by token type, not learned: in gen mode the first and last query tokens (the
+vision markers) use und weights and the latents in between use gen weights; attention is one joint
+softmax. Module names equal the official state-dict keys.
+
+Precision follows the reference: in und mode qk-norm and RoPE run in the model dtype; in gen mode q/k
+are upcast to fp32 for qk-norm and RoPE, then cast back (spec 4.3, 14.3-4).
+"""
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from ..config import LLMConfig
+from ..ops import resolve_ops
+from .attention import attention, padded_attention
+
+
+class RMSNorm(nn.Module):
+    """HF Qwen2 RMSNorm: normalise in fp32, cast back to the input dtype, then multiply by the weight."""
+
+    def __init__(self, dim: int, eps: float = 1e-6):
+        super().__init__()
+        self.weight = nn.Parameter(torch.ones(dim))
+        self.eps = eps
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        x32 = x.float()
+        y = x32 * torch.rsqrt(x32.pow(2).mean(-1, keepdim=True) + self.eps)
+        return self.weight.to(x.device) * y.to(x.dtype)
+
+
+def rope_cos_sin(positions: torch.Tensor, head_dim: int, theta: float, dtype: torch.dtype):
+    """cos/sin [..., head_dim] for integer positions, computed in fp32 then cast to ``dtype`` (spec 4.5)."""
+    inv_freq = 1.0 / (theta ** (torch.arange(0, head_dim, 2, dtype=torch.int64, device=positions.device)
+                                .float() / head_dim))
+    angle = positions.float()[..., None] * inv_freq
+    emb = torch.cat([angle, angle], dim=-1)
+    return emb.cos().to(dtype), emb.sin().to(dtype)
+
+
+def apply_rope(x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> torch.Tensor:
+    """Rotate-half RoPE; x [..., n, H, d], cos/sin [..., n, d]."""
+    cos, sin = cos.unsqueeze(-2).to(x.dtype), sin.unsqueeze(-2).to(x.dtype)
+    x1, x2 = x.chunk(2, dim=-1)
+    return x * cos + torch.cat([-x2, x1], dim=-1) * sin
+
+
+class MLP(nn.Module):
+    def __init__(self, dim: int, hidden: int, ops):
+        super().__init__()
+        self.gate_proj = ops.Linear(dim, hidden, bias=False)
+        self.up_proj = ops.Linear(dim, hidden, bias=False)
+        self.down_proj = ops.Linear(hidden, dim, bias=False)
+
+    def forward(self, x):
+        return self.down_proj(F.silu(self.gate_proj(x)) * self.up_proj(x))
+
+
+class MoTAttention(nn.Module):
+    def __init__(self, cfg: LLMConfig, ops):
+        super().__init__()
+        D, d = cfg.hidden_size, cfg.head_dim
+        self.num_heads, self.num_kv_heads, self.head_dim = cfg.num_attention_heads, cfg.num_key_value_heads, d
+        for sfx in ("", "_moe_gen"):
+            setattr(self, "q_proj" + sfx, ops.Linear(D, self.num_heads * d, bias=True))
+            setattr(self, "k_proj" + sfx, ops.Linear(D, self.num_kv_heads * d, bias=True))
+            setattr(self, "v_proj" + sfx, ops.Linear(D, self.num_kv_heads * d, bias=True))
+            setattr(self, "o_proj" + sfx, ops.Linear(self.num_heads * d, D, bias=False))
+            setattr(self, "q_norm" + sfx, RMSNorm(d, cfg.rms_norm_eps))
+            setattr(self, "k_norm" + sfx, RMSNorm(d, cfg.rms_norm_eps))
+
+    def qkv(self, h: torch.Tensor, sfx: str):
+        B, n, _ = h.shape
+        q = getattr(self, "q_proj" + sfx)(h).view(B, n, self.num_heads, self.head_dim)
+        k = getattr(self, "k_proj" + sfx)(h).view(B, n, self.num_kv_heads, self.head_dim)
+        v = getattr(self, "v_proj" + sfx)(h).view(B, n, self.num_kv_heads, self.head_dim)
+        return q, k, v
+
+    def qk_norm(self, q, k, sfx: str):
+        return getattr(self, "q_norm" + sfx)(q), getattr(self, "k_norm" + sfx)(k)
+
+
+def _split(x: torch.Tensor):
+    """gen-mode query block [marker, latents..., marker] -> (markers [B,2,..], latents [B,n-2,..])."""
+    return torch.cat([x[:, :1], x[:, -1:]], dim=1), x[:, 1:-1]
+
+
+def _merge(und: torch.Tensor, gen: torch.Tensor) -> torch.Tensor:
+    return torch.cat([und[:, :1], gen, und[:, 1:]], dim=1)
+
+
+class Qwen2MoTDecoderLayer(nn.Module):
+    def __init__(self, cfg: LLMConfig, ops):
+        super().__init__()
+        self.self_attn = MoTAttention(cfg, ops)
+        self.mlp = MLP(cfg.hidden_size, cfg.intermediate_size, ops)
+        self.mlp_moe_gen = MLP(cfg.hidden_size, cfg.intermediate_size, ops)
+        for sfx in ("", "_moe_gen"):
+            setattr(self, "input_layernorm" + sfx, RMSNorm(cfg.hidden_size, cfg.rms_norm_eps))
+            setattr(self, "post_attention_layernorm" + sfx, RMSNorm(cfg.hidden_size, cfg.rms_norm_eps))
+
+    def _expert(self, name: str, x: torch.Tensor, gen: bool) -> torch.Tensor:
+        """Apply module ``name`` (und) / ``name_moe_gen`` (gen) per token group."""
+        if not gen:
+            return getattr(self, name)(x)
+        und, lat = _split(x)
+        return _merge(getattr(self, name)(und), getattr(self, name + "_moe_gen")(lat))
+
+    def forward(self, x, cos, sin, kv: "KVAccess", gen: bool):
+        a = self.self_attn
+        h = self._expert("input_layernorm", x, gen)
+        if not gen:
+            q, k, v = a.qkv(h, "")
+            q, k = a.qk_norm(q, k, "")
+            q, k = apply_rope(q, cos, sin), apply_rope(k, cos, sin)
+        else:
+            hu, hg = _split(h)
+            qu, ku, vu = a.qkv(hu, "")
+            qg, kg, vg = a.qkv(hg, "_moe_gen")
+            qu, ku = a.qk_norm(qu.float(), ku.float(), "")
+            qg, kg = a.qk_norm(qg.float(), kg.float(), "_moe_gen")
+            q, k, v = _merge(qu, qg), _merge(ku, kg), _merge(vu, vg)
+            q, k = apply_rope(q, cos.float(), sin.float()), apply_rope(k, cos.float(), sin.float())
+            q, k = q.to(x.dtype), k.to(x.dtype)
+        o = kv.attend(q, k, v).flatten(2)
+        if not gen:
+            x = x + a.o_proj(o)
+        else:
+            ou, og = _split(o)
+            x = x + _merge(a.o_proj(ou), a.o_proj_moe_gen(og))
+        b = self._expert("post_attention_layernorm", x, gen)
+        return x + self._expert("mlp", b, gen)
+
+
+class KVAccess:
+    """How one forward reads and writes the context caches for each layer.
+
+    * one context, ``update=True``: the block's K/V are appended to the context (prefill, decoding);
+    * one context, ``update=False``: cache read-only (a denoising query is never cached);
+    * several contexts (batched CFG branches): read-only, non-causal, keys padded per branch.
+    """
+
+    def __init__(self, ctxs, causal: bool, update: bool):
+        self.ctxs, self.causal, self.update, self.layer = ctxs, causal, update, 0
+        if len(ctxs) > 1 and (causal or update):
+            raise ValueError("batched contexts are only supported for read-only, non-causal queries")
+
+    def attend(self, q, k, v):
+        layer, self.layer = self.layer, self.layer + 1
+        if len(self.ctxs) == 1:
+            ctx = self.ctxs[0]
+            if self.update:
+                K, V = ctx.write(layer, k[0], v[0])
+            elif ctx is not None and ctx.kv_len:
+                K, V = torch.cat([ctx.keys(layer), k[0]]), torch.cat([ctx.values(layer), v[0]])
+            else:
+                K, V = k[0], v[0]
+            return attention(q[0], K, V, self.causal)[None]
+        B, n = q.shape[:2]
+        lens = [0 if c is None else c.kv_len for c in self.ctxs]
+        L = max(lens) + n
+        K = k.new_zeros(B, L, *k.shape[2:])
+        V = torch.zeros_like(K)
+        valid = torch.zeros(B, L, dtype=torch.bool, device=q.device)
+        for b, c in enumerate(self.ctxs):
+            if lens[b]:
+                K[b, : lens[b]], V[b, : lens[b]] = c.keys(layer), c.values(layer)
+            K[b, lens[b]: lens[b] + n], V[b, lens[b]: lens[b] + n] = k[b], v[b]
+            valid[b, : lens[b] + n] = True
+        return padded_attention(q, K, V, valid)
+
+
+@dataclass
+class LLMOutput:
+    hidden: torch.Tensor                      # [B, n, D] after the final norm
+    layer_hidden: tuple | None = None         # L x [B, n, D], each decoder layer's output
+
+
+class Qwen2MoTModel(nn.Module):
+    def __init__(self, cfg: LLMConfig, ops):
+        super().__init__()
+        self.embed_tokens = ops.Embedding(cfg.vocab_size, cfg.hidden_size)
+        self.layers = nn.ModuleList(Qwen2MoTDecoderLayer(cfg, ops) for _ in range(cfg.num_hidden_layers))
+        self.norm = RMSNorm(cfg.hidden_size, cfg.rms_norm_eps)
+        self.norm_moe_gen = RMSNorm(cfg.hidden_size, cfg.rms_norm_eps)
+
+
+class Qwen2MoTForCausalLM(nn.Module):
+    """``language_model`` of BAGEL: the MoT decoder stack plus the untied LM head."""
+
+    def __init__(self, cfg: LLMConfig, ops=None):
+        super().__init__()
+        ops = resolve_ops(ops)
+        self.config = cfg
+        self.model = Qwen2MoTModel(cfg, ops)
+        self.lm_head = ops.Linear(cfg.hidden_size, cfg.vocab_size, bias=False)
+
+    def forward(self, x: torch.Tensor, positions: torch.Tensor, ctxs: list, *, gen: bool, causal: bool,
+                update: bool, return_all_hidden: bool = False) -> LLMOutput:
+        """x [B, n, D] in the model dtype, positions [B, n]; one context per batch row (None = empty)."""
+        cfg = self.config
+        if update:
+            ctxs[0].reserve(x.shape[1], x, cfg.num_key_value_heads, cfg.head_dim)
+        cos, sin = rope_cos_sin(positions, cfg.head_dim, cfg.rope_theta, x.dtype)
+        kv = KVAccess(ctxs, causal, update)
+        hiddens = []
+        for layer in self.model.layers:
+            x = layer(x, cos, sin, kv, gen)
+            if return_all_hidden:
+                hiddens.append(x)
+        m = self.model
+        if gen:
+            und, lat = _split(x)
+            x = _merge(m.norm(und), m.norm_moe_gen(lat))
+        else:
+            x = m.norm(x)
+        return LLMOutput(x, tuple(hiddens) if return_all_hidden else None)

@@ -1,0 +1,309 @@
+"""BagelPipeline: the plain Python API used by the nodes, the CLI and the tests.
+
+It composes the model, the contexts and the samplers exactly as the official ``InterleaveInferencer``
+does (spec 2.6 and 11): three contexts (main, cfg_text, cfg_img), every input image first VAE-resized,
+think mode with the official system prompts, noise drawn from one CPU generator in the reference order
+(VAE posterior noise of each context image, then the initial latent noise).
+"""
+from __future__ import annotations
+
+import logging
+import time
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import torch
+from PIL import Image
+from torch import nn
+
+from . import image as im
+from .config import BagelConfig
+from .context import Context
+from .decoding import generate_text
+from .errors import InputError
+from .generation import CFGSettings, teacher_sample
+from .loading import check_folder, load_bagel_model, load_config, load_vae, resolve_dtype
+from .tokenizer import BagelTokenizer
+
+log = logging.getLogger(__name__)
+
+VLM_THINK_SYSTEM_PROMPT = (
+    "You should first think about the reasoning process in the mind and then provide the user with the answer. \n"
+    "The reasoning process is enclosed within <think> </think> tags, i.e. <think> reasoning process here </think> "
+    "answer here")
+GEN_THINK_SYSTEM_PROMPT = (
+    "You should first think about the planning process in the mind and then generate the image. \n"
+    "The planning process is enclosed within <think> </think> tags, i.e. <think> planning process here </think> "
+    "image here")
+DRAFTERS = ("none",)
+
+
+class BagelModules(nn.Module):
+    """One nn.Module holding every weight (BAGEL + VAE), so ComfyUI's ModelPatcher can move it as a whole."""
+
+    def __init__(self, bagel: nn.Module, vae: nn.Module):
+        super().__init__()
+        self.bagel, self.vae = bagel, vae
+
+
+@dataclass
+class AnswerResult:
+    text: str
+    token_ids: list[int]
+    stats: dict = field(default_factory=dict)
+
+
+@dataclass
+class ImageResult:
+    image: Image.Image
+    image_u8: torch.Tensor            # [H, W, 3] uint8 (truncated, as the reference)
+    latent: torch.Tensor              # [1, z, H/8, W/8], BAGEL-normalised (decode divides by scale, adds shift)
+    decoded: torch.Tensor             # [1, 3, H, W] float, VAE output before post-processing
+    thinking: str | None = None
+    stats: dict = field(default_factory=dict)
+
+
+@dataclass
+class Contexts:
+    """The three contexts of spec 2.6 plus what the sampler needs to know about the inputs."""
+    gen: Context
+    cfg_text: Context
+    cfg_img: Context
+    image_shapes: tuple[int, int] | None = None
+    vit: list = field(default_factory=list)
+    vae_latents: list = field(default_factory=list)
+
+
+class BagelPipeline:
+    def __init__(self, model, vae, tokenizer: BagelTokenizer, config: BagelConfig, path: str | None = None):
+        self.model, self.vae, self.tokenizer, self.config, self.path = model, vae, tokenizer, config, path
+        self.modules = BagelModules(model, vae)
+        model.set_special_tokens(tokenizer.start_of_image, tokenizer.end_of_image)
+
+    # -- construction ------------------------------------------------------------------------------------------
+    @classmethod
+    def from_pretrained(cls, path, device="cpu", dtype=torch.bfloat16, ops=None, vae_dtype=torch.float32,
+                        attn_backend: str = "sdpa") -> "BagelPipeline":
+        """Load an official BAGEL folder (llm/vit configs, ema.safetensors, ae.safetensors, tokenizer)."""
+        from .model.attention import set_backend
+        set_backend(attn_backend)
+        folder = check_folder(path)
+        device, dtype, vae_dtype = torch.device(device), resolve_dtype(dtype), resolve_dtype(vae_dtype)
+        config = load_config(folder)
+        tokenizer = BagelTokenizer.from_folder(folder)
+        if len(tokenizer) > config.llm.vocab_size:
+            from .errors import CheckpointError
+            raise CheckpointError(f"{folder}: tokenizer has {len(tokenizer)} tokens but the model's vocab is "
+                                  f"{config.llm.vocab_size}; the tokenizer files belong to another model")
+        t0 = time.perf_counter()
+        model = load_bagel_model(folder, config, device=device, dtype=dtype, ops=ops)
+        vae = load_vae(folder, config, device=device, dtype=vae_dtype)
+        log.info("loaded BAGEL from %s in %.1fs (%s, %s)", folder, time.perf_counter() - t0, device, dtype)
+        return cls(model, vae, tokenizer, config, str(folder))
+
+    @property
+    def device(self) -> torch.device:
+        return self.model.device
+
+    @property
+    def dtype(self) -> torch.dtype:
+        return self.model.dtype
+
+    # -- context building --------------------------------------------------------------------------------------
+    def append_text(self, ctx: Context, text: str) -> None:
+        self.model.prefill_text(ctx, torch.tensor(self.tokenizer.text_block(text)))
+
+    def append_image(self, ctx: Context, img: Image.Image, *, vae: bool, vit: bool, vae_noise=None,
+                     generator=None, record: dict | None = None) -> tuple[int, int]:
+        """VAE-resize the image, then append a VAE block and/or a ViT block; returns the (H, W) used."""
+        img = im.vae_resize(im.pil_to_rgb(img))
+        if vae:
+            px = im.image_to_tensor(img)[None]
+            latent = self.vae.encode(px, noise=vae_noise, generator=generator)
+            self.model.prefill_vae(ctx, latent.to(self.device))
+            if record is not None:
+                record.setdefault("vae_latents", []).append(latent)
+        if vit:
+            emb = self.model.prefill_vit(ctx, im.vit_transform(img))
+            if record is not None:
+                record.setdefault("vit", []).append(emb)
+        return img.size[1], img.size[0]
+
+    def build_contexts(self, inputs: list, *, understanding_output: bool = False, think: bool = False,
+                       vae_noise=None, generator=None, record: dict | None = None) -> Contexts:
+        """The official context recipe: images update only the main context, texts main and cfg_img."""
+        m = self.model
+        gen, cfg_text, cfg_img = m.new_context(), m.new_context(), m.new_context()
+        if think:
+            sys_prompt = VLM_THINK_SYSTEM_PROMPT if understanding_output else GEN_THINK_SYSTEM_PROMPT
+            self.append_text(gen, sys_prompt)
+            self.append_text(cfg_img, sys_prompt)
+        noises = list(vae_noise) if isinstance(vae_noise, (list, tuple)) else [vae_noise]
+        shapes = None
+        for item in inputs:
+            if isinstance(item, str):
+                cfg_text = gen.fork()
+                self.append_text(gen, item)
+                self.append_text(cfg_img, item)
+            elif isinstance(item, Image.Image):
+                noise = noises.pop(0) if noises else None
+                shapes = self.append_image(gen, item, vae=not understanding_output, vit=True, vae_noise=noise,
+                                           generator=generator, record=record)
+                cfg_text = gen.fork()
+            else:
+                raise InputError(f"interleave inputs must be str or PIL.Image, got {type(item).__name__}")
+        return Contexts(gen, cfg_text, cfg_img, shapes)
+
+    # -- text --------------------------------------------------------------------------------------------------
+    def _decode(self, ctx: Context, max_new_tokens: int, do_sample: bool, temperature: float, seed,
+                callback, drafter: str = "none", num_draft_tokens=None) -> tuple[list[int], dict]:
+        if drafter not in DRAFTERS:
+            raise InputError(f"unknown drafter {drafter!r}; choose one of {DRAFTERS}")
+        if max_new_tokens < 1:
+            raise InputError(f"max_new_tokens must be >= 1, got {max_new_tokens}")
+        gen = None
+        if do_sample:
+            gen = torch.Generator(self.device).manual_seed(int(seed if seed is not None else 0))
+        stats: dict = {}
+        tok = self.tokenizer
+        ids = generate_text(self.model, ctx.fork(), bos_id=tok.bos_id, eos_id=tok.eos_id,
+                            max_new_tokens=max_new_tokens, do_sample=do_sample, temperature=temperature,
+                            generator=gen, callback=callback, stats=stats)
+        return ids, stats
+
+    def answer(self, image=None, question: str = "", *, max_new_tokens: int = 512, do_sample: bool = False,
+               temperature: float = 0.3, seed=None, think: bool = False, drafter: str = "none",
+               num_draft_tokens=None, callback=None) -> AnswerResult:
+        """VQA / chat: images (ViT blocks) then the question, then decode (spec 11c)."""
+        images = [] if image is None else (list(image) if isinstance(image, (list, tuple)) else [image])
+        if not question.strip() and not images:
+            raise InputError("answer() needs a question or an image")
+        ctxs = self.build_contexts(images + ([question] if question else []), understanding_output=True,
+                                   think=think)
+        ids, stats = self._decode(ctxs.gen, max_new_tokens, do_sample, temperature, seed, callback,
+                                  drafter, num_draft_tokens)
+        text = self.tokenizer.answer_text([self.tokenizer.bos_id] + ids)
+        return AnswerResult(text, ids, stats)
+
+    # -- images ------------------------------------------------------------------------------------------------
+    def _check_size(self, height: int, width: int) -> tuple[int, int]:
+        step, limit = self.config.latent_downsample, self.config.latent_downsample * self.config.max_latent_size
+        for name, v in (("height", height), ("width", width)):
+            if int(v) != v or v < step or v % step:
+                raise InputError(f"{name} {v} must be a positive multiple of {step}")
+            if v > limit:
+                raise InputError(f"{name} {v} exceeds {limit}, the largest size BAGEL's latent position table "
+                                 f"covers ({self.config.max_latent_size} latents per side)")
+        return int(height) // step, int(width) // step
+
+    def _noise(self, h: int, w: int, generator, init_noise) -> torch.Tensor:
+        shape = (h * w, self.config.patch_latent_dim)
+        if init_noise is not None:
+            if tuple(init_noise.shape) != shape:
+                raise InputError(f"init_noise must have shape {shape} (packed latent tokens), "
+                                 f"got {tuple(init_noise.shape)}")
+            return init_noise.float()
+        return torch.randn(shape, generator=generator, dtype=torch.float32)
+
+    def _sample_image(self, ctxs: Contexts, height: int, width: int, *, generator, init_noise, cfg: CFGSettings,
+                      num_timesteps: int, timestep_shift: float, schedule: str, batch_cfg: bool, callback,
+                      trace: dict | None, thinking: str | None = None, t_start: float | None = None):
+        h, w = self._check_size(height, width)
+        noise = self._noise(h, w, generator, init_noise)
+        if trace is not None:
+            trace["init_noise"] = noise.clone()
+        if schedule != "teacher":
+            raise InputError(f"unknown schedule {schedule!r}; available: teacher")
+        x = teacher_sample(self.model, ctxs.gen, ctxs.cfg_text, ctxs.cfg_img, h, w, noise, cfg,
+                           num_timesteps=num_timesteps, timestep_shift=timestep_shift, batch_cfg=batch_cfg,
+                           callback=callback, trace=trace)
+        return self.decode_tokens(x, h, w, thinking=thinking,
+                                  stats=dict(schedule=schedule, steps=num_timesteps - 1,
+                                             seconds=time.perf_counter() - (t_start or time.perf_counter())))
+
+    @torch.no_grad()
+    def decode_tokens(self, tokens: torch.Tensor, h: int, w: int, thinking=None, stats=None) -> ImageResult:
+        """Packed latent tokens [h*w, 64] -> VAE decode -> ImageResult (uint8 by truncation)."""
+        latent = im.unpack_latent(tokens.float().cpu(), h, w, self.config.latent_channels,
+                                  self.config.latent_patch_size)[None]
+        decoded = self.vae.decode(latent).float().cpu()
+        u8 = im.to_uint8(decoded)
+        return ImageResult(Image.fromarray(u8.numpy()), u8, latent, decoded, thinking, stats or {})
+
+    def _think(self, ctxs: Contexts, max_think_tokens: int, do_sample: bool, temperature: float, seed,
+               callback) -> str:
+        ids, _ = self._decode(ctxs.gen, max_think_tokens, do_sample, temperature, seed, callback)
+        thinking = self.tokenizer.answer_text([self.tokenizer.bos_id] + ids)
+        self.append_text(ctxs.gen, thinking)
+        return thinking
+
+    def generate(self, prompt: str, *, height: int = 1024, width: int = 1024, seed: int = 0,
+                 num_timesteps: int = 50, timestep_shift: float = 3.0, cfg_text_scale: float = 4.0,
+                 cfg_img_scale: float = 1.0, cfg_interval=(0.4, 1.0), cfg_renorm_type: str = "global",
+                 cfg_renorm_min: float = 0.0, think: bool = False, max_think_tokens: int = 1000,
+                 do_sample: bool = False, text_temperature: float = 0.3, schedule: str = "teacher",
+                 batch_cfg: bool = True, callback=None, init_noise=None, trace: dict | None = None) -> ImageResult:
+        """Text to image with the teacher sampler (spec 11a); defaults = the notebook's."""
+        t0 = time.perf_counter()
+        if not isinstance(prompt, str) or not prompt.strip():
+            raise InputError("generate() needs a non-empty prompt")
+        self._check_size(height, width)
+        ctxs = self.build_contexts([prompt], think=think)
+        thinking = self._think(ctxs, max_think_tokens, do_sample, text_temperature, seed, None) if think else None
+        gen = torch.Generator("cpu").manual_seed(int(seed))
+        cfg = CFGSettings(cfg_text_scale, cfg_img_scale, tuple(cfg_interval), cfg_renorm_type, cfg_renorm_min)
+        return self._sample_image(ctxs, height, width, generator=gen, init_noise=init_noise, cfg=cfg,
+                                  num_timesteps=num_timesteps, timestep_shift=timestep_shift, schedule=schedule,
+                                  batch_cfg=batch_cfg, callback=callback, trace=trace, thinking=thinking,
+                                  t_start=t0)
+
+    def edit(self, image: Image.Image, prompt: str, *, seed: int = 0, num_timesteps: int = 50,
+             timestep_shift: float = 3.0, cfg_text_scale: float = 4.0, cfg_img_scale: float = 2.0,
+             cfg_interval=(0.0, 1.0), cfg_renorm_type: str = "text_channel", cfg_renorm_min: float = 0.0,
+             think: bool = False, max_think_tokens: int = 1000, do_sample: bool = False,
+             text_temperature: float = 0.3, schedule: str = "teacher", batch_cfg: bool = True, callback=None,
+             init_noise=None, vae_noise=None, trace: dict | None = None) -> ImageResult:
+        """Image editing (spec 11b); the output has the VAE-resized input's size."""
+        t0 = time.perf_counter()
+        if not isinstance(image, Image.Image):
+            raise InputError("edit() needs a PIL image")
+        gen = torch.Generator("cpu").manual_seed(int(seed))
+        ctxs = self.build_contexts([image, prompt], think=think, vae_noise=vae_noise, generator=gen)
+        thinking = self._think(ctxs, max_think_tokens, do_sample, text_temperature, seed, None) if think else None
+        cfg = CFGSettings(cfg_text_scale, cfg_img_scale, tuple(cfg_interval), cfg_renorm_type, cfg_renorm_min)
+        H, W = ctxs.image_shapes
+        return self._sample_image(ctxs, H, W, generator=gen, init_noise=init_noise, cfg=cfg,
+                                  num_timesteps=num_timesteps, timestep_shift=timestep_shift, schedule=schedule,
+                                  batch_cfg=batch_cfg, callback=callback, trace=trace, thinking=thinking,
+                                  t_start=t0)
+
+    def interleave(self, inputs: list, *, understanding_output: bool = False, think: bool = False,
+                   max_think_token_n: int = 1000, do_sample: bool = False, text_temperature: float = 0.3,
+                   cfg_text_scale: float = 3.0, cfg_img_scale: float = 1.5, cfg_interval=(0.4, 1.0),
+                   timestep_shift: float = 3.0, num_timesteps: int = 50, cfg_renorm_min: float = 0.0,
+                   cfg_renorm_type: str = "global", image_shapes=(1024, 1024), seed: int = 0,
+                   init_noise=None, vae_noise=None, callback=None, trace: dict | None = None,
+                   batch_cfg: bool = True) -> list:
+        """The official inferencer's entry: a list of texts and images in, [thinking text?, text | image] out.
+
+        ``max_think_token_n`` keeps the official meaning (it counts the start token). Defaults are
+        ``InterleaveInferencer.interleave_inference``'s.
+        """
+        gen = torch.Generator("cpu").manual_seed(int(seed))
+        ctxs = self.build_contexts(list(inputs), understanding_output=understanding_output, think=think,
+                                   vae_noise=vae_noise, generator=gen, record=trace)
+        if trace is not None:
+            trace["contexts"] = ctxs
+        if understanding_output:
+            ids, _ = self._decode(ctxs.gen, max_think_token_n - 1, do_sample, text_temperature, seed, callback)
+            return [self.tokenizer.answer_text([self.tokenizer.bos_id] + ids)]
+        out = []
+        if think:
+            out.append(self._think(ctxs, max_think_token_n - 1, do_sample, text_temperature, seed, None))
+        H, W = ctxs.image_shapes or tuple(image_shapes)
+        cfg = CFGSettings(cfg_text_scale, cfg_img_scale, tuple(cfg_interval), cfg_renorm_type, cfg_renorm_min)
+        out.append(self._sample_image(ctxs, H, W, generator=gen, init_noise=init_noise, cfg=cfg,
+                                      num_timesteps=num_timesteps, timestep_shift=timestep_shift,
+                                      schedule="teacher", batch_cfg=batch_cfg, callback=callback, trace=trace,
+                                      thinking=out[0] if think else None))
+        return out

@@ -1,0 +1,126 @@
+"""Tiny random BAGEL checkpoints in the official on-disk format, for tests and the demo.
+
+``make_tiny_checkpoint(path)`` writes llm_config.json, vit_config.json, ae_config.json, ema.safetensors
+(bf16, the official key set), ae.safetensors (fp32, FLUX key names) and a Qwen2-style byte-level BPE
+tokenizer (vocab.json, merges.txt, tokenizer_config.json, tokenizer.json) trained here on a built-in corpus,
+with the Qwen2.5 special tokens appended in their usual order. Everything is deterministic in ``seed``.
+"""
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import torch
+
+from .config import BagelConfig, LLMConfig, ViTConfig
+
+QWEN_SPECIALS = ["<|endoftext|>", "<|im_start|>", "<|im_end|>", "<|object_ref_start|>", "<|object_ref_end|>",
+                 "<|box_start|>", "<|box_end|>", "<|quad_start|>", "<|quad_end|>", "<|vision_start|>",
+                 "<|vision_end|>", "<|vision_pad|>", "<|image_pad|>", "<|video_pad|>"]
+QWEN_PRETOKENIZE = (r"(?i:'s|'t|'re|'ve|'m|'ll|'d)|[^\r\n\p{L}\p{N}]?\p{L}+|\p{N}| ?[^\s\p{L}\p{N}]+[\r\n]*|"
+                    r"\s*[\r\n]+|\s+(?!\S)|\s+")
+_CORPUS = """A red circle and a blue square on a white background. A small house with a brown door under a blue sky.
+Change the color of the ball to purple. What is in this picture? Describe it in detail. The cat sits on the mat.
+A photo of a dog running in the green park at sunset, with trees and a lake. Make the sky darker and add stars.
+There are two apples and three oranges on the wooden table. The answer is yes. The answer is no. It is a bird.
+Generate an image of a mountain landscape with snow, a river and a cabin. Remove the person from the image.
+<think> The user wants a picture of a cat. I will plan the colors and the layout first. </think>
+Numbers 0 1 2 3 4 5 6 7 8 9 10 100 2025; punctuation: , . ! ? ; : ' " ( ) [ ] { } - + = * / % & @ #
+""" * 4
+
+
+def tiny_config(hidden: int = 64, layers: int = 2, heads: int = 4, kv_heads: int = 2, intermediate: int = 128,
+                vit_hidden: int = 32, vit_layers: int = 2, vit_heads: int = 2, vit_intermediate: int = 64,
+                vae_ch: int = 32, vocab_size: int | None = None) -> BagelConfig:
+    """A BagelConfig of tiny sizes (``vit_layers`` = layers built; the JSON stores one more)."""
+    llm = LLMConfig(hidden_size=hidden, intermediate_size=intermediate, num_hidden_layers=layers,
+                    num_attention_heads=heads, num_key_value_heads=kv_heads, vocab_size=vocab_size or 0)
+    vit = ViTConfig(hidden_size=vit_hidden, intermediate_size=vit_intermediate, num_hidden_layers=vit_layers,
+                    num_attention_heads=vit_heads)
+    vae = dict(resolution=256, in_channels=3, downsample=8, ch=vae_ch, out_ch=3, ch_mult=[1, 1, 1, 1],
+               num_res_blocks=2, z_channels=16, scale_factor=0.3611, shift_factor=0.1159)
+    return BagelConfig(llm=llm, vit=vit, vae=vae)
+
+
+def write_tokenizer(folder: Path, bpe_vocab: int = 600) -> int:
+    """Train a byte-level BPE with Qwen2's pre-tokenisation on the built-in corpus; returns the vocab size."""
+    from tokenizers import Regex, Tokenizer, decoders, models, pre_tokenizers, trainers
+    tok = Tokenizer(models.BPE())
+    tok.pre_tokenizer = pre_tokenizers.Sequence([
+        pre_tokenizers.Split(Regex(QWEN_PRETOKENIZE), behavior="isolated", invert=False),
+        pre_tokenizers.ByteLevel(add_prefix_space=False, use_regex=False)])
+    tok.decoder = decoders.ByteLevel()
+    trainer = trainers.BpeTrainer(vocab_size=bpe_vocab, initial_alphabet=pre_tokenizers.ByteLevel.alphabet(),
+                                  show_progress=False)
+    tok.train_from_iterator(_CORPUS.splitlines(), trainer)
+    n_bpe = tok.get_vocab_size()
+    tok.add_special_tokens(QWEN_SPECIALS)
+    tok.save(str(folder / "tokenizer.json"))
+    model = json.loads(tok.to_str())["model"]
+    (folder / "vocab.json").write_text(json.dumps(model["vocab"], ensure_ascii=False), encoding="utf-8")
+    merges = [" ".join(m) if isinstance(m, list) else m for m in model["merges"]]
+    (folder / "merges.txt").write_text("#version: 0.2\n" + "\n".join(merges) + "\n", encoding="utf-8")
+    added = {str(n_bpe + i): dict(content=t, lstrip=False, normalized=False, rstrip=False, single_word=False,
+                                  special=True) for i, t in enumerate(QWEN_SPECIALS)}
+    (folder / "tokenizer_config.json").write_text(json.dumps(dict(
+        add_bos_token=False, add_prefix_space=False, added_tokens_decoder=added, bos_token=None,
+        eos_token="<|endoftext|>", pad_token="<|endoftext|>", unk_token=None, errors="replace",
+        model_max_length=32768, clean_up_tokenization_spaces=False, split_special_tokens=False,
+        tokenizer_class="Qwen2Tokenizer"), indent=1), encoding="utf-8")
+    return n_bpe + len(QWEN_SPECIALS)
+
+
+def _randomise(model: torch.nn.Module, gen: torch.Generator) -> None:
+    """Fan-in scaled normals, norm weights 1 +- 0.1, small biases; the 2-D pos tables are the sin-cos ones."""
+    from .model.embeddings import sincos_2d_table
+    for name, p in model.named_parameters():
+        if name.endswith("pos_embed"):
+            grid = int(round(p.shape[0] ** 0.5))
+            p.data.copy_(sincos_2d_table(grid, p.shape[1]))
+        elif p.dim() == 1 and ("norm" in name or "layernorm" in name or "layer_norm" in name) \
+                and name.endswith("weight"):
+            p.data.copy_(1 + 0.1 * torch.randn(p.shape, generator=gen))
+        elif p.dim() == 1:
+            p.data.copy_(0.02 * torch.randn(p.shape, generator=gen))
+        else:
+            p.data.copy_(torch.randn(p.shape, generator=gen) / p.shape[-1] ** 0.5)
+
+
+def make_tiny_checkpoint(path, seed: int = 0, **sizes) -> Path:
+    """Write a random BAGEL checkpoint folder of tiny sizes (see ``tiny_config``) and return its path."""
+    from safetensors.torch import save_file
+    from .model.bagel import BagelModel
+    from .model.vae import FluxVAE
+    folder = Path(path)
+    folder.mkdir(parents=True, exist_ok=True)
+    vocab = write_tokenizer(folder)
+    cfg = tiny_config(vocab_size=vocab, **sizes)
+    llm = cfg.llm
+    (folder / "llm_config.json").write_text(json.dumps(dict(
+        architectures=["Qwen2ForCausalLM"], model_type="qwen2", hidden_act="silu", hidden_size=llm.hidden_size,
+        intermediate_size=llm.intermediate_size, num_hidden_layers=llm.num_hidden_layers,
+        num_attention_heads=llm.num_attention_heads, num_key_value_heads=llm.num_key_value_heads,
+        vocab_size=llm.vocab_size, rope_theta=llm.rope_theta, rms_norm_eps=llm.rms_norm_eps,
+        max_position_embeddings=llm.max_position_embeddings, rope_scaling=None, tie_word_embeddings=False,
+        qk_norm=True, layer_module="Qwen2MoTDecoderLayer", torch_dtype="bfloat16"), indent=1))
+    vit = cfg.vit
+    (folder / "vit_config.json").write_text(json.dumps(dict(
+        architectures=["SiglipVisionModel"], model_type="siglip_vision_model", hidden_size=vit.hidden_size,
+        intermediate_size=vit.intermediate_size, num_hidden_layers=vit.num_hidden_layers + 1,
+        num_attention_heads=vit.num_attention_heads, patch_size=vit.patch_size, image_size=vit.image_size,
+        hidden_act="gelu_pytorch_tanh", layer_norm_eps=vit.layer_norm_eps, num_channels=3), indent=1))
+    (folder / "ae_config.json").write_text(json.dumps(cfg.vae, indent=1))
+    gen = torch.Generator().manual_seed(seed)
+    model = BagelModel(cfg)
+    _randomise(model, gen)
+    save_file({k: v.to(torch.bfloat16).contiguous() for k, v in model.state_dict().items()},
+              str(folder / "ema.safetensors"), metadata={"format": "pt"})
+    torch.manual_seed(seed)
+    vae = FluxVAE.from_config(cfg.vae)
+    with torch.no_grad():
+        for name, p in vae.named_parameters():  # bias the log-variance low, as a trained VAE's is
+            if name == "model.encoder.conv_out.bias":
+                p[cfg.vae["z_channels"]:] = -8.0
+    save_file({k: v.float().contiguous() for k, v in vae.official_state_dict().items()},
+              str(folder / "ae.safetensors"), metadata={"format": "pt"})
+    return folder
