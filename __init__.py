@@ -4,8 +4,19 @@ Light on purpose: no torch work, no downloads, no installs at import. The node m
 when ComfyUI's V3 API is present; a real import error inside them is raised, never swallowed.
 """
 import importlib.util
+import sys
 
 WEB_DIRECTORY = "./web"
 
-if importlib.util.find_spec("comfy_api") is not None:
+
+def _inside_comfyui() -> bool:
+    if "comfy_api" in sys.modules:
+        return True
+    try:
+        return importlib.util.find_spec("comfy_api") is not None
+    except ValueError:
+        return False
+
+
+if _inside_comfyui():
     from .nodes.extension import comfy_entrypoint  # noqa: F401

@@ -65,7 +65,7 @@ def pil_to_image(pil: Image.Image) -> torch.Tensor:
 
 def u8_to_image(array: Any) -> torch.Tensor:
     """uint8 ``[H, W, 3]`` (numpy or tensor) -> ComfyUI IMAGE ``[1, H, W, 3]`` float32 0..1."""
-    t = torch.as_tensor(np.asarray(array))
+    t = torch.from_numpy(np.array(array, copy=True)) if not isinstance(array, torch.Tensor) else array
     if t.dtype != torch.uint8 or t.ndim != 3 or t.shape[-1] != 3:
         raise ValueError(f"expected uint8 [H, W, 3], got {t.dtype} {tuple(t.shape)}")
     return (t.to(torch.float32) / 255.0).unsqueeze(0).contiguous()
@@ -190,7 +190,7 @@ def parse_timesteps(text: str) -> list[float]:
 # ----------------------------------------------------------------------------------------- schedules
 
 SCHEDULE_CHOICES = ["hyper-6nfe", "hyper-6nfe-shift3", "hyper-1nfe", "training-free", "teacher-50", "custom"]
-SOLVER_CHOICES = ["unipc", "dpmpp_2m", "heun", "euler"]
+SOLVER_CHOICES = ["unipc", "dpmpp-2m", "heun", "euler"]
 DISTILLED_SCHEDULES = ("hyper-6nfe", "hyper-6nfe-shift3", "hyper-1nfe")
 
 
