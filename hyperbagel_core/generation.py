@@ -73,6 +73,19 @@ def teacher_sample(model, main: Context, text_ctx: Context | None, img_ctx: Cont
     return x
 
 
+@torch.no_grad()
+def solver_sample(model, main: Context, text_ctx: Context | None, img_ctx: Context | None, h: int, w: int,
+                  noise: torch.Tensor, cfg: CFGSettings, timesteps: torch.Tensor, solver: str,
+                  batch_cfg: bool = True, callback=None) -> torch.Tensor:
+    """Training-free few-step sampling: a flow solver (``sampling.solvers``) over the teacher's guided velocity."""
+    from .sampling.solvers import solve
+
+    def velocity(x: torch.Tensor, t: float) -> torch.Tensor:
+        return guided_velocity(model, main, text_ctx, img_ctx, x, t, h, w, cfg, batch_cfg)
+
+    return solve(velocity, noise.to(model.device, torch.float32), timesteps, solver, callback=callback)
+
+
 def _record(trace: dict, k: int, t, dt, x, rec: dict) -> None:
     for key, val in (("timesteps", t), ("dts", dt), ("cfg_active", int(rec["active"])), ("x_steps", x)):
         trace.setdefault(key, []).append(val.detach().cpu().float() if torch.is_tensor(val) else val)

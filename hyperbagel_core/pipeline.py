@@ -21,8 +21,11 @@ from .config import BagelConfig
 from .context import Context
 from .decoding import generate_text
 from .errors import InputError
-from .generation import CFGSettings, teacher_sample
+from .distill.sampling import distilled_sample
+from .generation import CFGSettings, solver_sample, teacher_sample
 from .loading import check_folder, load_bagel_model, load_config, load_vae, resolve_dtype
+from .sampling.schedules import FIXED_GRIDS, get_schedule
+from .sampling.solvers import SOLVERS
 from .tokenizer import BagelTokenizer
 
 log = logging.getLogger(__name__)
@@ -79,6 +82,21 @@ class BagelPipeline:
         self.model, self.vae, self.tokenizer, self.config, self.path = model, vae, tokenizer, config, path
         self.modules = BagelModules(model, vae)
         model.set_special_tokens(tokenizer.start_of_image, tokenizer.end_of_image)
+        self.distilled_expert = None  # distill.DistilledExpert: one-pass CFG-free denoising when set
+
+    # -- distilled generation expert (Hyper-Bagel) -------------------------------------------------------------
+    def load_distilled_expert(self, path) -> None:
+        """Attach a distilled-expert file (docs/distilled_expert.md); generate/edit then use it by default."""
+        from .distill import load_distilled_expert
+        self.distilled_expert = load_distilled_expert(path, self.model)
+
+    def unload_distilled_expert(self) -> None:
+        self.distilled_expert = None
+
+    def _use_distilled(self, distilled: bool | None) -> bool:
+        if distilled and self.distilled_expert is None:
+            raise InputError("distilled=True but no distilled expert is loaded; call load_distilled_expert(path)")
+        return self.distilled_expert is not None if distilled is None else bool(distilled)
 
     # -- construction ------------------------------------------------------------------------------------------
     @classmethod
@@ -130,21 +148,27 @@ class BagelPipeline:
         return img.size[1], img.size[0]
 
     def build_contexts(self, inputs: list, *, understanding_output: bool = False, think: bool = False,
-                       vae_noise=None, generator=None, record: dict | None = None) -> Contexts:
-        """The official context recipe: images update only the main context, texts main and cfg_img."""
+                       vae_noise=None, generator=None, record: dict | None = None,
+                       cfg_branches: bool = True) -> Contexts:
+        """The official context recipe: images update only the main context, texts main and cfg_img.
+
+        ``cfg_branches=False`` (distilled, CFG-free sampling) leaves cfg_img empty: no CFG prefill is done.
+        """
         m = self.model
         gen, cfg_text, cfg_img = m.new_context(), m.new_context(), m.new_context()
         if think:
             sys_prompt = VLM_THINK_SYSTEM_PROMPT if understanding_output else GEN_THINK_SYSTEM_PROMPT
             self.append_text(gen, sys_prompt)
-            self.append_text(cfg_img, sys_prompt)
+            if cfg_branches:
+                self.append_text(cfg_img, sys_prompt)
         noises = list(vae_noise) if isinstance(vae_noise, (list, tuple)) else [vae_noise]
         shapes = None
         for item in inputs:
             if isinstance(item, str):
                 cfg_text = gen.fork()
                 self.append_text(gen, item)
-                self.append_text(cfg_img, item)
+                if cfg_branches:
+                    self.append_text(cfg_img, item)
             elif isinstance(item, Image.Image):
                 noise = noises.pop(0) if noises else None
                 shapes = self.append_image(gen, item, vae=not understanding_output, vit=True, vae_noise=noise,
@@ -207,18 +231,33 @@ class BagelPipeline:
 
     def _sample_image(self, ctxs: Contexts, height: int, width: int, *, generator, init_noise, cfg: CFGSettings,
                       num_timesteps: int, timestep_shift: float, schedule: str, batch_cfg: bool, callback,
-                      trace: dict | None, thinking: str | None = None, t_start: float | None = None):
+                      trace: dict | None, thinking: str | None = None, t_start: float | None = None,
+                      solver: str = "euler", timesteps=None, distilled: bool = False):
         h, w = self._check_size(height, width)
+        try:
+            grid = get_schedule(schedule, num_timesteps, timestep_shift, timesteps).timesteps
+        except ValueError as e:
+            raise InputError(str(e)) from None
+        if solver not in SOLVERS:
+            raise InputError(f"unknown solver {solver!r}; valid solvers: {', '.join(SOLVERS)}")
         noise = self._noise(h, w, generator, init_noise)
         if trace is not None:
             trace["init_noise"] = noise.clone()
-        if schedule != "teacher":
-            raise InputError(f"unknown schedule {schedule!r}; available: teacher")
-        x = teacher_sample(self.model, ctxs.gen, ctxs.cfg_text, ctxs.cfg_img, h, w, noise, cfg,
-                           num_timesteps=num_timesteps, timestep_shift=timestep_shift, batch_cfg=batch_cfg,
-                           callback=callback, trace=trace)
+        if distilled:  # one pass per step on the main context, distilled weights swapped in for denoising only
+            img_scale = cfg.img_scale if ctxs.image_shapes is not None else None
+            x = distilled_sample(self.model, self.distilled_expert, ctxs.gen, h, w, noise, grid, cfg.text_scale,
+                                 img_scale, solver, callback)
+        elif solver == "euler":
+            if schedule in FIXED_GRIDS:
+                log.warning("schedule %r is meant for a distilled expert; running it with the teacher's CFG", schedule)
+            x = teacher_sample(self.model, ctxs.gen, ctxs.cfg_text, ctxs.cfg_img, h, w, noise, cfg,
+                               timesteps=grid, batch_cfg=batch_cfg, callback=callback, trace=trace)
+        else:
+            x = solver_sample(self.model, ctxs.gen, ctxs.cfg_text, ctxs.cfg_img, h, w, noise, cfg, grid, solver,
+                              batch_cfg, callback)
         return self.decode_tokens(x, h, w, thinking=thinking,
-                                  stats=dict(schedule=schedule, steps=num_timesteps - 1,
+                                  stats=dict(schedule=schedule, steps=grid.numel() - 1, solver=solver,
+                                             distilled=bool(distilled),
                                              seconds=time.perf_counter() - (t_start or time.perf_counter())))
 
     @torch.no_grad()
@@ -242,40 +281,56 @@ class BagelPipeline:
                  cfg_img_scale: float = 1.0, cfg_interval=(0.4, 1.0), cfg_renorm_type: str = "global",
                  cfg_renorm_min: float = 0.0, think: bool = False, max_think_tokens: int = 1000,
                  do_sample: bool = False, text_temperature: float = 0.3, schedule: str = "teacher",
-                 batch_cfg: bool = True, callback=None, init_noise=None, trace: dict | None = None) -> ImageResult:
-        """Text to image with the teacher sampler (spec 11a); defaults = the notebook's."""
+                 batch_cfg: bool = True, callback=None, init_noise=None, trace: dict | None = None,
+                 solver: str = "euler", timesteps=None, distilled: bool | None = None) -> ImageResult:
+        """Text to image (spec 11a); defaults = the notebook's.
+
+        ``schedule`` names a grid of ``sampling.schedules.SCHEDULES`` ("custom": ``timesteps``, then
+        ``timestep_shift`` applied on top; pass 1.0 to use them as given; the fixed Hyper-Bagel grids ignore
+        ``num_timesteps``/``timestep_shift``), ``solver`` a
+        method of ``sampling.solvers.SOLVERS``. With a distilled expert loaded (``distilled`` None or True) each
+        step is one pass with the scales as inputs and no CFG contexts are built; otherwise the teacher's CFG.
+        """
         t0 = time.perf_counter()
         if not isinstance(prompt, str) or not prompt.strip():
             raise InputError("generate() needs a non-empty prompt")
         self._check_size(height, width)
-        ctxs = self.build_contexts([prompt], think=think)
+        use_distilled = self._use_distilled(distilled)
+        ctxs = self.build_contexts([prompt], think=think, cfg_branches=not use_distilled)
         thinking = self._think(ctxs, max_think_tokens, do_sample, text_temperature, seed, None) if think else None
         gen = torch.Generator("cpu").manual_seed(int(seed))
         cfg = CFGSettings(cfg_text_scale, cfg_img_scale, tuple(cfg_interval), cfg_renorm_type, cfg_renorm_min)
         return self._sample_image(ctxs, height, width, generator=gen, init_noise=init_noise, cfg=cfg,
                                   num_timesteps=num_timesteps, timestep_shift=timestep_shift, schedule=schedule,
                                   batch_cfg=batch_cfg, callback=callback, trace=trace, thinking=thinking,
-                                  t_start=t0)
+                                  t_start=t0, solver=solver, timesteps=timesteps, distilled=use_distilled)
 
     def edit(self, image: Image.Image, prompt: str, *, seed: int = 0, num_timesteps: int = 50,
              timestep_shift: float = 3.0, cfg_text_scale: float = 4.0, cfg_img_scale: float = 2.0,
              cfg_interval=(0.0, 1.0), cfg_renorm_type: str = "text_channel", cfg_renorm_min: float = 0.0,
              think: bool = False, max_think_tokens: int = 1000, do_sample: bool = False,
              text_temperature: float = 0.3, schedule: str = "teacher", batch_cfg: bool = True, callback=None,
-             init_noise=None, vae_noise=None, trace: dict | None = None) -> ImageResult:
-        """Image editing (spec 11b); the output has the VAE-resized input's size."""
+             init_noise=None, vae_noise=None, trace: dict | None = None, solver: str = "euler", timesteps=None,
+             distilled: bool | None = None) -> ImageResult:
+        """Image editing (spec 11b); the output has the VAE-resized input's size.
+
+        With a distilled expert: CFG-free, one pass per step, ``cfg_text_scale``/``cfg_img_scale`` are model
+        inputs (clamped to the trained ranges); the source image is prefilled with the ORIGINAL weights.
+        """
         t0 = time.perf_counter()
         if not isinstance(image, Image.Image):
             raise InputError("edit() needs a PIL image")
+        use_distilled = self._use_distilled(distilled)
         gen = torch.Generator("cpu").manual_seed(int(seed))
-        ctxs = self.build_contexts([image, prompt], think=think, vae_noise=vae_noise, generator=gen)
+        ctxs = self.build_contexts([image, prompt], think=think, vae_noise=vae_noise, generator=gen,
+                                   cfg_branches=not use_distilled)
         thinking = self._think(ctxs, max_think_tokens, do_sample, text_temperature, seed, None) if think else None
         cfg = CFGSettings(cfg_text_scale, cfg_img_scale, tuple(cfg_interval), cfg_renorm_type, cfg_renorm_min)
         H, W = ctxs.image_shapes
         return self._sample_image(ctxs, H, W, generator=gen, init_noise=init_noise, cfg=cfg,
                                   num_timesteps=num_timesteps, timestep_shift=timestep_shift, schedule=schedule,
                                   batch_cfg=batch_cfg, callback=callback, trace=trace, thinking=thinking,
-                                  t_start=t0)
+                                  t_start=t0, solver=solver, timesteps=timesteps, distilled=use_distilled)
 
     def interleave(self, inputs: list, *, understanding_output: bool = False, think: bool = False,
                    max_think_token_n: int = 1000, do_sample: bool = False, text_temperature: float = 0.3,
