@@ -190,7 +190,7 @@ def parse_timesteps(text: str) -> list[float]:
 # ----------------------------------------------------------------------------------------- schedules
 
 SCHEDULE_CHOICES = ["hyper-6nfe", "hyper-6nfe-shift3", "hyper-1nfe", "training-free", "teacher-50", "custom"]
-SOLVER_CHOICES = ["unipc", "dpmpp-2m", "heun", "euler"]
+SOLVER_CHOICES = ["unipc", "dpmpp_2m", "heun", "euler"]
 DISTILLED_SCHEDULES = ("hyper-6nfe", "hyper-6nfe-shift3", "hyper-1nfe")
 
 
