@@ -1,0 +1,61 @@
+"""Context: copy-on-write forks, rollback, growth (spec section 3)."""
+import torch
+
+from hyperbagel_core.context import Context
+
+
+def _append(ctx, values, layers=2):
+    n = len(values)
+    k = torch.tensor(values, dtype=torch.float32).view(n, 1, 1)
+    ctx.reserve(n, k, 1, 1)
+    for layer in range(layers):
+        ctx.write(layer, k + layer, k + layer)
+    ctx.advance(n, n)
+
+
+def _keys(ctx, layer=0):
+    return ctx.keys(layer).flatten().tolist()
+
+
+def test_fork_is_isolated_both_ways():
+    a = Context(2)
+    _append(a, [1, 2, 3])
+    b = a.fork()
+    _append(a, [4])
+    _append(b, [9, 9])
+    assert _keys(a) == [1, 2, 3, 4] and _keys(b) == [1, 2, 3, 9, 9]
+    assert _keys(a, 1) == [2, 3, 4, 5]
+    c = b.fork()
+    _append(b, [7])
+    _append(c, [8])
+    assert _keys(b)[-1] == 7 and _keys(c)[-1] == 8 and _keys(a) == [1, 2, 3, 4]
+
+
+def test_truncate_then_append_does_not_clobber_a_fork():
+    a = Context(1)
+    _append(a, [1, 2, 3], layers=1)
+    b = a.fork()
+    a.truncate(1, 1)
+    _append(a, [5, 6], layers=1)
+    assert _keys(a) == [1, 5, 6] and _keys(b) == [1, 2, 3]
+    assert (a.kv_len, a.rope) == (3, 3)
+
+
+def test_decoding_appends_in_place_with_geometric_growth():
+    a = Context(1)
+    _append(a, [0], layers=1)
+    ptrs = set()
+    for i in range(200):
+        _append(a, [i], layers=1)
+        ptrs.add(a._store.k[0].data_ptr())
+    assert a.kv_len == 201 and len(ptrs) <= 6
+
+
+def test_truncate_only_shrinks():
+    a = Context(1)
+    _append(a, [1], layers=1)
+    try:
+        a.truncate(3, 3)
+    except ValueError:
+        return
+    raise AssertionError("truncate grew the context")
