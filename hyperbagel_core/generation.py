@@ -83,7 +83,10 @@ def solver_sample(model, main: Context, text_ctx: Context | None, img_ctx: Conte
     def velocity(x: torch.Tensor, t: float) -> torch.Tensor:
         return guided_velocity(model, main, text_ctx, img_ctx, x, t, h, w, cfg, batch_cfg)
 
-    return solve(velocity, noise.to(model.device, torch.float32), timesteps, solver, callback=callback)
+    ts = timesteps.float().cpu()
+    act = [cfg_active(t, cfg.interval) for t in ts[:-1].tolist()]
+    jumps = [k for k in range(1, len(act)) if act[k] != act[k - 1]]  # guidance switches: restart multistep
+    return solve(velocity, noise.to(model.device, torch.float32), ts, solver, callback=callback, restart_at=jumps)
 
 
 def _record(trace: dict, k: int, t, dt, x, rec: dict) -> None:

@@ -38,9 +38,9 @@ Callback = Callable[[int, int], None]
 _SIGMA_ONE_NUDGE = 1e-6
 
 
-def _check_grid(timesteps: torch.Tensor) -> torch.Tensor:
+def _check_grid(timesteps: torch.Tensor, to_zero: bool = True) -> torch.Tensor:
     t = torch.as_tensor(timesteps, dtype=torch.float32).flatten().cpu()
-    if t.numel() < 2 or t[-1] != 0 or not (t[1:] < t[:-1]).all() or t[0] > 1:
+    if t.numel() < 2 or (to_zero and t[-1] != 0) or t[-1] < 0 or not (t[1:] < t[:-1]).all() or t[0] > 1:
         raise ValueError(f"solver grid must be strictly decreasing in [0, 1] and end at 0, got {t.tolist()}")
     return t
 
@@ -124,6 +124,7 @@ def _diffusers_solver(make) -> Callable[..., torch.Tensor]:
     return run
 
 
+SINGLE_STEP = ("euler", "heun")
 SOLVERS: dict[str, Callable[..., torch.Tensor]] = {
     "euler": _euler,
     "heun": _heun,
@@ -133,7 +134,7 @@ SOLVERS: dict[str, Callable[..., torch.Tensor]] = {
 
 
 def solve(velocity_fn: VelocityFn, x: torch.Tensor, timesteps: torch.Tensor, method: str = "euler",
-          callback: Callback | None = None, **options) -> torch.Tensor:
+          callback: Callback | None = None, restart_at=None, **options) -> torch.Tensor:
     """Integrate the flow ODE from ``timesteps[0]`` to 0.
 
     Args:
@@ -142,6 +143,9 @@ def solve(velocity_fn: VelocityFn, x: torch.Tensor, timesteps: torch.Tensor, met
         timesteps: fp32 grid, strictly decreasing, ending at 0.
         method: a key of ``SOLVERS``.
         callback: ``callback(step, total)`` after every step (may raise to interrupt).
+        restart_at: grid indices where the velocity field jumps (e.g. the CFG interval edge); multistep
+            solvers restart there (history never mixes the two sides), at no extra evaluations. Single-step
+            methods (euler, heun) ignore it.
         options: ``heun_final`` (heun), ``order`` (unipc, dpmpp_2m; default 2).
 
     Returns:
@@ -149,7 +153,17 @@ def solve(velocity_fn: VelocityFn, x: torch.Tensor, timesteps: torch.Tensor, met
     """
     if method not in SOLVERS:
         raise ValueError(f"unknown solver {method!r}; valid solvers: {', '.join(SOLVERS)}")
-    return SOLVERS[method](velocity_fn, x.float(), _check_grid(timesteps), callback, **options)
+    t = _check_grid(timesteps)
+    cuts = sorted({int(k) for k in (restart_at or ()) if 0 < int(k) < t.numel() - 1})
+    if not cuts or method in SINGLE_STEP:
+        return SOLVERS[method](velocity_fn, x.float(), t, callback, **options)
+    x, n = x.float(), t.numel() - 1
+    for a, b in zip([0] + cuts, cuts + [n]):
+        def cb(k, _m, off=a):
+            if callback is not None:
+                callback(off + k, n)
+        x = SOLVERS[method](velocity_fn, x, t[a:b + 1], cb, **options)
+    return x
 
 
 def evaluations_for(method: str, num_steps: int, heun_final: bool = False) -> int:
