@@ -362,7 +362,7 @@ def merge_stats(per_item: Sequence[dict]) -> dict:
         out["tokens_per_s"] = toks / out["seconds"]
     if out.get("rounds") and toks is not None:
         out["tau"] = toks / out["rounds"]
-    for key in ("drafter", "k", "schedule"):
+    for key in ("drafter", "k", "schedule", "solver", "cfg", "distilled"):
         if key in per_item[0]:
             out[key] = per_item[0][key]
     return out

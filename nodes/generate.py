@@ -11,7 +11,7 @@ from . import runtime
 from .loaders import BagelModelType
 
 log = logging.getLogger("hyperbagel")
-STAT_KEYS = ("schedule", "nfe", "passes", "seconds")
+STAT_KEYS = ("schedule", "nfe", "passes", "cfg", "seconds")
 
 
 def schedule_inputs(default_schedule: str = "hyper-6nfe") -> list:
@@ -41,6 +41,7 @@ def run_images(bagel, method: str, plan: A.SchedulePlan, items: list, seeds: lis
     if plan.wants_distilled and not bagel.distilled_expert:
         log.warning("hyperbagel: schedule %s without a distilled expert runs the stock model on that grid; "
                     "load one in the loader for Hyper-Bagel quality", plan.kwargs.get("schedule"))
+    kwargs = dict(kwargs, **distilled_flag(plan, bagel))
     progress = runtime.make_progress(len(items), plan.steps)
     pipe = bagel.prepare()
     results, stats = [], []
@@ -52,6 +53,7 @@ def run_images(bagel, method: str, plan: A.SchedulePlan, items: list, seeds: lis
             res = runtime.call_core(fn, *item, seed=seeds[i], callback=progress.callback, **plan.kwargs, **kwargs)
             s = dict(getattr(res, "stats", None) or {})
             s.setdefault("seconds", time.perf_counter() - t0)
+            s.update(pass_counts(plan, s, edit=method == "edit"))
             s["schedule"] = plan.label
             stats.append(s)
             results.append(res)
@@ -61,6 +63,31 @@ def run_images(bagel, method: str, plan: A.SchedulePlan, items: list, seeds: lis
     if plan.wants_distilled and not bagel.distilled_expert:
         merged["warning"] = "no distilled expert loaded: stock model on a few-step grid"
     return results, merged
+
+
+def distilled_flag(plan: A.SchedulePlan, bagel) -> dict:
+    """Hyper-Bagel grids use the distilled expert when one is loaded; teacher-50 and training-free always run
+    the stock model (the reference); custom leaves it to the core (distilled when loaded)."""
+    if plan.wants_distilled:
+        return {"distilled": bool(bagel.distilled_expert)}
+    if plan.kwargs.get("schedule") == "teacher":
+        return {"distilled": False}
+    return {}
+
+
+def pass_counts(plan: A.SchedulePlan, stats: dict, edit: bool) -> dict:
+    """NFE (guided velocity evaluations) and network passes for the speed badge, unless the core said."""
+    steps = stats.get("steps", plan.steps)
+    solver = stats.get("solver", plan.kwargs.get("solver", "euler"))
+    nfe = 2 * steps - 1 if solver == "heun" and steps > 1 else steps
+    out = {"nfe": stats.get("nfe", nfe)}
+    if stats.get("distilled"):
+        out["cfg"] = "folded (distilled)"
+        out["passes"] = stats.get("passes", nfe)
+    else:
+        out["cfg"] = f"{3 if edit else 2} branches batched"
+        out["passes"] = stats.get("passes", nfe)
+    return out
 
 
 def image_ui(stats: dict, kind: str, thinking: str = "") -> dict:

@@ -45,10 +45,15 @@ class BagelModel:
         import comfy.model_management as mm
 
         mm.load_models_gpu([self.patcher], force_full_load=self.memory_mode == "gpu_full")
-        set_dev = getattr(self.pipe, "set_device", None)
-        if callable(set_dev):
-            set_dev(self.patcher.load_device)
+        self._move_extras(self.patcher.load_device)
         return self.pipe
+
+    def _move_extras(self, device) -> None:
+        """Weights that live outside ``pipe.modules`` (distilled expert copy, draft head) follow the model."""
+        for attr in ("distilled_expert", "draft_head"):
+            extra = getattr(self.pipe, attr, None)
+            if extra is not None and callable(getattr(extra, "to", None)):
+                extra.to(device=device)
 
     def release(self) -> None:
         """After a run in ``offload_after_run`` mode: move the weights back to the offload device."""
@@ -60,6 +65,7 @@ class BagelModel:
             if getattr(loaded, "model", None) is self.patcher:
                 loaded.model_unload()
                 mm.current_loaded_models.remove(loaded)
+        self._move_extras(self.patcher.offload_device)
         mm.soft_empty_cache()
 
     def describe(self) -> str:

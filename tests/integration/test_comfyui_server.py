@@ -239,6 +239,12 @@ def test_workflow_templates_are_discovered(server):
     assert shipped <= set(templates.get("hyperbagel", []))
 
 
+def test_web_extension_and_help_pages_are_served(server):
+    assert any("hyperbagel/js/hyperbagel.js" in e for e in server.get("/extensions"))
+    r = server.requests.get(server.url + "/extensions/hyperbagel/docs/HyperBagelSpeculativeVQA.md", timeout=10)
+    assert r.ok and r.text.startswith("# BAGEL Speculative VQA")
+
+
 def _api(name: str, object_info: dict, **extra) -> dict:
     wf = wc.load_workflows()[name]
     assert wc.check_workflow(wf, object_info) == []

@@ -243,3 +243,17 @@ def test_root_package_entry_point_under_stub_imports_no_core(tmp_path):
             "assert len(nodes) == 4; bad = [n for n in sys.modules if 'hyperbagel_core' in n or 'flash_attn' in n "
             "or n.startswith(('transformers', 'diffusers'))]; assert not bad, bad")
     subprocess.run([sys.executable, "-c", code], check=True, cwd=tmp_path)
+
+
+def test_distilled_flag_follows_the_schedule(env):
+    _, ext, core = env
+    plain = load(ext)
+    with_expert = load(ext, distilled_expert="six.safetensors")
+    ext.BagelFewStepSampler.execute(**sampler_kw(with_expert, schedule="hyper-1nfe", batch_size=1))
+    assert core.pipe.calls[-1][1]["distilled"] is True
+    ext.BagelFewStepSampler.execute(**sampler_kw(with_expert, schedule="teacher-50", batch_size=1))
+    assert core.pipe.calls[-1][1]["distilled"] is False and core.pipe.calls[-1][1]["num_timesteps"] == 50
+    ext.BagelFewStepSampler.execute(**sampler_kw(plain, schedule="hyper-6nfe", batch_size=1))
+    assert core.pipe.calls[-1][1]["distilled"] is False
+    ext.BagelFewStepSampler.execute(**sampler_kw(with_expert, schedule="custom", batch_size=1))
+    assert "distilled" not in core.pipe.calls[-1][1]

@@ -101,3 +101,15 @@ def test_core_nodes_exist_in_the_comfyui_checkout():
         if name in ("PreviewAny",):
             continue
         assert re.search(rf"^class {name}\b", src, re.M), name
+
+
+def test_every_node_has_a_help_page_and_the_web_extension_exists(specs):
+    web = os.path.join(wc.REPO, "web")
+    for node_id in (n for n in specs if n.startswith("HyperBagel")):
+        page = os.path.join(web, "docs", f"{node_id}.md")
+        assert os.path.isfile(page), page
+        assert open(page, encoding="utf-8").read().startswith("# ")
+    js = open(os.path.join(web, "js", "hyperbagel.js"), encoding="utf-8").read()
+    assert "registerExtension" in js and "bagel_stats" in js
+    root = open(os.path.join(wc.REPO, "__init__.py"), encoding="utf-8").read()
+    assert 'WEB_DIRECTORY = "./web"' in root
