@@ -112,12 +112,12 @@ class CFGDistiller:
         c = s.ctxs
         return guided_velocity(self.pipe.model, c.gen, c.cfg_text, c.cfg_img, s.x_t, s.t, s.h, s.w, cfg).float()
 
-    def student(self, s: Sample) -> torch.Tensor:
+    def student(self, s: Sample, grad: bool = True) -> torch.Tensor:
         g = self.expert.guidance
         dt = g.text_scale_embedder.mlp[0].weight.dtype
         extra = g(torch.tensor([s.s_txt]), torch.tensor([s.s_img]), dt)[0]
         model = self.pipe.model
-        with self.expert.swapped_into(model), torch.enable_grad():
+        with self.expert.swapped_into(model), torch.set_grad_enabled(grad):
             return _velocity_with_grad(model, s.ctxs.gen, s.x_t, s.t, s.h, s.w, extra).float()
 
     def loss(self, s: Sample, target: torch.Tensor | None = None) -> torch.Tensor:
@@ -139,11 +139,11 @@ class CFGDistiller:
         finally:
             for p, r in zip(model.parameters(), req):
                 p.requires_grad_(r)
-        return float(loss)
+        return float(loss.detach())
 
     @torch.no_grad()
     def evaluate(self, samples: list[Sample], targets: list[torch.Tensor]) -> float:
-        return sum(float(F.mse_loss(self.student(s), y)) for s, y in zip(samples, targets)) / len(samples)
+        return sum(float(F.mse_loss(self.student(s, grad=False), y)) for s, y in zip(samples, targets)) / len(samples)
 
 
 def distill(pipe, prompts: list[str], *, steps: int = 100, lr: float = 1e-4, train_keys: str = "all",
