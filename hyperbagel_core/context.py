@@ -7,7 +7,25 @@ geometrically so token-by-token decoding does not reallocate every step.
 """
 from __future__ import annotations
 
+import itertools
+from typing import NamedTuple
+
 import torch
+
+_sequence = itertools.count()
+
+
+class Block(NamedTuple):
+    """One prefilled block of a context; ``seq`` orders blocks across contexts (the global call order)."""
+    kind: str          # "text" | "vit" | "vae"
+    n: int             # KV entries (markers included)
+    rope: int          # RoPE position of its first token
+    ids: tuple         # text ids, or the (start, end) marker ids of an image block
+    seq: int
+
+
+def new_block(kind: str, n: int, rope: int, ids) -> Block:
+    return Block(kind, n, rope, tuple(ids), next(_sequence))
 
 
 class _Storage:
@@ -28,7 +46,7 @@ class Context:
         self.rope = 0
         self._store = _Storage(num_layers)
         self._store.owner = self
-        self.layout: list[tuple] = []  # prefilled blocks: (kind, n_tokens, rope, token ids / marker ids)
+        self.layout: list[Block] = []  # the prefilled blocks, in order
 
     # -- inspection ----------------------------------------------------------------------------------------
     def keys(self, layer: int) -> torch.Tensor | None:

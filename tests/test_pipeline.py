@@ -47,8 +47,8 @@ def test_answer_uses_a_fork_and_handles_several_images(tiny_pipe):
     assert one.token_ids == two.token_ids and 0 < len(one.token_ids) <= 6
     assert one.stats["new_tokens"] == len(one.token_ids)
     ctxs = tiny_pipe.build_contexts(imgs + ["q"], understanding_output=True)
-    assert [k for k, *_ in ctxs.gen.layout] == ["vit", "vit", "text"]
-    assert [r for _, _, r, _ in ctxs.gen.layout] == [0, 1, 2]
+    assert [b.kind for b in ctxs.gen.layout] == ["vit", "vit", "text"]
+    assert [b.rope for b in ctxs.gen.layout] == [0, 1, 2]
 
 
 def test_sampling_is_seeded(tiny_pipe):
@@ -60,11 +60,11 @@ def test_sampling_is_seeded(tiny_pipe):
 def test_think_mode_layouts(tiny_pipe):
     tok = tiny_pipe.tokenizer
     ctxs = tiny_pipe.build_contexts(["a cat"], think=True)
-    assert ctxs.gen.layout[0][3] == tok.text_block(GEN_THINK_SYSTEM_PROMPT)
+    assert ctxs.gen.layout[0].ids == tuple(tok.text_block(GEN_THINK_SYSTEM_PROMPT))
     assert ctxs.cfg_text.kv_len == len(tok.text_block(GEN_THINK_SYSTEM_PROMPT))
     assert ctxs.cfg_img.kv_len == ctxs.gen.kv_len
     v = tiny_pipe.build_contexts(["q"], understanding_output=True, think=True)
-    assert v.gen.layout[0][3] == tok.text_block(VLM_THINK_SYSTEM_PROMPT)
+    assert v.gen.layout[0].ids == tuple(tok.text_block(VLM_THINK_SYSTEM_PROMPT))
     res = tiny_pipe.generate("a cat", think=True, max_think_tokens=5, **KW)
     assert isinstance(res.thinking, str)
 

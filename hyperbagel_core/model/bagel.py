@@ -11,7 +11,7 @@ import torch
 from torch import nn
 
 from ..config import BagelConfig
-from ..context import Context
+from ..context import Context, new_block
 from ..image import latent_position_ids, pack_latent, patchify_vit
 from ..ops import resolve_ops
 from .embeddings import PositionEmbedding2D, TimestepEmbedder
@@ -71,8 +71,11 @@ class BagelModel(nn.Module):
     def embed_ids(self, ids: torch.Tensor) -> torch.Tensor:
         return self.language_model.model.embed_tokens(ids.to(self.device)).to(self.dtype)
 
+    def _markers(self) -> tuple[int, int]:
+        return self._special["start"], self._special["end"]
+
     def _with_markers(self, body: torch.Tensor) -> torch.Tensor:
-        ids = torch.tensor([self._special["start"], self._special["end"]], device=self.device)
+        ids = torch.tensor(self._markers(), device=self.device)
         m = self.embed_ids(ids)
         return torch.cat([m[:1], body.to(self.dtype), m[1:]])
 
@@ -84,7 +87,7 @@ class BagelModel(nn.Module):
     def prefill_text(self, ctx: Context, ids: torch.Tensor) -> None:
         """A text block (the caller wraps it in <|im_start|> ... <|im_end|>): und expert, causal."""
         ids = torch.as_tensor(ids, dtype=torch.long).reshape(-1)
-        ctx.layout.append(("text", ids.numel(), ctx.rope, ids.tolist()))
+        ctx.layout.append(new_block("text", ids.numel(), ctx.rope, ids.tolist()))
         self.forward_text(ctx, ids, logits=False)
 
     @torch.no_grad()
@@ -118,7 +121,7 @@ class BagelModel(nn.Module):
         x = self._with_markers(emb.llm_input)
         pos = torch.full((1, x.shape[0]), ctx.rope, device=self.device)
         self._llm(x, pos, [ctx], gen=False, causal=False, update=True)
-        ctx.layout.append(("vit", x.shape[0], ctx.rope, (self._special["start"], self._special["end"])))
+        ctx.layout.append(new_block("vit", x.shape[0], ctx.rope, self._markers()))
         ctx.advance(x.shape[0], 1)
         return emb
 
@@ -140,7 +143,7 @@ class BagelModel(nn.Module):
         x = self._with_markers(self.latent_embed(pack_latent(z, p), torch.zeros((), dtype=torch.long), h, w))
         pos = torch.full((1, x.shape[0]), ctx.rope, device=self.device)
         self._llm(x, pos, [ctx], gen=True, causal=False, update=True)
-        ctx.layout.append(("vae", x.shape[0], ctx.rope, (self._special["start"], self._special["end"])))
+        ctx.layout.append(new_block("vae", x.shape[0], ctx.rope, self._markers()))
         ctx.advance(x.shape[0], 1)
 
     @torch.no_grad()
