@@ -209,7 +209,8 @@ class DraftHead(nn.Module):
         return self.fc1(c.flatten(1)), feats[:, fl[-1], :]
 
     def logits(self, g: torch.Tensor) -> torch.Tensor:
-        return self._mod("lm_head")(self._mod("norm")(g))
+        head = self._mod("lm_head")
+        return head(self._mod("norm")(g).to(head.weight.dtype))
 
     def draft_input(self, feat: torch.Tensor, tokens: torch.Tensor) -> torch.Tensor:
         emb = self._mod("embed")(tokens).to(feat.dtype)
