@@ -90,3 +90,36 @@ def test_bad_solver_arguments():
         grid_for_budget("heun", 1)
     with pytest.raises(ValueError):
         grid_for_budget("euler", 0)
+
+
+# -- on a tiny BAGEL checkpoint: the teacher's guided ODE ------------------------------------------------------------
+@pytest.fixture(scope="module")
+def guided(tiny_ckpt):
+    from hyperbagel_core.generation import CFGSettings, guided_velocity
+    from hyperbagel_core.pipeline import BagelPipeline
+
+    pipe = BagelPipeline.from_pretrained(tiny_ckpt, device="cpu", dtype=torch.float32)
+    ctxs = pipe.build_contexts(["a red circle and a blue square"])
+    cfg = CFGSettings(4.0, 1.0, (0.0, 1.0), "global", 0.0)
+    h = w = 4
+
+    def velocity(x, t):
+        return guided_velocity(pipe.model, ctxs.gen, ctxs.cfg_text, ctxs.cfg_img, x, t, h, w, cfg)
+
+    noise = torch.randn(h * w, 64, generator=torch.Generator().manual_seed(0))
+    reference = solve(velocity, noise, teacher_timesteps(201, 3.0), "euler")  # 200 Euler steps
+    return velocity, noise, reference
+
+
+@pytest.mark.parametrize("budget", [8, 10, 12])
+def test_multistep_solvers_beat_euler_on_tiny_bagel(guided, budget):
+    """At 8-12 guided evaluations UniPC / DPM-Solver++(2M) land measurably closer to the 200-step reference."""
+    velocity, noise, reference = guided
+    errs = {}
+    for method in ("euler", "unipc", "dpmpp_2m"):
+        grid, opts = grid_for_budget(method, budget, 3.0)
+        f, calls = count_evaluations(velocity)
+        errs[method] = rel_err(solve(f, noise, grid, method, **opts), reference)
+        assert calls[0] == budget
+    assert errs["unipc"] < 0.75 * errs["euler"], errs
+    assert errs["dpmpp_2m"] < 0.75 * errs["euler"], errs
