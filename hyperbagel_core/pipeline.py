@@ -38,7 +38,7 @@ GEN_THINK_SYSTEM_PROMPT = (
     "You should first think about the planning process in the mind and then generate the image. \n"
     "The planning process is enclosed within <think> </think> tags, i.e. <think> planning process here </think> "
     "image here")
-DRAFTERS = ("none",)
+DRAFTERS = ("none", "prompt_lookup", "draft_head")
 
 
 class BagelModules(nn.Module):
@@ -83,6 +83,7 @@ class BagelPipeline:
         self.modules = BagelModules(model, vae)
         model.set_special_tokens(tokenizer.start_of_image, tokenizer.end_of_image)
         self.distilled_expert = None  # distill.DistilledExpert: one-pass CFG-free denoising when set
+        self.draft_head = None  # speculative.DraftHead for drafter="draft_head" (docs/draft_head.md)
 
     # -- distilled generation expert (Hyper-Bagel) -------------------------------------------------------------
     def load_distilled_expert(self, path) -> None:
@@ -93,6 +94,18 @@ class BagelPipeline:
     def unload_distilled_expert(self) -> None:
         self.distilled_expert = None
 
+    # -- speculative decoding draft head (Hyper-Bagel) ---------------------------------------------------------
+    def load_draft_head(self, path, strict_fingerprint: bool = True) -> None:
+        """Attach a draft-head file (docs/draft_head.md) for answer(..., drafter="draft_head")."""
+        from .speculative import load_draft_head
+        self.draft_head = load_draft_head(path, self.model, strict_fingerprint=strict_fingerprint)
+        self.modules.draft_head = self.draft_head  # moves with the weights (ComfyUI ModelPatcher)
+
+    def unload_draft_head(self) -> None:
+        if self.draft_head is not None:
+            del self.modules.draft_head
+        self.draft_head = None
+
     def _use_distilled(self, distilled: bool | None) -> bool:
         if distilled and self.distilled_expert is None:
             raise InputError("distilled=True but no distilled expert is loaded; call load_distilled_expert(path)")
@@ -101,7 +114,7 @@ class BagelPipeline:
     # -- construction ------------------------------------------------------------------------------------------
     @classmethod
     def from_pretrained(cls, path, device="cpu", dtype=torch.bfloat16, ops=None, vae_dtype=torch.float32,
-                        attn_backend: str = "sdpa") -> "BagelPipeline":
+                        attn_backend: str = "sdpa", draft_head=None) -> "BagelPipeline":
         """Load an official BAGEL folder (llm/vit configs, ema.safetensors, ae.safetensors, tokenizer)."""
         from .model.attention import set_backend
         set_backend(attn_backend)
@@ -117,7 +130,10 @@ class BagelPipeline:
         model = load_bagel_model(folder, config, device=device, dtype=dtype, ops=ops)
         vae = load_vae(folder, config, device=device, dtype=vae_dtype)
         log.info("loaded BAGEL from %s in %.1fs (%s, %s)", folder, time.perf_counter() - t0, device, dtype)
-        return cls(model, vae, tokenizer, config, str(folder))
+        pipe = cls(model, vae, tokenizer, config, str(folder))
+        if draft_head is not None:
+            pipe.load_draft_head(draft_head)
+        return pipe
 
     @property
     def device(self) -> torch.device:
@@ -190,6 +206,12 @@ class BagelPipeline:
             gen = torch.Generator(self.device).manual_seed(int(seed if seed is not None else 0))
         stats: dict = {}
         tok = self.tokenizer
+        if drafter != "none":
+            from .speculative.api import decode_with_drafter
+            return decode_with_drafter(self.model, ctx.fork(), drafter, self.draft_head, bos_id=tok.bos_id,
+                                       eos_id=tok.eos_id, max_new_tokens=max_new_tokens, do_sample=do_sample,
+                                       temperature=temperature, generator=gen, callback=callback,
+                                       num_draft_tokens=num_draft_tokens)
         ids = generate_text(self.model, ctx.fork(), bos_id=tok.bos_id, eos_id=tok.eos_id,
                             max_new_tokens=max_new_tokens, do_sample=do_sample, temperature=temperature,
                             generator=gen, callback=callback, stats=stats)

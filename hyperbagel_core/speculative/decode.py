@@ -68,16 +68,18 @@ class SpecStats:
     accepted: int = 0
     tokens: int = 0
     seconds: float = 0.0
+    k_max: int = 0
     k_hist: dict = field(default_factory=dict)
 
     def as_dict(self) -> dict:
         tau = (self.accepted + self.draft_rounds) / self.draft_rounds if self.draft_rounds else 1.0
-        return {"rounds": self.rounds, "draft_rounds": self.draft_rounds, "drafted": self.drafted,
-                "accepted": self.accepted, "tokens": self.tokens,
+        return {"k": self.k_max, "rounds": self.rounds, "draft_rounds": self.draft_rounds, "drafted": self.drafted,
+                "accepted": self.accepted, "tokens": self.tokens, "new_tokens": self.tokens,
                 "tau": tau,                                   # tokens per drafting round (incl. bonus)
                 "acceptance_rate": self.accepted / self.drafted if self.drafted else 0.0,
                 "tokens_per_target_forward": self.tokens / (self.rounds + 1),
                 "tokens_per_s": self.tokens / self.seconds if self.seconds > 0 else 0.0,
+                "tokens_per_second": self.tokens / self.seconds if self.seconds > 0 else 0.0,
                 "seconds": self.seconds, "k_hist": dict(sorted(self.k_hist.items()))}
 
 
@@ -116,7 +118,7 @@ def speculative_generate(model, ctx, drafter, *, bos_id: int, eos_id: int, max_n
     k_max = 0 if drafter is None else (DEFAULT_DRAFT_TOKENS if num_draft_tokens is None else num_draft_tokens)
     ctrl = AdaptiveDraftLength(k_max, enabled=adaptive)
     hidden = bool(drafter is not None and drafter.needs_hidden)
-    st = SpecStats()
+    st = SpecStats(k_max=k_max)
     _sync(dev)
     t0 = time.perf_counter()
 

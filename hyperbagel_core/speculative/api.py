@@ -1,0 +1,52 @@
+"""The entry the pipeline calls: pick a drafter by name and decode (keeps pipeline.py edits small)."""
+from __future__ import annotations
+
+from .decode import speculative_generate
+from .drafters import DraftHeadDrafter
+from .prompt_lookup import PromptLookupDrafter
+
+try:
+    from ..errors import InputError
+except ImportError:  # pragma: no cover
+    InputError = ValueError
+
+DRAFTER_NAMES = ("none", "prompt_lookup", "draft_head")
+
+
+def context_text_ids(ctx) -> list[int]:
+    """Token ids of the text blocks prefilled into ``ctx`` (core Context.layout), in order."""
+    out: list[int] = []
+    for entry in getattr(ctx, "layout", []):
+        if entry and entry[0] == "text":
+            out += list(entry[3])
+    return out
+
+
+def make_drafter(name: str, head=None, prompt_ids: list[int] | None = None):
+    if name == "none":
+        return None
+    if name == "prompt_lookup":
+        return PromptLookupDrafter(prompt_ids)
+    if name == "draft_head":
+        if head is None:
+            raise InputError("drafter 'draft_head' needs a draft head: load one with "
+                             "BagelPipeline.load_draft_head(path) (or from_pretrained(..., draft_head=path)), "
+                             "or use drafter='prompt_lookup'")
+        return DraftHeadDrafter(head)
+    raise InputError(f"unknown drafter {name!r}; choose one of {DRAFTER_NAMES}")
+
+
+def decode_with_drafter(model, ctx, name: str, head=None, *, bos_id: int, eos_id: int, max_new_tokens: int,
+                        do_sample: bool = False, temperature: float = 1.0, generator=None, callback=None,
+                        num_draft_tokens: int | None = None) -> tuple[list[int], dict]:
+    """Speculative decoding on ``ctx`` (extended in place; pass a fork). Returns (ids, stats)."""
+    prompt = context_text_ids(ctx)
+    if head is not None:
+        ref = model.language_model.lm_head.weight
+        if next(head.parameters()).device != ref.device:
+            head.to(ref.device)
+    drafter = make_drafter(name, head, prompt)
+    res = speculative_generate(model, ctx, drafter, bos_id=bos_id, eos_id=eos_id, max_new_tokens=max_new_tokens,
+                               do_sample=do_sample, temperature=temperature, generator=generator,
+                               callback=callback, num_draft_tokens=num_draft_tokens or None, prompt_ids=prompt)
+    return res.ids, dict(res.stats, drafter=name)
