@@ -76,7 +76,7 @@ def teacher_sample(model, main: Context, text_ctx: Context | None, img_ctx: Cont
 @torch.no_grad()
 def solver_sample(model, main: Context, text_ctx: Context | None, img_ctx: Context | None, h: int, w: int,
                   noise: torch.Tensor, cfg: CFGSettings, timesteps: torch.Tensor, solver: str,
-                  batch_cfg: bool = True, callback=None) -> torch.Tensor:
+                  batch_cfg: bool = True, callback=None, **options) -> torch.Tensor:
     """Training-free few-step sampling: a flow solver (``sampling.solvers``) over the teacher's guided velocity."""
     from .sampling.solvers import solve
 
@@ -86,7 +86,8 @@ def solver_sample(model, main: Context, text_ctx: Context | None, img_ctx: Conte
     ts = timesteps.float().cpu()
     act = [cfg_active(t, cfg.interval) for t in ts[:-1].tolist()]
     jumps = [k for k in range(1, len(act)) if act[k] != act[k - 1]]  # guidance switches: restart multistep
-    return solve(velocity, noise.to(model.device, torch.float32), ts, solver, callback=callback, restart_at=jumps)
+    return solve(velocity, noise.to(model.device, torch.float32), ts, solver, callback=callback, restart_at=jumps,
+                 **options)
 
 
 def _record(trace: dict, k: int, t, dt, x, rec: dict) -> None:
