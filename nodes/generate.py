@@ -3,6 +3,7 @@ from __future__ import annotations
 
 import logging
 import time
+import warnings
 
 from comfy_api.latest import io
 
@@ -44,13 +45,17 @@ def run_images(bagel, method: str, plan: A.SchedulePlan, items: list, seeds: lis
     kwargs = dict(kwargs, **distilled_flag(plan, bagel))
     progress = runtime.make_progress(len(items), plan.steps)
     pipe = bagel.prepare()
-    results, stats = [], []
+    results, stats, notes = [], [], set()
     try:
         fn = getattr(pipe, method)
         for i, item in enumerate(items):
             progress.start_item(i)
             t0 = time.perf_counter()
-            res = runtime.call_core(fn, *item, seed=seeds[i], callback=progress.callback, **plan.kwargs, **kwargs)
+            with warnings.catch_warnings(record=True) as caught:
+                warnings.simplefilter("always")
+                res = runtime.call_core(fn, *item, seed=seeds[i], callback=progress.callback, **plan.kwargs,
+                                        **kwargs)
+            notes.update(str(w.message) for w in caught)
             s = dict(getattr(res, "stats", None) or {})
             s.setdefault("seconds", time.perf_counter() - t0)
             s.update(pass_counts(plan, s, edit=method == "edit"))
@@ -61,7 +66,10 @@ def run_images(bagel, method: str, plan: A.SchedulePlan, items: list, seeds: lis
         bagel.release()
     merged = A.merge_stats(stats)
     if plan.wants_distilled and not bagel.distilled_expert:
-        merged["warning"] = "no distilled expert loaded: stock model on a few-step grid"
+        notes.add("no distilled expert loaded: stock model with CFG on a few-step grid")
+    if notes:
+        merged["warning"] = "; ".join(sorted(notes))
+        log.warning("hyperbagel: %s", merged["warning"])
     return results, merged
 
 

@@ -257,3 +257,17 @@ def test_distilled_flag_follows_the_schedule(env):
     assert core.pipe.calls[-1][1]["distilled"] is False
     ext.BagelFewStepSampler.execute(**sampler_kw(with_expert, schedule="custom", batch_size=1))
     assert "distilled" not in core.pipe.calls[-1][1]
+
+
+def test_core_warnings_reach_the_node_ui(env):
+    import warnings as w
+    _, ext, core = env
+    m = load(ext, distilled_expert="six.safetensors")
+    real = core.pipe.generate
+
+    def generate(*a, **kw):
+        w.warn("text scale 9 outside the trained range [1, 5]; clamped to 5")
+        return real(*a, **kw)
+    core.pipe.generate = generate
+    out = ext.BagelFewStepSampler.execute(**sampler_kw(m, schedule="hyper-6nfe", batch_size=2))
+    assert "clamped to 5" in out.ui["text"][0] and out.ui["bagel_stats"][0]["warning"].count("clamped") == 1

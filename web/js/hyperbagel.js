@@ -88,7 +88,7 @@ app.registerExtension({
         this.hyperbagelBadge = vqaBadge(stats);
       } else {
         this.hyperbagelBadge = imageBadge(stats);
-        if (stats?.warning) this.hyperbagelBadge += " · ⚠ no distilled expert";
+        if (stats?.warning) this.hyperbagelBadge += " · ⚠";
       }
       this.setDirtyCanvas?.(true, true);
     };
