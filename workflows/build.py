@@ -7,6 +7,7 @@ from __future__ import annotations
 
 import json
 import os
+import uuid
 
 HERE = os.path.dirname(os.path.abspath(__file__))
 
@@ -93,7 +94,7 @@ class Graph:
         self.links.append([lid, src, src_slot, dst, slot, type_])
 
     def dump(self, name):
-        wf = {"id": f"hyperbagel-{name}", "revision": 0, "last_node_id": len(self.nodes),
+        wf = {"id": str(uuid.uuid5(uuid.NAMESPACE_URL, f"hyperbagel/{name}")), "revision": 0, "last_node_id": len(self.nodes),
               "last_link_id": len(self.links), "nodes": self.nodes, "links": self.links, "groups": [],
               "config": {}, "extra": {"ds": {"scale": 0.8, "offset": [0, 0]}}, "version": 0.4}
         with open(os.path.join(HERE, name + ".json"), "w", encoding="utf-8") as f:
@@ -148,7 +149,7 @@ def chain_vqa_to_image():
     img = g.add("LoadImage", (40, 320), {"image": "example.png"}, size=(340, 320))
     q = g.add("HyperBagelSpeculativeVQA", (420, 80), dict(
         VQA, question="Write a one-sentence prompt for an image generator that recreates this picture as an oil "
-                      "painting. Reply with the prompt only.", max_new_tokens=96), size=(400, 420))
+                      "painting. Reply with the prompt only.", max_new_tokens=96), size=(400, 560))
     s = g.add("HyperBagelFewStepSampler", (860, 80), dict(SAMPLER, schedule="training-free", prompt=""),
               size=(360, 520), converted=("prompt",))
     sc = g.add("ImageScale", (1260, 80), {"upscale_method": "lanczos", "width": 1536, "height": 1536,

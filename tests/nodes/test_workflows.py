@@ -113,3 +113,9 @@ def test_every_node_has_a_help_page_and_the_web_extension_exists(specs):
     assert "registerExtension" in js and "bagel_stats" in js
     root = open(os.path.join(wc.REPO, "__init__.py"), encoding="utf-8").read()
     assert 'WEB_DIRECTORY = "./web"' in root
+
+
+@pytest.mark.parametrize("name", sorted(WORKFLOWS))
+def test_workflow_id_is_a_uuid(name):
+    import uuid
+    assert str(uuid.UUID(WORKFLOWS[name]["id"])) == WORKFLOWS[name]["id"]  # the frontend's schema requires it

@@ -1,8 +1,8 @@
 // hyperbagel frontend extension: shows the VQA answer + decoding stats on the node, and a speed badge
 // (schedule, NFE, network passes, seconds) on the sampler and editor. Reads the `text` and `bagel_stats`
 // entries the nodes return in their UI payload; nothing here is needed for the nodes to work.
-import { app } from "../../scripts/app.js";
-import { ComfyWidgets } from "../../scripts/widgets.js";
+import { app } from "../../../scripts/app.js";
+import { ComfyWidgets } from "../../../scripts/widgets.js";
 
 const VQA = "HyperBagelSpeculativeVQA";
 const IMAGE_NODES = new Set(["HyperBagelFewStepSampler", "HyperBagelCFGFreeEditor"]);
