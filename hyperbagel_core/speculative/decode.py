@@ -17,47 +17,63 @@ from .accept import greedy_accept, greedy_pick, probs, speculative_accept
 DEFAULT_DRAFT_TOKENS = 10     # the paper's chain length (Table 1: 10 draft steps)
 
 
+def expected_tokens(alpha: float, k: int) -> float:
+    """Mean tokens per round of a k-token chain with i.i.d. per-token acceptance alpha (bonus included)."""
+    return float(k + 1) if alpha >= 1.0 else (1 - alpha ** (k + 1)) / (1 - alpha)
+
+
 @dataclass
 class AdaptiveDraftLength:
-    """Draft length controller: +2 after a fully accepted round, otherwise accepted+1 (>= 1). After
-    ``patience`` consecutive rounds at k=1 with nothing accepted, drafting pauses for ``cooldown``
-    plain rounds (doubling up to ``max_cooldown`` while probes keep failing), so a useless drafter costs
-    about one draft step per ``cooldown`` tokens."""
+    """Cost-aware draft length. Every drafted position that was reached is a Bernoulli trial of the
+    per-token acceptance alpha (estimated by an exponential moving average). Each round picks the k in
+    [0, k_max] maximising expected tokens per unit cost,
+        E(k) / (1 + [k>0] round_cost + k (step_cost + verify_cost)),
+    costs in units of one target forward (the drafter's own ``step_cost``/``round_cost``; the extra
+    verified token costs ``verify_cost``, ~0.02 on a memory-bound GPU). k = 0 means plain decoding:
+    drafting pauses for ``cooldown`` rounds (doubling up to ``max_cooldown`` while the probes keep
+    failing), then one k=1 probe refreshes the estimate. Disabled: always k_max."""
     k_max: int
     enabled: bool = True
-    k: int = 0
-    patience: int = 2
-    cooldown: int = 0
+    step_cost: float = 0.15
+    round_cost: float = 0.05
+    verify_cost: float = 0.02
+    alpha: float = 0.7              # optimistic prior so that drafting starts
+    weight: float = 0.15            # EMA weight of one trial
     max_cooldown: int = 64
-    _misses: int = 0
     _pause: int = 0
-    _next_cooldown: int = 4
+    _cooldown: int = 4
+    _probing: bool = False
 
-    def __post_init__(self):
-        self.k = self.k_max if not self.enabled else min(self.k_max, max(1, self.k or 4))
+    def best_k(self) -> int:
+        def rate(k):
+            cost = 1 + (self.round_cost + k * (self.step_cost + self.verify_cost) if k else 0.0)
+            return expected_tokens(self.alpha, k) / cost
+        return max(range(self.k_max + 1), key=lambda k: (rate(k), -k))
 
     def next_k(self) -> int:
         if not self.enabled or self.k_max == 0:
             return self.k_max
         if self._pause > 0:
             self._pause -= 1
+            if self._pause == 0:
+                self._probing = True
+                return 1
             return 0
-        return self.k
+        k = self.best_k()
+        if k == 0:
+            self._pause = self._cooldown
+            self._cooldown = min(self.max_cooldown, 2 * self._cooldown)
+        return k
 
     def update(self, drafted: int, accepted: int) -> None:
         if not self.enabled or drafted == 0:
             return
-        if accepted == drafted:
-            self.k = min(self.k_max, self.k + 2)
-        else:
-            self.k = max(1, accepted + 1)
-        if accepted == 0 and drafted <= 1:
-            self._misses += 1
-            if self._misses >= self.patience:
-                self._pause, self._misses = self._next_cooldown, 0
-                self._next_cooldown = min(self.max_cooldown, 2 * self._next_cooldown)
-        elif accepted > 0:
-            self._misses, self._next_cooldown = 0, 4
+        trials = [1.0] * accepted + ([0.0] if accepted < drafted else [])
+        for x in trials:
+            self.alpha += self.weight * (x - self.alpha)
+        if self._probing and accepted:
+            self._cooldown = 4
+        self._probing = False
 
 
 @dataclass
@@ -116,7 +132,9 @@ def speculative_generate(model, ctx, drafter, *, bos_id: int, eos_id: int, max_n
     """
     dev = next(model.parameters()).device
     k_max = 0 if drafter is None else (DEFAULT_DRAFT_TOKENS if num_draft_tokens is None else num_draft_tokens)
-    ctrl = AdaptiveDraftLength(k_max, enabled=adaptive)
+    ctrl = AdaptiveDraftLength(k_max, enabled=adaptive, step_cost=getattr(drafter, "step_cost", 0.15),
+                               round_cost=getattr(drafter, "round_cost", 0.05),
+                               verify_cost=0.02 if dev.type == "cuda" else 0.25)
     hidden = bool(drafter is not None and drafter.needs_hidden)
     st = SpecStats(k_max=k_max)
     _sync(dev)

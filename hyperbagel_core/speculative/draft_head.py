@@ -167,9 +167,10 @@ class DraftHead(nn.Module):
         cfg = DraftHeadConfig.for_target(model.config.llm, kind, **overrides)
         lm = model.language_model
         ref = lm.lm_head.weight
-        with torch.random.fork_rng(devices=[]):
+        cuda = [ref.device] if ref.device.type == "cuda" else []
+        with torch.random.fork_rng(devices=cuda), torch.device(ref.device):   # init on the target's device
             torch.manual_seed(seed)
-            head = cls(cfg).to(device=ref.device, dtype=ref.dtype)
+            head = cls(cfg).to(dtype=ref.dtype)
         layers, L = lm.model.layers, cfg.num_hidden_layers
         for i, layer in enumerate(head.layers):
             copy_layer_weights(layer, layers[L - cfg.num_draft_layers + i])

@@ -12,11 +12,24 @@ q None means a deterministic proposal (one-hot q); it is only allowed to be None
 from __future__ import annotations
 
 import random
+import time
 
 import torch
 
 from .accept import greedy_pick, probs
 from .draft_head import DraftHead
+
+
+def draft_costs(head: DraftHead) -> tuple[float, float]:
+    """(one chain step, once-per-round work) in units of one target forward, from the weights each
+    reads at batch 1 (decoding is memory-bound): step = fc2 + draft layers + LM head; round = CA + fc1
+    + Dec; target = L decoder layers + LM head."""
+    n = lambda m: 0 if m is None else sum(p.numel() for p in m.parameters())
+    c = head.config
+    lm = c.vocab_size * c.hidden_size
+    per_layer = n(head.layers[0])
+    target = c.num_hidden_layers * per_layer + lm
+    return (n(head.fc2) + n(head.layers) + lm) / target, (n(head.ca) + n(head.fc1) + n(head.dec)) / target
 
 
 class DraftHeadDrafter:
@@ -27,6 +40,7 @@ class DraftHeadDrafter:
 
     def __init__(self, head: DraftHead, capacity: int = 256, flush_at: int = 64):
         self.head, self.capacity, self.flush_at = head, capacity, flush_at
+        self.step_cost, self.round_cost = draft_costs(head)
         self.reset(0)
 
     def reset(self, rope: int, prompt_ids: list[int] | None = None) -> None:
@@ -65,19 +79,19 @@ class DraftHeadDrafter:
     def propose(self, k: int, do_sample: bool = False, temperature: float = 1.0, generator=None):
         self._catch_up()
         head, c, g = self.head, self.cache, self.last_g
-        out, qs = [], []
+        toks, qs = [], []                      # tokens stay on the device: one sync per chain, not per step
         for j in range(k):
             if j:
-                z = head.draft_input(g, torch.tensor(out[-1:], device=g.device))
-                g = head.run_layers(z, c, c.real_len + j - 1, self.rope + j)
+                g = head.run_layers(head.draft_input(g, toks[-1]), c, c.real_len + j - 1, self.rope + j)
             logits = head.logits(g)[0]
             if do_sample:
                 q = probs(logits, temperature)
                 qs.append(q)
                 dist = q if generator is None or generator.device == q.device else q.to(generator.device)
-                out.append(int(torch.multinomial(dist, 1, generator=generator).item()))
+                toks.append(torch.multinomial(dist, 1, generator=generator).to(q.device))
             else:
-                out.append(int(greedy_pick(logits).item()))
+                toks.append(greedy_pick(logits).view(1))
+        out = torch.cat(toks).tolist() if toks else []
         return out, (torch.stack(qs) if do_sample and qs else None)
 
 
@@ -85,32 +99,49 @@ class OracleDrafter:
     """Bench/test drafter: proposes the target's own future greedy tokens (``reference``), each one
     replaced by a wrong token with probability 1 - accept_rate, so the per-token acceptance is exactly
     ``accept_rate``. ``shadow`` (e.g. a DraftHeadDrafter) is run on every call and its proposals
-    discarded, so its cost is counted."""
+    discarded, so its cost is counted. If the committed text leaves ``reference`` (low-precision
+    batched-vs-single-token numerics can flip a near-tie), ``resync(seq)`` is asked for the target's
+    greedy continuation of the committed text; its time is accumulated in ``excluded_s`` so a bench
+    can leave the measuring device's own cost out."""
 
     def __init__(self, reference: list[int], accept_rate: float, vocab_size: int, seed: int = 0,
-                 shadow=None):
-        self.reference, self.accept_rate, self.vocab = list(reference), accept_rate, vocab_size
-        self.seed, self.shadow = seed, shadow
+                 shadow=None, resync=None):
+        self.reference0, self.accept_rate, self.vocab = list(reference), accept_rate, vocab_size
+        self.seed, self.shadow, self.resync = seed, shadow, resync
         self.needs_hidden = bool(shadow is not None and shadow.needs_hidden)
+        self.step_cost = getattr(shadow, "step_cost", 0.0)
+        self.round_cost = getattr(shadow, "round_cost", 0.0)
         self.reset(0)
 
     def reset(self, rope: int, prompt_ids: list[int] | None = None) -> None:
         self.rng = random.Random(self.seed)
-        self.n = 0                               # generated tokens known (incl. the pending next one)
+        self.reference = list(self.reference0)
+        self.seq: list[int] = []                 # generated tokens known (incl. the pending next one)
+        self.resyncs, self.excluded_s = 0, 0.0
         if self.shadow is not None:
             self.shadow.reset(rope, prompt_ids)
 
     def observe(self, tokens, layer_hidden, next_token: int) -> None:
-        self.n += 1 if self.n == 0 else len(tokens)
+        self.seq += list(tokens[1:]) + [next_token]
         if self.shadow is not None:
             self.shadow.observe(tokens, layer_hidden, next_token)
+
+    def _check(self) -> None:
+        n = len(self.seq)
+        if self.resync is None or self.reference[:n] == self.seq:
+            return
+        t0 = time.perf_counter()
+        self.reference = self.seq + list(self.resync(list(self.seq)))
+        self.excluded_s += time.perf_counter() - t0
+        self.resyncs += 1
 
     def propose(self, k: int, do_sample: bool = False, temperature: float = 1.0, generator=None):
         if self.shadow is not None:
             self.shadow.propose(k, do_sample, temperature, generator)
+        self._check()
         out = []
         for j in range(k):
-            i = self.n + j
+            i = len(self.seq) + j
             true = self.reference[i] if i < len(self.reference) else self.rng.randrange(self.vocab)
             if self.rng.random() >= self.accept_rate:
                 true = (true + 1 + self.rng.randrange(self.vocab - 1)) % self.vocab

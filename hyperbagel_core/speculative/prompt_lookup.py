@@ -12,6 +12,7 @@ from __future__ import annotations
 
 class PromptLookupDrafter:
     needs_hidden = False
+    step_cost = round_cost = 0.0       # a dictionary lookup: only the extra verified tokens cost
 
     def __init__(self, prompt_ids: list[int] | None = None, max_ngram: int = 3, min_ngram: int = 1):
         if not 1 <= min_ngram <= max_ngram:
