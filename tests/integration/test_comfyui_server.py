@@ -40,6 +40,7 @@ def test_object_info_lists_our_nodes_as_the_contract_expects(object_info):
     for n in OUR_NODES:
         info = object_info[n]
         assert info["category"].startswith("BAGEL/") and info["display_name"]
+        assert info["python_module"] == "custom_nodes.hyperbagel"  # the frontend finds web/docs/<id>.md by it
     assert object_info["HyperBagelModelLoader"]["input"]["required"]["checkpoint"][1]["options"] == ["tiny", "tiny-slow"]
     # the stub-built specs (used by the offline contract test) agree with the live server
     import comfy_stub
