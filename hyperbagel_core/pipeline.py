@@ -25,7 +25,7 @@ from .distill.sampling import distilled_sample
 from .generation import CFGSettings, solver_sample, teacher_sample
 from .loading import check_folder, load_bagel_model, load_config, load_vae, resolve_dtype
 from .sampling.schedules import FIXED_GRIDS, get_schedule
-from .sampling.solvers import SOLVERS
+from .sampling.solvers import SOLVERS, evaluations_for
 from .tokenizer import BagelTokenizer
 
 log = logging.getLogger(__name__)
@@ -279,6 +279,7 @@ class BagelPipeline:
                               batch_cfg, callback)
         return self.decode_tokens(x, h, w, thinking=thinking,
                                   stats=dict(schedule=schedule, steps=grid.numel() - 1, solver=solver,
+                                             evaluations=evaluations_for(solver, grid.numel() - 1),
                                              distilled=bool(distilled),
                                              seconds=time.perf_counter() - (t_start or time.perf_counter())))
 
