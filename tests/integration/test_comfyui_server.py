@@ -233,3 +233,19 @@ def test_speculative_answers_equal_plain_greedy_through_comfyui(server, object_i
         stats[d] = hist["outputs"][vqa]["bagel_stats"][0]
     print("speculative stats through ComfyUI:", json.dumps(stats))
     assert len(set(answers.values())) == 1, answers
+
+
+def test_comfyui_can_unload_the_model_and_reload_it(server, object_info):
+    """POST /free unloads every model (ComfyUI's model manager owns ours); the next run loads it again."""
+    def vqa(tokens):
+        return _api("hyperbagel_speculative_vqa.json", object_info,
+                    HyperBagelSpeculativeVQA={"drafter": "none", "max_new_tokens": tokens})
+    msgs, hist = server.run(vqa(6))
+    assert hist["status"]["status_str"] == "success"
+    loads = server.read_log().count("Requested to load BagelModules")
+    r = server.requests.post(server.url + "/free", json={"unload_models": True, "free_memory": True}, timeout=10)
+    assert r.ok
+    time.sleep(2.5)  # the prompt worker applies /free between prompts (it polls its queue every second)
+    msgs, hist = server.run(vqa(7))
+    assert not _errors(msgs) and hist["status"]["status_str"] == "success"
+    assert server.read_log().count("Requested to load BagelModules") == loads + 1
