@@ -88,7 +88,7 @@ def pass_counts(plan: A.SchedulePlan, stats: dict, edit: bool) -> dict:
     steps = stats.get("steps", plan.steps)
     solver = stats.get("solver", plan.kwargs.get("solver", "euler"))
     nfe = 2 * steps - 1 if solver == "heun" and steps > 1 else steps
-    out = {"nfe": stats.get("nfe", nfe)}
+    out = {"nfe": stats.get("nfe", stats.get("evaluations", nfe))}
     if stats.get("distilled"):
         out["cfg"] = "folded (distilled)"
         out["passes"] = stats.get("passes", nfe)
