@@ -9,8 +9,7 @@ import json
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
 
-FLUX_AE_DEFAULTS = dict(resolution=256, in_channels=3, downsample=8, ch=128, out_ch=3, ch_mult=[1, 2, 4, 4],
-                        num_res_blocks=2, z_channels=16, scale_factor=0.3611, shift_factor=0.1159)
+from .model.vae import FLUX_AE_DEFAULTS
 
 
 @dataclass(frozen=True)
