@@ -39,9 +39,6 @@ def run_images(bagel, method: str, plan: A.SchedulePlan, items: list, seeds: lis
 
     Returns ``(results, stats)``; the model is released (per memory mode) even on error or interrupt.
     """
-    if plan.wants_distilled and not bagel.distilled_expert:
-        log.warning("hyperbagel: schedule %s without a distilled expert runs the stock model on that grid; "
-                    "load one in the loader for Hyper-Bagel quality", plan.kwargs.get("schedule"))
     kwargs = dict(kwargs, **distilled_flag(plan, bagel))
     progress = runtime.make_progress(len(items), plan.steps)
     pipe = bagel.prepare()
