@@ -162,6 +162,25 @@ class Bench:
         return runs[0][0], statistics.median(r[1] for r in runs)
 
 
+def verdicts(rows) -> list[str]:
+    """The issue's targets, evaluated on this run (meaningful only on the GPU at real shapes)."""
+    plain = next(r["tok_s"] for r in rows if r["mode"].startswith("plain (decoding"))
+    spec = [r for r in rows if "k" in r]
+    out = [f"plain greedy {plain:.1f} tok/s (target >= 100): {'PASS' if plain >= 100 else 'FAIL'}"]
+    at377 = [r for r in spec if abs(r["tau_target"] - 3.77) < 1e-6]
+    if at377:
+        best = max(at377, key=lambda r: r["speedup"])
+        out.append(f"tau 3.77 best speedup {best['speedup']}x (k={best['k']}, adaptive={best['adaptive']}, "
+                   f"measured tau {best['tau']}) (target >= 2.0): {'PASS' if best['speedup'] >= 2.0 else 'FAIL'}")
+    at1 = [r for r in spec if r["tau_target"] == 1.0 and r["adaptive"]]
+    if at1:
+        worst = min(at1, key=lambda r: r["speedup"])
+        cost = 1 / worst["speedup"] - 1
+        out.append(f"tau 1 adaptive worst cost +{100 * cost:.1f}% vs plain (k={worst['k']}) (target <= 15%): "
+                   f"{'PASS' if cost <= 0.15 else 'FAIL'}")
+    return out
+
+
 def main(argv=None) -> int:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--tiny", action="store_true", help="small shapes (8 layers, hidden 256, vocab 1024)")
@@ -196,9 +215,8 @@ def main(argv=None) -> int:
     except ImportError:
         base_tps = plain_tps
     shadow = DraftHeadDrafter(b.head, capacity=args.tokens + 64) if b.head is not None else None
-    configs = [(float(t), int(k), True) for t in args.taus.split(",") for k in args.k.split(",")
-               if float(t) <= int(k) + 1]
-    configs += [(1.0, int(k), False) for k in args.k.split(",")]
+    configs = [(float(t), int(k), ad) for t in args.taus.split(",") for k in args.k.split(",")
+               for ad in (False, True) if float(t) <= int(k) + 1]
     for tau, k, adaptive in configs:
         a = alpha_for(tau, k)
         oracle = OracleDrafter(ref.ids, a, b.V, seed=args.seed, shadow=shadow, resync=b.resync)
@@ -220,8 +238,13 @@ def main(argv=None) -> int:
     print("| " + " | ".join(cols) + " |\n|" + "---|" * len(cols))
     for r in rows:
         print("| " + " | ".join(str(r.get(c, "")) for c in cols) + " |")
+    checks = verdicts(rows)
+    if args.tiny or not args.device.startswith("cuda"):
+        checks = ["(smoke run: the checks below are only meaningful on a GPU at real shapes)"] + checks
+    for line in checks:
+        print(line)
     if args.json:
-        Path(args.json).write_text(json.dumps(dict(meta=meta, rows=rows), indent=1))
+        Path(args.json).write_text(json.dumps(dict(meta=meta, rows=rows, checks=checks), indent=1))
     return 0
 
 

@@ -101,7 +101,7 @@ def test_adaptive_pauses_a_useless_drafter(target):
                     num_draft_tokens=10)
     s = got.stats
     assert got.ids == free.ids
-    assert s["accepted"] == 0 and s["drafted"] < 25          # mostly plain rounds after a few probes
+    assert s["accepted"] == 0 and s["drafted"] <= 30 and s["draft_rounds"] <= 20   # mostly plain rounds
 
 
 def test_callback_every_round_and_interrupt(target):

@@ -40,6 +40,11 @@ class AdaptiveDraftLength:
     alpha: float = 0.7              # optimistic prior so that drafting starts
     weight: float = 0.15            # EMA weight of one trial
     max_cooldown: int = 64
+    warmup: int = 2                 # first drafting rounds use k = min(k_max, 4), to measure
+    measure: bool = True            # rescale the cost priors by the measured drafter/target speed
+    _t_target: float = 0.0
+    _scale: float = 0.0
+    _rounds: int = 0
     _pause: int = 0
     _cooldown: int = 4
     _probing: bool = False
@@ -59,15 +64,35 @@ class AdaptiveDraftLength:
                 self._probing = True
                 return 1
             return 0
+        if self._rounds < self.warmup:
+            return min(self.k_max, 4)
         k = self.best_k()
         if k == 0:
             self._pause = self._cooldown
             self._cooldown = min(self.max_cooldown, 2 * self._cooldown)
         return k
 
+    def __post_init__(self):
+        self._priors = (self.step_cost, self.round_cost)
+
+    def timing(self, drafted: int, t_propose: float, t_verify: float, w: float = 0.2) -> None:
+        """Wall-clock of one round (both phases end in a host sync, so they include device work). The
+        drafter's cost priors keep their shape (round + k steps) but are rescaled by how fast the
+        drafter actually runs relative to a verification forward on this machine."""
+        if not (self.enabled and self.measure):
+            return
+        self._t_target = t_verify if not self._t_target else self._t_target + w * (t_verify - self._t_target)
+        step0, round0 = self._priors
+        predicted = round0 + drafted * step0
+        if drafted and predicted > 0 and self._t_target > 0:
+            obs = t_propose / self._t_target / predicted
+            self._scale = obs if not self._scale else self._scale + w * (obs - self._scale)
+            self.step_cost, self.round_cost = self._scale * step0, self._scale * round0
+
     def update(self, drafted: int, accepted: int) -> None:
         if not self.enabled or drafted == 0:
             return
+        self._rounds += 1
         trials = [1.0] * accepted + ([0.0] if accepted < drafted else [])
         for x in trials:
             self.alpha += self.weight * (x - self.alpha)
@@ -134,7 +159,7 @@ def speculative_generate(model, ctx, drafter, *, bos_id: int, eos_id: int, max_n
     k_max = 0 if drafter is None else (DEFAULT_DRAFT_TOKENS if num_draft_tokens is None else num_draft_tokens)
     ctrl = AdaptiveDraftLength(k_max, enabled=adaptive, step_cost=getattr(drafter, "step_cost", 0.15),
                                round_cost=getattr(drafter, "round_cost", 0.05),
-                               verify_cost=0.02 if dev.type == "cuda" else 0.25)
+                               verify_cost=0.02 if dev.type == "cuda" else 0.1)
     hidden = bool(drafter is not None and drafter.needs_hidden)
     st = SpecStats(k_max=k_max)
     _sync(dev)
@@ -159,7 +184,9 @@ def speculative_generate(model, ctx, drafter, *, bos_id: int, eos_id: int, max_n
             if len(ids) >= max_new_tokens:
                 break
             k = min(ctrl.next_k(), max_new_tokens - len(ids) - 1)
+            t_a = time.perf_counter()
             draft, q = drafter.propose(k, do_sample, temperature, generator) if k > 0 else ([], None)
+            t_b = time.perf_counter()
             draft = draft[:k]
             q = None if q is None else q[: len(draft)]
             kv0, rope0 = ctx.kv_len, ctx.rope
@@ -171,6 +198,7 @@ def speculative_generate(model, ctx, drafter, *, bos_id: int, eos_id: int, max_n
                 m = greedy_accept(draft, tgt)
                 bonus = tgt[m]
             ctx.truncate(kv0 + 1 + m, rope0 + 1 + m)
+            ctrl.timing(len(draft), t_b - t_a, time.perf_counter() - t_b)
             st.rounds += 1
             if draft:
                 st.draft_rounds += 1
