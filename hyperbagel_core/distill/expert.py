@@ -134,7 +134,19 @@ class DistilledExpert:
 
     @contextlib.contextmanager
     def swapped_into(self, model: nn.Module):
-        """Within the block the model's gen-expert parameters are the distilled ones; restored on exit."""
+        """Within the block the model's gen-expert parameters are the distilled ones; restored on exit.
+
+        If the model was moved since loading (ComfyUI loads on the offload device, then moves the modules to
+        the GPU), the replacement tensors follow it once and stay there.
+        """
+        params = dict(model.named_parameters())
+        for k, v in list(self.tensors.items()):
+            p = params.get(k)
+            if p is not None and v.device != p.device and not isinstance(v, nn.Parameter):
+                self.tensors[k] = v.to(p.device)
+        ref = params.get("vae2llm.weight")
+        if ref is not None and next(self.guidance.parameters()).device != ref.device:
+            self.guidance.to(ref.device)
         with swap_parameters(model, self.tensors):
             yield model
 
