@@ -156,7 +156,11 @@ def speculative_generate(model, ctx, drafter, *, bos_id: int, eos_id: int, max_n
         SpecResult(ids=new token ids (no start token, no stop token), stats=SpecStats.as_dict()).
     """
     dev = next(model.parameters()).device
-    k_max = 0 if drafter is None else (DEFAULT_DRAFT_TOKENS if num_draft_tokens is None else num_draft_tokens)
+    k_max = 0 if drafter is None else (DEFAULT_DRAFT_TOKENS if num_draft_tokens is None else int(num_draft_tokens))
+    if k_max < 0:
+        raise ValueError(f"num_draft_tokens must be >= 0, got {num_draft_tokens}")
+    if do_sample and temperature <= 0:
+        raise ValueError("temperature must be > 0 when sampling; use do_sample=False for greedy decoding")
     ctrl = AdaptiveDraftLength(k_max, enabled=adaptive, step_cost=getattr(drafter, "step_cost", 0.15),
                                round_cost=getattr(drafter, "round_cost", 0.05),
                                verify_cost=0.02 if dev.type == "cuda" else 0.1)
