@@ -65,3 +65,22 @@ def test_cli_tiny_smoke(tmp_path, capsys):
     assert main(["--tiny", "--out", str(out), "--steps", "12", "--tiny-prompts", "3"]) == 0
     rec = json.loads(capsys.readouterr().out.strip().splitlines()[-1])
     assert rec["steps"] == 12 and out.exists() and out.with_suffix(".json").exists()
+
+
+def test_cli_on_a_tiny_checkpoint(tiny_ckpt, tmp_path, capsys):
+    from PIL import Image
+
+    from hyperbagel_core.pipeline import BagelPipeline
+    img = tmp_path / "red.png"
+    Image.new("RGB", (40, 30), (200, 20, 20)).save(img)
+    data = tmp_path / "prompts.jsonl"
+    data.write_text(json.dumps({"question": "what colour is it?", "image": str(img)}) + "\n"
+                    + json.dumps({"question": "name three animals"}) + "\n")
+    out = tmp_path / "bagel_head.safetensors"
+    assert main(["--model", str(tiny_ckpt), "--data", str(data), "--out", str(out), "--steps", "4",
+                 "--max-new-tokens", "6", "--dtype", "fp32"]) == 0
+    assert json.loads(capsys.readouterr().out.strip().splitlines()[-1])["steps"] == 4
+    pipe = BagelPipeline.from_pretrained(tiny_ckpt, device="cpu", dtype="fp32", draft_head=out)
+    ref = pipe.answer(None, "name three animals", max_new_tokens=8)
+    got = pipe.answer(None, "name three animals", max_new_tokens=8, drafter="draft_head", num_draft_tokens=3)
+    assert got.token_ids == ref.token_ids

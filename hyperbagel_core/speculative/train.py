@@ -185,7 +185,7 @@ def main(argv=None) -> int:
     ap.add_argument("--unroll", type=int, default=3)
     ap.add_argument("--max-new-tokens", type=int, default=None)
     ap.add_argument("--device", default="cpu")
-    ap.add_argument("--dtype", default="float32")
+    ap.add_argument("--dtype", default="bf16", help="target dtype (the head itself trains in fp32)")
     ap.add_argument("--seed", type=int, default=0)
     ap.add_argument("--tiny-prompts", type=int, default=8)
     args = ap.parse_args(argv)
