@@ -8,7 +8,7 @@ call and its proposals are discarded, so its cost is counted. The oracle's own b
 the reference after a bf16 near-tie flip) is timed and subtracted.
 
     python bench/spec_decode.py                                  # CUDA, bf16, static cache
-    python bench/spec_decode.py --cuda-graphs --json out.json    # + CUDA graphs for the target
+    python bench/spec_decode.py --cuda-graphs --json out.json    # + CUDA graphs (target and draft chain)
     python bench/spec_decode.py --tiny --device cpu --threads 1  # smoke run at small shapes on CPU
 
 --impl static: the speculative package's static-KV stand-in LLM (CUDA-graph capable);
@@ -187,7 +187,8 @@ def main(argv=None) -> int:
     ap.add_argument("--device", default="cuda")
     ap.add_argument("--dtype", default="bf16", choices=["bf16", "fp16", "fp32"])
     ap.add_argument("--impl", default="static", choices=["static", "core"])
-    ap.add_argument("--cuda-graphs", action="store_true", help="static impl: capture target forwards")
+    ap.add_argument("--cuda-graphs", action="store_true",
+                    help="capture the target's forwards (static impl) and the draft head's chain step")
     ap.add_argument("--tokens", type=int, default=256)
     ap.add_argument("--prompt-len", type=int, default=128)
     ap.add_argument("--k", default="4,10", help="draft lengths (comma list)")
@@ -214,7 +215,8 @@ def main(argv=None) -> int:
         rows.append(dict(mode="plain (decoding.generate_text)", tok_s=base_tps))
     except ImportError:
         base_tps = plain_tps
-    shadow = DraftHeadDrafter(b.head, capacity=args.tokens + 64) if b.head is not None else None
+    shadow = None if b.head is None else DraftHeadDrafter(b.head, capacity=args.tokens + 64,
+                                                          static=args.cuda_graphs)
     configs = [(float(t), int(k), ad) for t in args.taus.split(",") for k in args.k.split(",")
                for ad in (False, True) if float(t) <= int(k) + 1]
     for tau, k, adaptive in configs:

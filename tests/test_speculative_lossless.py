@@ -174,3 +174,19 @@ def test_static_shape_path_equals_dynamic(target):
     assert got.ids == ref.ids
     with pytest.raises(ValueError, match="full"):
         target.forward_text(ctx, torch.zeros(64, dtype=torch.long))
+
+
+def test_static_draft_chain_equals_dynamic(target):
+    """The fixed-shape draft step (what the CUDA graph captures) proposes what the eager chain proposes,
+    and the reused fixed cache stays correct across answers."""
+    head = DraftHead.from_target(target, zero_init=False, seed=8)
+    dyn, sta = DraftHeadDrafter(head), DraftHeadDrafter(head, capacity=64, static=True)
+    for prompt in ([1, 2, 3], [4, 4], [7]):
+        a, _ = decode(target, prompt, dyn, eos_id=-1, max_new_tokens=20, num_draft_tokens=6, adaptive=False)
+        b, _ = decode(target, prompt, sta, eos_id=-1, max_new_tokens=20, num_draft_tokens=6, adaptive=False)
+        assert a.ids == b.ids and a.stats["accepted"] == b.stats["accepted"] and a.stats["rounds"] == b.stats["rounds"]
+    feats = torch.randn(5, target.config.llm.num_hidden_layers, target.config.llm.hidden_size, dtype=torch.float64)
+    for d in (dyn, sta):
+        d.reset(3)
+        d.observe([BOS, 5, 6, 7, 8], feats, 9)
+    assert dyn.propose(8)[0] == sta.propose(8)[0]

@@ -121,9 +121,9 @@ def _layer(c: DraftHeadConfig) -> DecoderLayer:
 class DraftCache:
     """The draft's own KV: Dec (real target positions only) and the N draft layers (rolled back)."""
 
-    def __init__(self, head: "DraftHead", capacity: int = 256):
+    def __init__(self, head: "DraftHead", capacity: int = 256, growable: bool = True):
         c, p = head.config, head.fc2.weight
-        mk = lambda n: KVBuffer(n, capacity, c.num_key_value_heads, c.head_dim, p.dtype, p.device)
+        mk = lambda n: KVBuffer(n, capacity, c.num_key_value_heads, c.head_dim, p.dtype, p.device, growable)
         self.dec = mk(1) if c.use_dec else None
         self.layers = mk(c.num_draft_layers)
         self.dec_len = 0          # Dec entries (= target positions seen)
@@ -198,8 +198,8 @@ class DraftHead(nn.Module):
             raise RuntimeError("draft head is not bound to a target: call head.bind(model) first")
         return getattr(self, name)
 
-    def new_cache(self, capacity: int = 256) -> DraftCache:
-        return DraftCache(self, capacity)
+    def new_cache(self, capacity: int = 256, growable: bool = True) -> DraftCache:
+        return DraftCache(self, capacity, growable)
 
     # -- computation -------------------------------------------------------------------------------------------
     def aggregate(self, feats: torch.Tensor) -> torch.Tensor:

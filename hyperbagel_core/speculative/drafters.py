@@ -18,6 +18,7 @@ import torch
 
 from .accept import greedy_pick, probs
 from .draft_head import DraftHead
+from .layers import cached_layer, capture_cuda_graph, rope_cos_sin
 
 
 def draft_costs(head: DraftHead) -> tuple[float, float]:
@@ -38,13 +39,19 @@ class DraftHeadDrafter:
 
     needs_hidden = True
 
-    def __init__(self, head: DraftHead, capacity: int = 256, flush_at: int = 64):
-        self.head, self.capacity, self.flush_at = head, capacity, flush_at
+    def __init__(self, head: DraftHead, capacity: int = 256, flush_at: int = 64, static: bool = False):
+        """``static``: a fixed-capacity cache reused across answers and a fixed-shape greedy chain step,
+        captured as a CUDA graph on CUDA (on CPU the same step runs eagerly); ``capacity`` must then
+        cover the longest answer."""
+        self.head, self.capacity, self.flush_at, self.static = head, capacity, flush_at, static
         self.step_cost, self.round_cost = draft_costs(head)
+        self.cache, self._graph = None, None
         self.reset(0)
 
     def reset(self, rope: int, prompt_ids: list[int] | None = None) -> None:
-        self.cache = self.head.new_cache(self.capacity)
+        if self.cache is None or not self.static:
+            self.cache = self.head.new_cache(self.capacity, growable=not self.static)
+        self.cache.dec_len = self.cache.real_len = 0   # stale slots beyond are masked out
         self.rope = rope                     # RoPE of the first pending (or next) target position
         self.feats: list[torch.Tensor] = []
         self.after: list[int] = []           # token following each pending position
@@ -81,6 +88,10 @@ class DraftHeadDrafter:
         head, c, g = self.head, self.cache, self.last_g
         toks, qs = [], []                      # tokens stay on the device: one sync per chain, not per step
         for j in range(k):
+            if j and self.static and not do_sample:
+                g, t = self._static_step(g, toks[-1], c.real_len + j - 1, self.rope + j)
+                toks.append(t)
+                continue
             if j:
                 g = head.run_layers(head.draft_input(g, toks[-1]), c, c.real_len + j - 1, self.rope + j)
             logits = head.logits(g)[0]
@@ -93,6 +104,34 @@ class DraftHeadDrafter:
                 toks.append(greedy_pick(logits).view(1))
         out = torch.cat(toks).tolist() if toks else []
         return out, (torch.stack(qs) if do_sample and qs else None)
+
+
+    def _step_fn(self, g, tok, slot, pos):
+        """Fixed-shape greedy chain step: g [1, D], tok/slot/pos [1] device tensors -> (g', next token [1])."""
+        head, c = self.head, self.cache
+        z = head.draft_input(g, tok)
+        cos, sin = rope_cos_sin(pos, head.inv_freq, z.dtype)
+        for i, layer in enumerate(head.layers):
+            z = cached_layer(layer, z, cos, sin, c.layers, i, slot, c.layers.capacity)
+        return z, greedy_pick(head.logits(z)[0]).view(1)
+
+    def _static_step(self, g, tok, slot: int, pos: int):
+        if slot + 1 > self.cache.layers.capacity:
+            raise ValueError(f"draft cache of {self.cache.layers.capacity} slots is full; create the "
+                             "DraftHeadDrafter with a larger capacity")
+        dev = g.device
+        if dev.type != "cuda":
+            return self._step_fn(g, tok, torch.tensor([slot]), torch.tensor([pos]))
+        if self._graph is None:                 # static inputs, written in place: no host syncs per step
+            self._graph_in = (g.clone(), tok.clone(), torch.tensor([slot], device=dev),
+                              torch.tensor([pos], device=dev))
+            self._graph = capture_cuda_graph(self._step_fn, self._graph_in, copy_inputs=False)
+        g_s, tok_s, slot_s, pos_s = self._graph_in
+        g_s.copy_(g)
+        tok_s.copy_(tok)
+        slot_s.fill_(slot)
+        pos_s.fill_(pos)
+        return tuple(t.clone() for t in self._graph())
 
 
 class OracleDrafter:

@@ -14,7 +14,7 @@ from types import SimpleNamespace
 import torch
 from torch import nn
 
-from .layers import DecoderLayer, KVBuffer, RMSNorm, cached_layer, inv_freq, rope_cos_sin
+from .layers import DecoderLayer, KVBuffer, RMSNorm, cached_layer, capture_cuda_graph, inv_freq, rope_cos_sin
 
 
 @dataclass(frozen=True)
@@ -134,7 +134,7 @@ class StaticLLM(nn.Module):
             return self.step(ctx.buf, ids, pos, slots, end, want_layers)
         key = (ids.shape[0], want_layers, id(ctx.buf.k))
         if key not in self._graphs:
-            self._graphs[key] = _capture(lambda a, b, c: self.step(ctx.buf, a, b, c, ctx.buf.capacity,
+            self._graphs[key] = capture_cuda_graph(lambda a, b, c: self.step(ctx.buf, a, b, c, ctx.buf.capacity,
                                                                    want_layers), (ids, pos, slots))
         return self._graphs[key](ids, pos, slots)
 
@@ -151,24 +151,3 @@ class StaticLLM(nn.Module):
 
     def prefill_text(self, ctx: StaticContext, ids: torch.Tensor) -> None:
         self.forward_text(ctx, ids)
-
-
-def _capture(fn, example):
-    """CUDA-graph ``fn`` over static copies of the example inputs; returns a replay callable."""
-    static_in = [t.clone() for t in example]
-    s = torch.cuda.Stream()
-    s.wait_stream(torch.cuda.current_stream())
-    with torch.cuda.stream(s):
-        for _ in range(2):                           # warm-up (allocator, cuBLAS handles)
-            fn(*static_in)
-    torch.cuda.current_stream().wait_stream(s)
-    graph = torch.cuda.CUDAGraph()
-    with torch.cuda.graph(graph):
-        static_out = fn(*static_in)
-
-    def replay(*args):
-        for dst, src in zip(static_in, args):
-            dst.copy_(src)
-        graph.replay()
-        return static_out
-    return replay
