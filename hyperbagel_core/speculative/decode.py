@@ -112,6 +112,14 @@ class SpecStats:
     k_max: int = 0
     k_hist: dict = field(default_factory=dict)
 
+    def record(self, drafted: int, accepted: int) -> None:
+        self.rounds += 1
+        if drafted:
+            self.draft_rounds += 1
+            self.drafted += drafted
+            self.accepted += accepted
+            self.k_hist[drafted] = self.k_hist.get(drafted, 0) + 1
+
     def as_dict(self) -> dict:
         tau = (self.accepted + self.draft_rounds) / self.draft_rounds if self.draft_rounds else 1.0
         return {"k": self.k_max, "rounds": self.rounds, "draft_rounds": self.draft_rounds, "drafted": self.drafted,
@@ -195,40 +203,35 @@ def speculative_generate(model, ctx, drafter, *, bos_id: int, eos_id: int, max_n
             q = None if q is None else q[: len(draft)]
             kv0, rope0 = ctx.kv_len, ctx.rope
             out = model.forward_text(ctx, torch.tensor([nxt] + draft, device=dev), return_all_hidden=hidden)
-            if do_sample:
-                m, bonus = speculative_accept(probs(out.logits, temperature), q, draft, generator)
-            else:
-                tgt = greedy_pick(out.logits).tolist()
-                m = greedy_accept(draft, tgt)
-                bonus = tgt[m]
-            ctx.truncate(kv0 + 1 + m, rope0 + 1 + m)
+            m, bonus = _accept(out.logits, draft, q, do_sample, temperature, generator)
+            ctx.truncate(kv0 + 1 + m, rope0 + 1 + m)          # roll back the rejected drafts' K/V
             ctrl.timing(len(draft), t_b - t_a, time.perf_counter() - t_b)
-            st.rounds += 1
-            if draft:
-                st.draft_rounds += 1
-                st.drafted += len(draft)
-                st.accepted += m
-                st.k_hist[len(draft)] = st.k_hist.get(len(draft), 0) + 1
             ctrl.update(len(draft), m)
+            st.record(len(draft), m)
             new = draft[:m] + [bonus]
             stop = _emit(ids, new, eos_id, max_new_tokens)
-            if stop is not None:
-                # keep exactly the tokens plain decoding would have fed: bos + emitted[:-1] (+ last if eos)
-                fed = stop
-                ctx.truncate(kv0 + fed, rope0 + fed)
-                nxt = eos_id
-                if callback is not None:
-                    callback(st.rounds, max_new_tokens)
-                break
-            if drafter is not None:
+            if stop is not None:      # keep exactly the tokens plain decoding would have fed
+                ctx.truncate(kv0 + stop, rope0 + stop)
+            elif drafter is not None:
                 drafter.observe([nxt] + draft[:m], _layers(out, 1 + m), bonus)
-            nxt = bonus
             if callback is not None:
                 callback(st.rounds, max_new_tokens)
+            if stop is not None:
+                break
+            nxt = bonus
     _sync(dev)
     st.seconds = time.perf_counter() - t0
     st.tokens = len(ids)
     return SpecResult(ids, st.as_dict())
+
+
+def _accept(logits, draft: list[int], q, do_sample: bool, temperature: float, generator) -> tuple[int, int]:
+    """(accepted count m, next token) from the verification logits [k+1, V]."""
+    if do_sample:
+        return speculative_accept(probs(logits, temperature), q, draft, generator)
+    tgt = greedy_pick(logits).tolist()
+    m = greedy_accept(draft, tgt)
+    return m, tgt[m]
 
 
 def _emit(ids: list[int], new: list[int], eos_id: int, max_new: int) -> int | None:
