@@ -8,7 +8,7 @@ from __future__ import annotations
 import logging
 import os
 import time
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from typing import Any, Callable
 
 from .adapters import NodeInputError, StepProgress
@@ -38,7 +38,6 @@ class BagelModel:
     memory_mode: str = "auto"
     draft_head: str | None = None
     distilled_expert: str | None = None
-    info: dict = field(default_factory=dict)
 
     def prepare(self) -> Any:
         """Ask ComfyUI to (re)load the weights on the compute device; returns the pipeline."""
@@ -134,11 +133,11 @@ def load_bagel(checkpoint_dir: str, dtype_choice: str, attn_backend: str, memory
         _attach(pipe, "load_distilled_expert", distilled_expert, "the distilled few-step expert")
     patcher = comfy.model_patcher.ModelPatcher(pipe.modules, load_device=load_device, offload_device=offload_device)
     dtype_name = {"torch.bfloat16": "bf16", "torch.float16": "fp16", "torch.float32": "fp32"}.get(str(dtype), str(dtype))
-    log.info("hyperbagel: loaded %s (%s, %s) in %.1f s", checkpoint_dir, dtype_name, attn_backend,
-             time.perf_counter() - t0)
-    return BagelModel(pipe=pipe, patcher=patcher, checkpoint=checkpoint_dir, dtype_name=dtype_name,
-                      attn_backend=attn_backend, memory_mode=memory_mode, draft_head=draft_head,
-                      distilled_expert=distilled_expert)
+    model = BagelModel(pipe=pipe, patcher=patcher, checkpoint=checkpoint_dir, dtype_name=dtype_name,
+                       attn_backend=attn_backend, memory_mode=memory_mode, draft_head=draft_head,
+                       distilled_expert=distilled_expert)
+    log.info("hyperbagel: loaded %s in %.1f s", model.describe(), time.perf_counter() - t0)
+    return model
 
 
 def _attach(pipe: Any, method: str, path: str, what: str) -> None:
