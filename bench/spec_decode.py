@@ -112,6 +112,8 @@ class Bench:
         self.prompt = torch.randint(4, self.V, (args.prompt_len,), generator=g)
         cap = args.prompt_len + args.tokens + 64
         if args.impl == "static":
+            if args.compile:                     # fuse the elementwise ops; static shapes per query length
+                self.model.step = torch.compile(self.model.step, dynamic=False)
             if args.cuda_graphs:
                 self.model.enable_cuda_graphs()
             self.ctx = self.model.new_context(cap, static=args.cuda_graphs)
@@ -189,6 +191,8 @@ def main(argv=None) -> int:
     ap.add_argument("--impl", default="static", choices=["static", "core"])
     ap.add_argument("--cuda-graphs", action="store_true",
                     help="capture the target's forwards (static impl) and the draft head's chain step")
+    ap.add_argument("--compile", action="store_true", help="static impl: torch.compile the target step "
+                    "(inductor, no cudagraphs of its own; combinable with --cuda-graphs)")
     ap.add_argument("--tokens", type=int, default=256)
     ap.add_argument("--prompt-len", type=int, default=128)
     ap.add_argument("--k", default="4,10", help="draft lengths (comma list)")
