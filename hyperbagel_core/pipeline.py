@@ -89,9 +89,12 @@ class BagelPipeline:
     def load_distilled_expert(self, path) -> None:
         """Attach a distilled-expert file (docs/distilled_expert.md); generate/edit then use it by default."""
         from .distill import load_distilled_expert
+        self.unload_distilled_expert()
         self.distilled_expert = load_distilled_expert(path, self.model)
+        self.modules.distilled_expert = self.distilled_expert.as_module()  # moved/counted with the weights
 
     def unload_distilled_expert(self) -> None:
+        self.modules._modules.pop("distilled_expert", None)
         self.distilled_expert = None
 
     # -- speculative decoding draft head (Hyper-Bagel) ---------------------------------------------------------
@@ -320,7 +323,8 @@ class BagelPipeline:
         self._check_size(height, width)
         use_distilled = self._use_distilled(distilled)
         ctxs = self.build_contexts([prompt], think=think, cfg_branches=not use_distilled)
-        thinking = self._think(ctxs, max_think_tokens, do_sample, text_temperature, seed, None) if think else None
+        thinking = (self._think(ctxs, max_think_tokens, do_sample, text_temperature, seed, callback)
+                    if think else None)
         gen = torch.Generator("cpu").manual_seed(int(seed))
         cfg = CFGSettings(cfg_text_scale, cfg_img_scale, tuple(cfg_interval), cfg_renorm_type, cfg_renorm_min)
         return self._sample_image(ctxs, height, width, generator=gen, init_noise=init_noise, cfg=cfg,
@@ -347,7 +351,8 @@ class BagelPipeline:
         gen = torch.Generator("cpu").manual_seed(int(seed))
         ctxs = self.build_contexts([image, prompt], think=think, vae_noise=vae_noise, generator=gen,
                                    cfg_branches=not use_distilled)
-        thinking = self._think(ctxs, max_think_tokens, do_sample, text_temperature, seed, None) if think else None
+        thinking = (self._think(ctxs, max_think_tokens, do_sample, text_temperature, seed, callback)
+                    if think else None)
         cfg = CFGSettings(cfg_text_scale, cfg_img_scale, tuple(cfg_interval), cfg_renorm_type, cfg_renorm_min)
         H, W = ctxs.image_shapes
         return self._sample_image(ctxs, H, W, generator=gen, init_noise=init_noise, cfg=cfg,
@@ -377,7 +382,7 @@ class BagelPipeline:
             return [self.tokenizer.answer_text([self.tokenizer.bos_id] + ids)]
         out = []
         if think:
-            out.append(self._think(ctxs, max_think_token_n - 1, do_sample, text_temperature, seed, None))
+            out.append(self._think(ctxs, max_think_token_n - 1, do_sample, text_temperature, seed, callback))
         H, W = ctxs.image_shapes or tuple(image_shapes)
         cfg = CFGSettings(cfg_text_scale, cfg_img_scale, tuple(cfg_interval), cfg_renorm_type, cfg_renorm_min)
         out.append(self._sample_image(ctxs, H, W, generator=gen, init_noise=init_noise, cfg=cfg,

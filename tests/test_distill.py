@@ -85,9 +85,14 @@ def test_file_round_trip_identical_outputs(pipe, tmp_path):
     base = pipe.generate("a red circle", schedule="hyper-6nfe", cfg_text_scale=1.0, seed=1, distilled=False, **SIZE)
     assert not torch.allclose(base.latent, outs[0])
     pipe.load_distilled_expert(path)
+    # the expert's tensors ride in pipe.modules, so ComfyUI's ModelPatcher moves and counts them
+    held = {b.data_ptr() for b in pipe.modules.distilled_expert.buffers()}
+    assert {t.data_ptr() for t in pipe.distilled_expert.tensors.values()} == held
+    pipe.modules.to("cpu")
     assert torch.equal(pipe.generate("a red circle", schedule="hyper-6nfe", cfg_text_scale=3.0, seed=1,
                                      **SIZE).latent, outs[0])
     pipe.unload_distilled_expert()
+    assert "distilled_expert" not in dict(pipe.modules.named_children())
 
 
 def test_edit_prefills_with_original_and_denoises_with_distilled(pipe):

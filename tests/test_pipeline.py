@@ -111,6 +111,8 @@ def test_interrupt_leaves_the_model_usable(tiny_pipe):
         tiny_pipe.generate("a house", seed=1, callback=cb, **KW)
     with pytest.raises(Stop):
         tiny_pipe.answer(None, "hello", max_new_tokens=10, callback=cb)
+    with pytest.raises(Stop):  # thinking before the image is interruptible too
+        tiny_pipe.generate("a house", think=True, max_think_tokens=50, callback=cb, **KW)
     again = tiny_pipe.generate("a house", seed=1, **KW)
     assert torch.equal(ref.latent, again.latent)
 

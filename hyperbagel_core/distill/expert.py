@@ -109,6 +109,18 @@ class DistilledExpert:
     config: DistillConfig
     guidance: GuidanceEmbedding
     tensors: dict = field(default_factory=dict)     # official key -> replacement tensor (or nn.Parameter)
+    _module: nn.Module | None = field(default=None, repr=False)
+
+    def as_module(self) -> nn.Module:
+        """An nn.Module owning the replacement tensors (buffers) and the embedders, to attach beside the model
+        so that a model manager which moves and counts ``pipe.modules`` (ComfyUI) moves and counts them too."""
+        if self._module is None:
+            m = nn.Module()
+            m.guidance = self.guidance
+            for k, v in self.tensors.items():
+                m.register_buffer(k.replace(".", "__"), v.detach(), persistent=False)
+            self._module = m
+        return self._module
 
     # -- construction ---------------------------------------------------------------------------------------
     @classmethod
@@ -139,6 +151,8 @@ class DistilledExpert:
         If the model was moved since loading (ComfyUI loads on the offload device, then moves the modules to
         the GPU), the replacement tensors follow it once and stay there.
         """
+        if self._module is not None:  # the holder may have been moved since: read the tensors from it
+            self.tensors = {k: getattr(self._module, k.replace(".", "__")) for k in self.tensors}
         params = dict(model.named_parameters())
         for k, v in list(self.tensors.items()):
             p = params.get(k)
@@ -152,7 +166,11 @@ class DistilledExpert:
 
     def to(self, device=None, dtype=None) -> "DistilledExpert":
         self.guidance.to(device=device, dtype=dtype)
-        self.tensors = {k: v.to(device=device, dtype=dtype) for k, v in self.tensors.items()}
+        if self._module is not None:
+            self._module.to(device=device, dtype=dtype)
+            self.tensors = {k: getattr(self._module, k.replace(".", "__")) for k in self.tensors}
+        else:
+            self.tensors = {k: v.to(device=device, dtype=dtype) for k, v in self.tensors.items()}
         return self
 
     def parameters(self):
