@@ -5,7 +5,7 @@ import json
 import pytest
 import torch
 
-from hyperbagel_core.speculative import DraftHead, DraftHeadDrafter, load_draft_head
+from hyperbagel_core.speculative import DraftHead, DraftHeadDrafter
 from hyperbagel_core.speculative.train import TrainConfig, main, regenerate, train_draft_head, unrolled_logits
 from hyperbagel_core.speculative import speculative_generate
 from tests.speculative_helpers import BOS, one_thread, tiny_target

@@ -82,7 +82,7 @@ def unrolled_logits(head: DraftHead, feats, tokens, rope0: int, unroll: int) -> 
     t = torch.arange(n, device=dev)
     ks = [[] for _ in head.layers]
     vs = [[] for _ in head.layers]
-    feat, outs = Fin, []
+    feat, outs, g = Fin, [], Fin
     for j in range(unroll):
         if j:
             feat = torch.cat([feat.new_zeros(1, D), g[:-1]])            # own output of the previous entry
