@@ -108,13 +108,15 @@ def test_callback_every_round_and_interrupt(target):
     calls = []
     got, _ = decode(target, [4, 2], PromptLookupDrafter(), eos_id=-1, max_new_tokens=10,
                     callback=lambda r, t: calls.append((r, t)))
-    assert [c[0] for c in calls] == list(range(1, got.stats["rounds"] + 1)) and calls[0][1] == 10
+    steps = [c[0] for c in calls]  # one call per round, reporting the tokens emitted so far
+    assert len(calls) == got.stats["rounds"] and calls[0][1] == 10
+    assert steps == sorted(set(steps)) and steps[-1] == len(got.ids) and steps[0] >= 1
 
     class Stop(Exception):
         pass
 
     def cb(r, t):
-        if r == 3:
+        if r >= 3:
             raise Stop
     with pytest.raises(Stop):
         decode(target, [4, 2], PromptLookupDrafter(), eos_id=-1, max_new_tokens=10, callback=cb)

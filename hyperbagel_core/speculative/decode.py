@@ -159,7 +159,7 @@ def speculative_generate(model, ctx, drafter, *, bos_id: int, eos_id: int, max_n
         ctx: context to append to (fork it first if the caller needs it unchanged).
         drafter: a drafter (``drafters.py``/``prompt_lookup.py``) or None for plain decoding.
         num_draft_tokens: k, the longest chain (default 10); adaptive=True lets it shrink/grow/pause.
-        callback: ``callback(round, max_new_tokens)`` after every round; it may raise to interrupt.
+        callback: ``callback(tokens so far, max_new_tokens)`` after every round; it may raise to interrupt.
     Returns:
         SpecResult(ids=new token ids (no start token, no stop token), stats=SpecStats.as_dict()).
     """
@@ -215,7 +215,7 @@ def speculative_generate(model, ctx, drafter, *, bos_id: int, eos_id: int, max_n
             elif drafter is not None:
                 drafter.observe([nxt] + draft[:m], _layers(out, 1 + m), bonus)
             if callback is not None:
-                callback(st.rounds, max_new_tokens)
+                callback(len(ids) + (stop is None), max_new_tokens)  # tokens decided so far
             if stop is not None:
                 break
             nxt = bonus

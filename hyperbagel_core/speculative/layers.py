@@ -10,19 +10,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-
-class RMSNorm(nn.Module):
-    """HF Qwen2 RMSNorm: normalise in fp32, cast back to the input dtype, then multiply by the weight."""
-
-    def __init__(self, dim: int, eps: float = 1e-6):
-        super().__init__()
-        self.weight = nn.Parameter(torch.ones(dim))
-        self.eps = eps
-
-    def forward(self, x: torch.Tensor) -> torch.Tensor:
-        x32 = x.float()
-        y = x32 * torch.rsqrt(x32.pow(2).mean(-1, keepdim=True) + self.eps)
-        return self.weight * y.to(x.dtype)
+from ..model.llm import RMSNorm  # noqa: F401  (re-exported for the draft head)
 
 
 def inv_freq(head_dim: int, theta: float, device=None) -> torch.Tensor:
