@@ -280,11 +280,13 @@ class BagelPipeline:
         else:
             x = solver_sample(self.model, ctxs.gen, ctxs.cfg_text, ctxs.cfg_img, h, w, noise, cfg, grid, solver,
                               batch_cfg, callback)
-        return self.decode_tokens(x, h, w, thinking=thinking,
-                                  stats=dict(schedule=schedule, steps=grid.numel() - 1, solver=solver,
-                                             evaluations=evaluations_for(solver, grid.numel() - 1),
-                                             distilled=bool(distilled),
-                                             seconds=time.perf_counter() - (t_start or time.perf_counter())))
+        t_start = time.perf_counter() if t_start is None else t_start
+        res = self.decode_tokens(x, h, w, thinking=thinking,
+                                 stats=dict(schedule=schedule, steps=grid.numel() - 1, solver=solver,
+                                            evaluations=evaluations_for(solver, grid.numel() - 1),
+                                            distilled=bool(distilled)))
+        res.stats["seconds"] = time.perf_counter() - t_start  # end to end, VAE decode included
+        return res
 
     @torch.no_grad()
     def decode_tokens(self, tokens: torch.Tensor, h: int, w: int, thinking=None, stats=None) -> ImageResult:
