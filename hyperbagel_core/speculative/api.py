@@ -39,12 +39,11 @@ def make_drafter(name: str, head=None, prompt_ids: list[int] | None = None):
 def decode_with_drafter(model, ctx, name: str, head=None, *, bos_id: int, eos_id: int, max_new_tokens: int,
                         do_sample: bool = False, temperature: float = 1.0, generator=None, callback=None,
                         num_draft_tokens: int | None = None) -> tuple[list[int], dict]:
-    """Speculative decoding on ``ctx`` (extended in place; pass a fork). Returns (ids, stats)."""
+    """Speculative decoding on ``ctx`` (extended in place; pass a fork) with ``model`` a BagelModel or its
+    ``StaticTextDecoder``. Returns (ids, stats)."""
     prompt = context_text_ids(ctx)
-    if head is not None:
-        ref = model.language_model.lm_head.weight
-        if next(head.parameters()).device != ref.device:
-            head.to(ref.device)
+    if head is not None and next(head.parameters()).device != model.device:
+        head.to(model.device)
     drafter = make_drafter(name, head, prompt)
     res = speculative_generate(model, ctx, drafter, bos_id=bos_id, eos_id=eos_id, max_new_tokens=max_new_tokens,
                                do_sample=do_sample, temperature=temperature, generator=generator,
