@@ -18,7 +18,8 @@ import torch
 
 from .accept import greedy_pick, probs
 from .draft_head import DraftHead
-from .layers import cached_layer, capture_cuda_graph, rope_cos_sin
+from ..model.static_decode import capture_cuda_graph
+from .layers import cached_layer, rope_cos_sin
 
 
 def draft_costs(head: DraftHead) -> tuple[float, float]:
