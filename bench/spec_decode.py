@@ -39,6 +39,7 @@ from hyperbagel_core.speculative import (DraftHead, DraftHeadDrafter, OracleDraf
 from hyperbagel_core.testing import tiny_config  # noqa: E402
 
 BOS = 1
+RESYNC = 32
 BAGEL_7B = BagelConfig(llm=LLMConfig(hidden_size=3584, intermediate_size=18944, num_hidden_layers=28,
                                      num_attention_heads=28, num_key_value_heads=4, vocab_size=152064),
                        vit=ViTConfig(hidden_size=1152, intermediate_size=4304, num_hidden_layers=26,
@@ -112,12 +113,13 @@ class Bench:
         return self.ctx
 
     def resync(self, seq):
-        """Greedy continuation of prompt + <bos> + seq by plain decoding on a private context."""
+        """The next ``RESYNC`` greedy tokens after prompt + <bos> + seq, on a private context (the oracle
+        asks again when the text runs past them, so a near-tie flip costs a chunk, not the whole answer)."""
         dec = StaticTextDecoder(self.model) if self.graphs else self.model
         ctx = self.base.fork()
         out = dec.forward_text(ctx, torch.tensor([BOS] + seq))
         ids = [int(out.logits[-1].argmax())]
-        ids += generate_text(dec, ctx, bos_id=ids[-1], eos_id=-1, max_new_tokens=self.args.tokens - len(seq))
+        ids += generate_text(dec, ctx, bos_id=ids[-1], eos_id=-1, max_new_tokens=RESYNC - 1)
         sync(self.args.device)
         return ids
 
