@@ -6,6 +6,7 @@ import torch
 from PIL import Image
 
 from hyperbagel_core import pipeline as pipeline_mod
+from hyperbagel_core.model import static_decode
 from hyperbagel_core.decoding import generate_text
 from hyperbagel_core.model.static_decode import StaticTextDecoder, use_static_decoding, weights_resident
 from hyperbagel_core.pipeline import BagelPipeline
@@ -116,6 +117,34 @@ def test_storage_change_drops_graph_state():
     assert static._storage is None and not static._graphs
 
 
+def test_graph_bookkeeping_with_a_stand_in_capture(monkeypatch):
+    """CPU stand-in for CUDA graphs (static inputs copied in, then the captured function re-run): one capture
+    per (block size, want_layers) on a storage, recaptured for a new storage, outputs never aliased."""
+    captures = []
+
+    def fake_capture(fn, example):
+        static_in = [t.clone() for t in example]
+        captures.append(static_in[0].shape[1])
+
+        def replay(*args):
+            for dst, src in zip(static_in, args):
+                dst.copy_(src)
+            return fn(*static_in)
+        return replay
+    monkeypatch.setattr(static_decode, "capture_cuda_graph", fake_capture)
+    monkeypatch.setattr(StaticTextDecoder, "_graphs_on", lambda self, device: True)
+    model = tiny_target(seed=1)
+    static = StaticTextDecoder(model)
+    ref, _ = decode(model, [3, 3, 5], None, eos_id=-1, max_new_tokens=24)
+    got, _ = decode(static, [3, 3, 5], None, eos_id=-1, max_new_tokens=24)
+    assert got.ids == ref.ids and captures == [1]
+    got, _ = decode(static, [3, 3, 5], PromptLookupDrafter(), eos_id=-1, max_new_tokens=24,
+                    num_draft_tokens=6, adaptive=False)
+    assert got.ids == ref.ids and captures[0] == 1 and set(captures[1:]) <= {1, 2, 4, 8}
+    assert len(captures[1:]) == len(set(captures[1:]))            # once per block size on this storage
+    assert len(static._graphs) == len(captures) - 1
+
+
 def test_weights_resident_and_selection(monkeypatch):
     model = tiny_target(seed=1)
     cpu = torch.device("cpu")
@@ -151,8 +180,9 @@ def test_answer_through_the_static_decoder_equals_eager(pipe64, monkeypatch):
     img = Image.new("RGB", (64, 48), (20, 130, 40))
     ref = pipe64.answer(img, "describe it", max_new_tokens=16)
     monkeypatch.setattr(pipe64, "text_decoder", lambda: pipe64._static_decoder)
-    for drafter in ("none", "prompt_lookup"):
-        got = pipe64.answer(img, "describe it", max_new_tokens=16, drafter=drafter, num_draft_tokens=4)
+    monkeypatch.setattr(pipe64, "draft_head", DraftHead.from_target(pipe64.model, zero_init=False, seed=1))
+    for drafter, k in (("none", None), ("prompt_lookup", 4), ("draft_head", 4), ("draft_head", None)):
+        got = pipe64.answer(img, "describe it", max_new_tokens=16, drafter=drafter, num_draft_tokens=k)
         assert got.token_ids == ref.token_ids and got.stats["decoder"] == "static"
     assert pipe64._static_decoder._storage is None                 # released after the answer
     res = speculative_generate(pipe64._static_decoder, _prefilled(pipe64.model), None, bos_id=BOS, eos_id=-1,

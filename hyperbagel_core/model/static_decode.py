@@ -172,9 +172,12 @@ class StaticTextDecoder:
         return TextStep(logits[:n].clone(), h[:n].clone(),
                         None if layers is None else tuple(layers[:n].clone().unbind(1)))
 
+    def _graphs_on(self, device: torch.device) -> bool:
+        return self.cuda_graphs and device.type == "cuda"
+
     def _run(self, inputs, ks, vs, want_layers: bool):
         dev = ks[0].device
-        if dev.type != "cuda" or not self.cuda_graphs:
+        if not self._graphs_on(dev):
             return self.step(inputs.to(dev), ks, vs, want_layers)
         key = (inputs.shape[1], want_layers)
         if key not in self._graphs:
