@@ -207,8 +207,9 @@ class BagelPipeline:
     def text_decoder(self):
         """What decodes text now: the static, CUDA-graphed decoder when the weights allow it, else the model.
 
-        Asked per call: ComfyUI may have moved or partially loaded the weights since the last one."""
-        if use_static_decoding(self.model, self.device, self.cuda_graphs):
+        Asked per call: ComfyUI may have moved or partially loaded the weights since the last one. A failed
+        capture turns the decoder's graphs off; the eager model serves from then on."""
+        if use_static_decoding(self.model, self.device, self.cuda_graphs and self._static_decoder.cuda_graphs):
             return self._static_decoder
         return self.model
 

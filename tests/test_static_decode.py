@@ -145,6 +145,18 @@ def test_graph_bookkeeping_with_a_stand_in_capture(monkeypatch):
     assert len(static._graphs) == len(captures) - 1
 
 
+def test_failed_capture_falls_back_to_eager(monkeypatch, caplog):
+    def broken(fn, example):
+        raise RuntimeError("operation not permitted when stream is capturing")
+    monkeypatch.setattr(static_decode, "capture_cuda_graph", broken)
+    monkeypatch.setattr(StaticTextDecoder, "_graphs_on", lambda self, device: self.cuda_graphs)
+    model = tiny_target(seed=1)
+    static = StaticTextDecoder(model)
+    ref, _ = decode(model, [4, 2], None, eos_id=-1, max_new_tokens=10)
+    got, _ = decode(static, [4, 2], None, eos_id=-1, max_new_tokens=10)
+    assert got.ids == ref.ids and not static.cuda_graphs and "decoding eagerly" in caplog.text
+
+
 def test_weights_resident_and_selection(monkeypatch):
     model = tiny_target(seed=1)
     cpu = torch.device("cpu")

@@ -14,12 +14,15 @@ mask-free/fused in ``attention.py``.
 """
 from __future__ import annotations
 
+import logging
+
 import torch
 import torch.nn.functional as F
 
 from .bagel import TextStep
 from .llm import rope_cos_sin
 
+log = logging.getLogger(__name__)
 BUCKETS = (1, 2, 4, 8, 16)
 
 
@@ -36,7 +39,7 @@ def capture_cuda_graph(fn, example, copy_inputs: bool = True):
             fn(*static_in)
     torch.cuda.current_stream().wait_stream(s)
     graph = torch.cuda.CUDAGraph()
-    with torch.cuda.graph(graph):
+    with torch.cuda.graph(graph, capture_error_mode="thread_local"):   # other threads (a server) may use CUDA
         static_out = fn(*static_in)
 
     def replay(*args):
@@ -181,5 +184,11 @@ class StaticTextDecoder:
             return self.step(inputs.to(dev), ks, vs, want_layers)
         key = (inputs.shape[1], want_layers)
         if key not in self._graphs:
-            self._graphs[key] = capture_cuda_graph(lambda x: self.step(x, ks, vs, want_layers), [inputs.to(dev)])
+            try:
+                self._graphs[key] = capture_cuda_graph(lambda x: self.step(x, ks, vs, want_layers),
+                                                       [inputs.to(dev)])
+            except RuntimeError as e:            # e.g. ops that sync or switch streams inside a forward
+                log.warning("CUDA-graph capture of the text decode step failed (%s); decoding eagerly", e)
+                self.cuda_graphs = False
+                return self.step(inputs.to(dev), ks, vs, want_layers)
         return self._graphs[key](inputs)
