@@ -195,7 +195,7 @@ def verdicts(rows) -> list[str]:
     if at1:
         worst = min(at1, key=lambda r: r["speedup"])
         cost = 1 / worst["speedup"] - 1
-        out.append(f"tau 1 adaptive worst cost +{100 * cost:.1f}% vs plain {fast} (k={worst['k']}) "
+        out.append(f"tau 1 adaptive worst cost {100 * cost:+.1f}% vs plain {fast} (k={worst['k']}) "
                    f"(target <= 15%): {'PASS' if cost <= 0.15 else 'FAIL'}")
     return out
 
