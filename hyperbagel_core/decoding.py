@@ -23,8 +23,10 @@ def generate_text(model, ctx: Context, *, bos_id: int, eos_id: int, max_new_toke
                   temperature: float = 1.0, generator=None, callback=None, stats: dict | None = None) -> list[int]:
     """Feed <|im_start|> at ``ctx.rope`` and decode until <|im_end|> (not emitted) or ``max_new_tokens``.
 
-    ``ctx`` is extended in place (callers pass a fork). Returns the new ids without the start token.
+    ``model`` is a BagelModel (eager) or a ``StaticTextDecoder`` (fixed shapes, CUDA graphs). ``ctx`` is
+    extended in place (callers pass a fork). Returns the new ids without the start token.
     """
+    model.reserve_text(ctx, max_new_tokens)
     out: list[int] = []
     tok, t0 = bos_id, time.perf_counter()
     for step in range(max_new_tokens):

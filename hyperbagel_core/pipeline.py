@@ -23,6 +23,7 @@ from .decoding import generate_text
 from .errors import InputError
 from .distill.sampling import distilled_sample
 from .generation import CFGSettings, solver_sample, teacher_sample
+from .model.static_decode import StaticTextDecoder, use_static_decoding
 from .loading import check_folder, load_bagel_model, load_config, load_vae, resolve_dtype
 from .sampling.schedules import FIXED_GRIDS, get_schedule
 from .sampling.solvers import SOLVERS, evaluations_for
@@ -78,8 +79,13 @@ class Contexts:
 
 
 class BagelPipeline:
-    def __init__(self, model, vae, tokenizer: BagelTokenizer, config: BagelConfig, path: str | None = None):
+    def __init__(self, model, vae, tokenizer: BagelTokenizer, config: BagelConfig, path: str | None = None,
+                 cuda_graphs: bool = True):
+        """``cuda_graphs``: decode text with fixed-shape CUDA-graphed steps when the und-expert weights are
+        resident on a CUDA device (``model/static_decode.py``); False always decodes eagerly."""
         self.model, self.vae, self.tokenizer, self.config, self.path = model, vae, tokenizer, config, path
+        self.cuda_graphs = cuda_graphs
+        self._static_decoder = StaticTextDecoder(model)
         self.modules = BagelModules(model, vae)
         model.set_special_tokens(tokenizer.start_of_image, tokenizer.end_of_image)
         self.distilled_expert = None  # distill.DistilledExpert: one-pass CFG-free denoising when set
@@ -117,7 +123,7 @@ class BagelPipeline:
     # -- construction ------------------------------------------------------------------------------------------
     @classmethod
     def from_pretrained(cls, path, device="cpu", dtype=torch.bfloat16, ops=None, vae_dtype=torch.float32,
-                        attn_backend: str = "sdpa", draft_head=None) -> "BagelPipeline":
+                        attn_backend: str = "sdpa", draft_head=None, cuda_graphs: bool = True) -> "BagelPipeline":
         """Load an official BAGEL folder (llm/vit configs, ema.safetensors, ae.safetensors, tokenizer)."""
         from .model.attention import set_backend
         set_backend(attn_backend)
@@ -133,7 +139,7 @@ class BagelPipeline:
         model = load_bagel_model(folder, config, device=device, dtype=dtype, ops=ops)
         vae = load_vae(folder, config, device=device, dtype=vae_dtype)
         log.info("loaded BAGEL from %s in %.1fs (%s, %s)", folder, time.perf_counter() - t0, device, dtype)
-        pipe = cls(model, vae, tokenizer, config, str(folder))
+        pipe = cls(model, vae, tokenizer, config, str(folder), cuda_graphs=cuda_graphs)
         if draft_head is not None:
             pipe.load_draft_head(draft_head)
         return pipe
@@ -198,6 +204,15 @@ class BagelPipeline:
         return Contexts(gen, cfg_text, cfg_img, shapes)
 
     # -- text --------------------------------------------------------------------------------------------------
+    def text_decoder(self):
+        """What decodes text now: the static, CUDA-graphed decoder when the weights allow it, else the model.
+
+        Asked per call: ComfyUI may have moved or partially loaded the weights since the last one. A failed
+        capture turns the decoder's graphs off; the eager model serves from then on."""
+        if use_static_decoding(self.model, self.device, self.cuda_graphs and self._static_decoder.cuda_graphs):
+            return self._static_decoder
+        return self.model
+
     def _decode(self, ctx: Context, max_new_tokens: int, do_sample: bool, temperature: float, seed,
                 callback, drafter: str = "none", num_draft_tokens=None) -> tuple[list[int], dict]:
         if drafter not in DRAFTERS:
@@ -208,16 +223,21 @@ class BagelPipeline:
         if do_sample:
             gen = torch.Generator(self.device).manual_seed(int(seed if seed is not None else 0))
         stats: dict = {}
-        tok = self.tokenizer
-        if drafter != "none":
-            from .speculative.api import decode_with_drafter
-            return decode_with_drafter(self.model, ctx.fork(), drafter, self.draft_head, bos_id=tok.bos_id,
-                                       eos_id=tok.eos_id, max_new_tokens=max_new_tokens, do_sample=do_sample,
-                                       temperature=temperature, generator=gen, callback=callback,
-                                       num_draft_tokens=num_draft_tokens)
-        ids = generate_text(self.model, ctx.fork(), bos_id=tok.bos_id, eos_id=tok.eos_id,
-                            max_new_tokens=max_new_tokens, do_sample=do_sample, temperature=temperature,
-                            generator=gen, callback=callback, stats=stats)
+        tok, target = self.tokenizer, self.text_decoder()
+        try:
+            if drafter != "none":
+                from .speculative.api import decode_with_drafter
+                ids, stats = decode_with_drafter(target, ctx.fork(), drafter, self.draft_head, bos_id=tok.bos_id,
+                                                 eos_id=tok.eos_id, max_new_tokens=max_new_tokens,
+                                                 do_sample=do_sample, temperature=temperature, generator=gen,
+                                                 callback=callback, num_draft_tokens=num_draft_tokens)
+            else:
+                ids = generate_text(target, ctx.fork(), bos_id=tok.bos_id, eos_id=tok.eos_id,
+                                    max_new_tokens=max_new_tokens, do_sample=do_sample, temperature=temperature,
+                                    generator=gen, callback=callback, stats=stats)
+        finally:
+            self._static_decoder.release()      # the graphs pin this answer's KV storage
+        stats["decoder"] = "static" if target is self._static_decoder else "eager"
         return ids, stats
 
     def answer(self, image=None, question: str = "", *, max_new_tokens: int = 512, do_sample: bool = False,

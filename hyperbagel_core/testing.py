@@ -86,6 +86,20 @@ def _randomise(model: torch.nn.Module, gen: torch.Generator) -> None:
             p.data.copy_(torch.randn(p.shape, generator=gen) / p.shape[-1] ** 0.5)
 
 
+def random_model(llm: LLMConfig, seed: int = 0, std: float = 0.02, dtype=torch.float32):
+    """A BagelModel with the LLM ``llm`` (tiny ViT) and random weights, no checkpoint: norms 1 +- 0.1, the
+    rest N(0, std) (a larger ``std`` gives peakier logits). Cheap text targets for decoding tests."""
+    from .model.bagel import BagelModel
+    cfg = tiny_config(vocab_size=llm.vocab_size)
+    model = BagelModel(BagelConfig(llm=llm, vit=cfg.vit, vae=cfg.vae)).to(dtype)
+    gen = torch.Generator().manual_seed(seed)
+    with torch.no_grad():
+        for name, p in model.named_parameters():
+            r = torch.randn(p.shape, generator=gen, dtype=torch.float32)
+            p.copy_((1 + 0.1 * r) if "norm" in name and p.dim() == 1 else std * r)
+    return model.requires_grad_(False).eval()
+
+
 def make_tiny_checkpoint(path, seed: int = 0, **sizes) -> Path:
     """Write a random BAGEL checkpoint folder of tiny sizes (see ``tiny_config``) and return its path."""
     from safetensors.torch import save_file

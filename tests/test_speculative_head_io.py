@@ -1,5 +1,6 @@
 """Draft-head structure (zero-init, skips, initialisation from the target) and the on-disk format:
 round trip, refusal of files for another target, of corrupt files, of files that are no draft head."""
+import dataclasses
 import json
 
 import pytest
@@ -9,7 +10,6 @@ from safetensors.torch import save_file
 from hyperbagel_core.errors import CheckpointError
 from hyperbagel_core.speculative import (DraftHead, DraftHeadConfig, DraftHeadDrafter, default_feature_layers,
                                          load_draft_head, save_draft_head)
-from hyperbagel_core.speculative.static_llm import LLMShape, StaticLLM
 from tests.speculative_helpers import TINY, decode, tiny_target
 
 
@@ -71,7 +71,7 @@ def test_round_trip(target, tmp_path, kind, share):
 @pytest.mark.parametrize("field,value", [("hidden_size", 48), ("vocab_size", 29), ("num_hidden_layers", 5)])
 def test_refuses_other_target_shapes(target, tmp_path, field, value):
     path = save_draft_head(DraftHead.from_target(target), tmp_path / "h.safetensors", target)
-    other = StaticLLM(LLMShape(**{**TINY.__dict__, field: value})).double().randomize(seed=1)
+    other = tiny_target(seed=1, shape=dataclasses.replace(TINY, **{field: value}))
     with pytest.raises(CheckpointError, match=f"different target.*{field}: file"):
         load_draft_head(path, other)
 
@@ -86,7 +86,7 @@ def test_refuses_same_shapes_other_weights(target, tmp_path):
 
 def test_fingerprint_ignores_fp32_bf16_load(target):
     from hyperbagel_core.speculative import target_fingerprint
-    m = StaticLLM(TINY).randomize(seed=3)
+    m = tiny_target(seed=3, dtype=torch.float32)
     with torch.no_grad():
         for p in m.parameters():
             p.copy_(p.bfloat16().float())

@@ -94,7 +94,7 @@ def test_speculative_accept_monte_carlo(deterministic):
 def _exact_joint(model, prompt, T, depth=3):
     """P(y1..y_depth) of plain sampling, by enumeration (small vocab)."""
     V = model.config.llm.vocab_size
-    base = model.new_context(8)
+    base = model.new_context()
     model.prefill_text(base, torch.tensor(prompt))
     out = {}
 
@@ -115,7 +115,7 @@ def test_first_tokens_distribution_equals_plain_sampling(case):
     model = tiny_target(seed=2, shape=MICRO, std=0.6)
     prompt, T, n = [1, 3, 2], 0.9, 3000
     exact = _exact_joint(model, prompt, T)
-    base = model.new_context(8)
+    base = model.new_context()
     model.prefill_text(base, torch.tensor(prompt))
     if case == "draft_head":
         drafter = DraftHeadDrafter(DraftHead.from_target(model, zero_init=False, seed=11))

@@ -17,7 +17,7 @@ def _contexts(model, n=6, seed=0):
     g = torch.Generator().manual_seed(seed)
     out = []
     for _ in range(n):
-        ctx = model.new_context(32)
+        ctx = model.new_context()
         model.prefill_text(ctx, torch.randint(1, model.config.llm.vocab_size, (5,), generator=g))
         out.append(ctx)
     return out

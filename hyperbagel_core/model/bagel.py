@@ -104,6 +104,11 @@ class BagelModel(nn.Module):
         lay = tuple(t[0] for t in out.layer_hidden) if out.layer_hidden else None
         return TextStep(self.language_model.lm_head(h) if logits else None, h, lay)
 
+    def reserve_text(self, ctx: Context, n: int) -> None:
+        """Room for ``n`` more text tokens in ``ctx`` up front: a decode then appends without regrowing."""
+        c = self.config.llm
+        ctx.reserve(n, torch.empty(0, dtype=self.dtype, device=self.device), c.num_key_value_heads, c.head_dim)
+
     @torch.no_grad()
     def vit_embed(self, pixels: torch.Tensor) -> VitEmbedding:
         """[3, H, W] in [-1, 1] (already ViT-resized) -> the ViT tokens written into the LLM sequence."""

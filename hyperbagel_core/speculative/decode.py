@@ -155,7 +155,7 @@ def speculative_generate(model, ctx, drafter, *, bos_id: int, eos_id: int, max_n
     """Decode up to ``max_new_tokens`` tokens after ``<|im_start|>`` with draft-and-verify rounds.
 
     Args:
-        model: anything with ``forward_text(ctx, ids, return_all_hidden)`` (BagelModel, StaticLLM).
+        model: a BagelModel (eager) or a ``StaticTextDecoder`` over one (fixed shapes, CUDA graphs).
         ctx: context to append to (fork it first if the caller needs it unchanged).
         drafter: a drafter (``drafters.py``/``prompt_lookup.py``) or None for plain decoding.
         num_draft_tokens: k, the longest chain (default 10); adaptive=True lets it shrink/grow/pause.
@@ -185,9 +185,10 @@ def speculative_generate(model, ctx, drafter, *, bos_id: int, eos_id: int, max_n
 
     ids: list[int] = []
     if max_new_tokens > 0:
+        model.reserve_text(ctx, max_new_tokens)     # every verified block ends within it (k <= remaining - 1)
         if drafter is not None:
             drafter.reset(ctx.rope, prompt_ids)
-        out = model.forward_text(ctx, torch.tensor([bos_id], device=dev), return_all_hidden=hidden)
+        out = model.forward_text(ctx, torch.tensor([bos_id]), return_all_hidden=hidden)
         nxt = choose(out.logits[0])
         if drafter is not None:
             drafter.observe([bos_id], _layers(out, 1), nxt)
@@ -202,7 +203,7 @@ def speculative_generate(model, ctx, drafter, *, bos_id: int, eos_id: int, max_n
             draft = draft[:k]
             q = None if q is None else q[: len(draft)]
             kv0, rope0 = ctx.kv_len, ctx.rope
-            out = model.forward_text(ctx, torch.tensor([nxt] + draft, device=dev), return_all_hidden=hidden)
+            out = model.forward_text(ctx, torch.tensor([nxt] + draft), return_all_hidden=hidden)
             m, bonus = _accept(out.logits, draft, q, do_sample, temperature, generator)
             ctx.truncate(kv0 + 1 + m, rope0 + 1 + m)          # roll back the rejected drafts' K/V
             ctrl.timing(len(draft), t_b - t_a, time.perf_counter() - t_b)

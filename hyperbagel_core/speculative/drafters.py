@@ -18,7 +18,8 @@ import torch
 
 from .accept import greedy_pick, probs
 from .draft_head import DraftHead
-from .layers import cached_layer, capture_cuda_graph, rope_cos_sin
+from ..model.static_decode import capture_cuda_graph
+from .layers import cached_layer, rope_cos_sin
 
 
 def draft_costs(head: DraftHead) -> tuple[float, float]:
@@ -140,8 +141,8 @@ class OracleDrafter:
     ``accept_rate``. ``shadow`` (e.g. a DraftHeadDrafter) is run on every call and its proposals
     discarded, so its cost is counted. If the committed text leaves ``reference`` (low-precision
     batched-vs-single-token numerics can flip a near-tie), ``resync(seq)`` is asked for the target's
-    greedy continuation of the committed text; its time is accumulated in ``excluded_s`` so a bench
-    can leave the measuring device's own cost out."""
+    greedy continuation of the committed text (asked again when a round's proposals would run past it);
+    its time is accumulated in ``excluded_s`` so a bench can leave the measuring device's own cost out."""
 
     def __init__(self, reference: list[int], accept_rate: float, vocab_size: int, seed: int = 0,
                  shadow=None, resync=None):
@@ -165,9 +166,9 @@ class OracleDrafter:
         if self.shadow is not None:
             self.shadow.observe(tokens, layer_hidden, next_token)
 
-    def _check(self) -> None:
+    def _check(self, k: int) -> None:
         n = len(self.seq)
-        if self.resync is None or self.reference[:n] == self.seq:
+        if self.resync is None or (self.reference[:n] == self.seq and len(self.reference) >= n + k):
             return
         t0 = time.perf_counter()
         self.reference = self.seq + list(self.resync(list(self.seq)))
@@ -177,7 +178,7 @@ class OracleDrafter:
     def propose(self, k: int, do_sample: bool = False, temperature: float = 1.0, generator=None):
         if self.shadow is not None:
             self.shadow.propose(k, do_sample, temperature, generator)
-        self._check()
+        self._check(k)
         out = []
         for j in range(k):
             i = len(self.seq) + j

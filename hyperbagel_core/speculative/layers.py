@@ -132,11 +132,6 @@ class KVBuffer:
             new[:, : old.shape[1]] = old
             setattr(self, name, new)
 
-    def clone(self) -> "KVBuffer":
-        other = KVBuffer.__new__(KVBuffer)
-        other.k, other.v, other.growable = self.k.clone(), self.v.clone(), self.growable
-        return other
-
 
 def cached_layer(layer: DecoderLayer, x: torch.Tensor, cos, sin, buf: KVBuffer, li: int,
                  slots: torch.Tensor, end: int) -> torch.Tensor:
@@ -147,27 +142,3 @@ def cached_layer(layer: DecoderLayer, x: torch.Tensor, cos, sin, buf: KVBuffer, 
     buf.v[li].index_copy_(0, slots, v)
     mask = torch.arange(end, device=x.device)[None, :] <= slots[:, None]
     return layer.finish(x, attend(q, buf.k[li, :end], buf.v[li, :end], mask))
-
-
-def capture_cuda_graph(fn, example, copy_inputs: bool = True):
-    """CUDA-graph ``fn(*inputs)``. With ``copy_inputs`` the graph reads static copies of ``example`` and the
-    returned callable takes new inputs to copy in; without, it reads ``example`` itself (the caller writes
-    into those tensors) and the callable takes no arguments. Outputs are static buffers, overwritten by
-    the next replay."""
-    static_in = [t.clone() for t in example] if copy_inputs else list(example)
-    s = torch.cuda.Stream()
-    s.wait_stream(torch.cuda.current_stream())
-    with torch.cuda.stream(s):
-        for _ in range(2):                           # warm-up (allocator, cuBLAS handles)
-            fn(*static_in)
-    torch.cuda.current_stream().wait_stream(s)
-    graph = torch.cuda.CUDAGraph()
-    with torch.cuda.graph(graph):
-        static_out = fn(*static_in)
-
-    def replay(*args):
-        for dst, src in zip(static_in, args):
-            dst.copy_(src)
-        graph.replay()
-        return static_out
-    return replay

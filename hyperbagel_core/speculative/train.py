@@ -143,13 +143,15 @@ def train_draft_head(head: DraftHead, samples: list[dict], cfg: TrainConfig, log
 
 # -- CLI ------------------------------------------------------------------------------------------------------
 def _tiny_setup(args):
-    from .static_llm import LLMShape, StaticLLM
-    shape = LLMShape(64, 128, 6, 4, 2, 16, 97)
-    model = StaticLLM(shape).randomize(seed=args.seed, std=0.2)
+    from ..config import LLMConfig
+    from ..testing import random_model
+    model = random_model(LLMConfig(hidden_size=64, intermediate_size=128, num_hidden_layers=6,
+                                   num_attention_heads=4, num_key_value_heads=2, vocab_size=97),
+                         seed=args.seed, std=0.2)
     rng = random.Random(args.seed)
     contexts = []
     for _ in range(args.tiny_prompts):
-        ctx = model.new_context(64)
+        ctx = model.new_context()
         model.prefill_text(ctx, torch.tensor([rng.randrange(3, 97) for _ in range(rng.randrange(2, 12))]))
         contexts.append(ctx)
     return model, contexts, 1, 2

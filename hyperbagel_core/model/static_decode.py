@@ -1,0 +1,194 @@
+"""Fixed-shape text decoding steps of the product ``BagelModel``, captured as CUDA graphs.
+
+Eager decoding launches ~2000 kernels per token (plus ComfyUI's cast wrappers on every layer), which at
+batch 1 costs more than reading the weights. A step here has static shapes: the query block is padded
+to a bucket (1, 2, 4, 8, 16 rows), its K/V rows are written with ``index_copy_`` at device-tensor slots
+into the context's own storage, and attention runs over the storage's whole capacity with a length mask
+(slot j is visible to query row i iff j <= slot[i]). So one CUDA graph per (bucket, want_layers) replays
+every token of a decode, as long as the storage does not move; ``reserve_text`` sizes it once up front.
+On CPU the same step runs eagerly, so CPU tests exercise exactly the function that is captured.
+
+The length mask is the one masked attention of the model: scores are [rows, capacity], rows = one or
+k+1 queries per kv head, which is tiny. Every other attention call (prefill, images, denoising) is
+mask-free/fused in ``attention.py``.
+"""
+from __future__ import annotations
+
+import logging
+
+import torch
+import torch.nn.functional as F
+
+from .bagel import TextStep
+from .llm import rope_cos_sin
+
+log = logging.getLogger(__name__)
+BUCKETS = (1, 2, 4, 8, 16)
+
+
+def capture_cuda_graph(fn, example, copy_inputs: bool = True):
+    """CUDA-graph ``fn(*inputs)``. With ``copy_inputs`` the graph reads static copies of ``example`` and the
+    returned callable takes new inputs to copy in; without, it reads ``example`` itself (the caller writes
+    into those tensors) and the callable takes no arguments. Outputs are static buffers, overwritten by
+    the next replay."""
+    static_in = [t.clone() for t in example] if copy_inputs else list(example)
+    s = torch.cuda.Stream()
+    s.wait_stream(torch.cuda.current_stream())
+    with torch.cuda.stream(s):
+        for _ in range(2):                           # warm-up (allocator, cuBLAS handles)
+            fn(*static_in)
+    torch.cuda.current_stream().wait_stream(s)
+    graph = torch.cuda.CUDAGraph()
+    with torch.cuda.graph(graph, capture_error_mode="thread_local"):   # other threads (a server) may use CUDA
+        static_out = fn(*static_in)
+
+    def replay(*args):
+        for dst, src in zip(static_in, args):
+            dst.copy_(src)
+        graph.replay()
+        return static_out
+    return replay
+
+
+def und_parameters(model):
+    """The parameters text decoding reads: the LLM's und expert (the gen expert is never touched)."""
+    return (p for n, p in model.language_model.named_parameters() if "moe_gen" not in n)
+
+
+def weights_resident(model, device: torch.device) -> bool:
+    """All und-expert weights sit on ``device`` and no module patches them per call: ComfyUI's low-VRAM
+    partial load streams weights (and applies LoRA patches) inside each forward, which a graph cannot replay."""
+    def on(d):
+        return d.type == device.type and (device.index is None or d.index == device.index)
+    if not all(on(p.device) for p in und_parameters(model)):
+        return False
+    return not any(getattr(m, "weight_function", None) or getattr(m, "bias_function", None)
+                   for m in model.language_model.modules())
+
+
+def use_static_decoding(model, device: torch.device, enabled: bool = True) -> bool:
+    """The graph path pays on CUDA with resident weights; everything else decodes eagerly."""
+    return enabled and torch.device(device).type == "cuda" and weights_resident(model, torch.device(device))
+
+
+def length_masked_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, bias: torch.Tensor) -> torch.Tensor:
+    """q [n, Hq, d], k/v [cap, Hkv, d], bias [g*n, cap] additive (0 / -inf) -> [n, Hq, d].
+
+    GQA without repeating K/V: the g = Hq/Hkv query heads of a kv head are folded into the query axis,
+    so SDPA sees 4-D [1, Hkv, g*n, d] queries, which on CUDA reaches the memory-efficient kernel.
+    """
+    n, hq, d = q.shape
+    hkv = k.shape[1]
+    g = hq // hkv
+    qf = q.view(n, hkv, g, d).permute(1, 2, 0, 3).reshape(1, hkv, g * n, d)
+    out = F.scaled_dot_product_attention(qf, k.transpose(0, 1)[None], v.transpose(0, 1)[None], attn_mask=bias)
+    return out[0].view(hkv, g, n, d).permute(2, 0, 1, 3).reshape(n, hq, d)
+
+
+class SlotKV:
+    """Duck-typed ``KVAccess`` for one fixed-shape step: write K/V at ``slots``, attend over all storage."""
+
+    def __init__(self, ks, vs, slots: torch.Tensor, group: int, dtype):
+        self.ks, self.vs, self.slots, self.layer = ks, vs, slots, 0
+        cap = ks[0].shape[0]
+        visible = torch.arange(cap, device=slots.device)[None, :] <= slots[:, None]
+        # last dim padded to 16 elements: SDPA's fused kernels want an aligned bias stride
+        bias = torch.zeros(group * slots.shape[0], -(-cap // 16) * 16, dtype=dtype, device=slots.device)[:, :cap]
+        self.bias = bias.masked_fill_(~visible.repeat(group, 1), float("-inf"))
+
+    def attend(self, q, k, v):
+        i, self.layer = self.layer, self.layer + 1
+        self.ks[i].index_copy_(0, self.slots, k[0])
+        self.vs[i].index_copy_(0, self.slots, v[0])
+        return length_masked_attention(q[0], self.ks[i], self.vs[i], self.bias)[None]
+
+
+def _bucket(n: int) -> int | None:
+    return next((b for b in BUCKETS if b >= n), None)
+
+
+class StaticTextDecoder:
+    """``forward_text`` of a BagelModel at fixed shapes over the context's storage; drop-in for the model in
+    ``decoding.generate_text`` and ``speculative.speculative_generate``.
+
+    Graphs capture the storage tensors' addresses: they are keyed by the storage and dropped when a
+    context with other storage decodes (or on ``release``). Outputs are fresh tensors (not graph buffers).
+    """
+
+    def __init__(self, model, cuda_graphs: bool = True):
+        self.model, self.cuda_graphs = model, cuda_graphs
+        self.config = model.config
+        self._graphs: dict = {}
+        self._storage = None
+
+    @property
+    def device(self) -> torch.device:
+        return self.model.device
+
+    def parameters(self):
+        return self.model.parameters()
+
+    def reserve_text(self, ctx, n: int) -> None:
+        """Fix the storage for ``n`` more tokens (plus bucket padding) before a decode, so graphs survive it."""
+        self.model.reserve_text(ctx, n + BUCKETS[-1])
+
+    def release(self) -> None:
+        """Free the captured graphs (and with them the storage they pin)."""
+        self._graphs.clear()
+        self._storage = None
+
+    @torch.no_grad()
+    def step(self, inputs: torch.Tensor, ks, vs, want_layers: bool):
+        """The captured function. inputs [3, b] (ids, RoPE positions, cache slots) on the model's device."""
+        m, c = self.model, self.config.llm
+        ids, pos, slots = inputs
+        x = m.embed_ids(ids)[None]
+        cos, sin = rope_cos_sin(pos[None], c.head_dim, c.rope_theta, x.dtype)
+        kv = SlotKV(ks, vs, slots, c.num_attention_heads // c.num_key_value_heads, x.dtype)
+        layers = []
+        for layer in m.language_model.model.layers:
+            x = layer(x, cos, sin, kv, False)
+            if want_layers:
+                layers.append(x[0])
+        h = m.language_model.model.norm(x[0])
+        return m.language_model.lm_head(h), h, (torch.stack(layers, 1) if want_layers else None)
+
+    @torch.no_grad()
+    def forward_text(self, ctx, ids, return_all_hidden: bool = False) -> TextStep:
+        """Same contract as ``BagelModel.forward_text``; blocks longer than the largest bucket run eagerly."""
+        ids = torch.as_tensor(ids, dtype=torch.long).reshape(-1).cpu()
+        n = ids.numel()
+        b = _bucket(n)
+        if b is None:
+            return self.model.forward_text(ctx, ids, return_all_hidden)
+        self.model.reserve_text(ctx, b)          # in place unless the storage is shared or full
+        ks, vs = ctx._store.k, ctx._store.v
+        if self._storage is not ks:              # new storage: old graphs are stale; its tail must be finite
+            self.release()
+            self._storage = ks
+            for t in (*ks, *vs):
+                t[ctx.kv_len:].zero_()           # masked slots still enter the weighted sum (0 * NaN)
+        rows = torch.arange(b)
+        inputs = torch.stack([F.pad(ids, (0, b - n)), ctx.rope + rows, ctx.kv_len + rows])
+        logits, h, layers = self._run(inputs, ks, vs, return_all_hidden)
+        ctx.advance(n, n)
+        return TextStep(logits[:n].clone(), h[:n].clone(),
+                        None if layers is None else tuple(layers[:n].clone().unbind(1)))
+
+    def _graphs_on(self, device: torch.device) -> bool:
+        return self.cuda_graphs and device.type == "cuda"
+
+    def _run(self, inputs, ks, vs, want_layers: bool):
+        dev = ks[0].device
+        if not self._graphs_on(dev):
+            return self.step(inputs.to(dev), ks, vs, want_layers)
+        key = (inputs.shape[1], want_layers)
+        if key not in self._graphs:
+            try:
+                self._graphs[key] = capture_cuda_graph(lambda x: self.step(x, ks, vs, want_layers),
+                                                       [inputs.to(dev)])
+            except RuntimeError as e:            # e.g. ops that sync or switch streams inside a forward
+                log.warning("CUDA-graph capture of the text decode step failed (%s); decoding eagerly", e)
+                self.cuda_graphs = False
+                return self.step(inputs.to(dev), ks, vs, want_layers)
+        return self._graphs[key](inputs)
