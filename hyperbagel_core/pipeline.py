@@ -24,6 +24,7 @@ from .errors import InputError
 from .distill.sampling import distilled_sample
 from .generation import CFGSettings, solver_sample, teacher_sample
 from .loading import check_folder, load_bagel_model, load_config, load_vae, resolve_dtype
+from .ops import adopt_ops
 from .sampling.schedules import FIXED_GRIDS, get_schedule
 from .sampling.solvers import SOLVERS, evaluations_for
 from .tokenizer import BagelTokenizer
@@ -78,8 +79,10 @@ class Contexts:
 
 
 class BagelPipeline:
-    def __init__(self, model, vae, tokenizer: BagelTokenizer, config: BagelConfig, path: str | None = None):
+    def __init__(self, model, vae, tokenizer: BagelTokenizer, config: BagelConfig, path: str | None = None,
+                 ops=None):
         self.model, self.vae, self.tokenizer, self.config, self.path = model, vae, tokenizer, config, path
+        self.ops = ops  # the layer namespace of the weights; later attachments are re-classed to it
         self.modules = BagelModules(model, vae)
         model.set_special_tokens(tokenizer.start_of_image, tokenizer.end_of_image)
         self.distilled_expert = None  # distill.DistilledExpert: one-pass CFG-free denoising when set
@@ -91,7 +94,8 @@ class BagelPipeline:
         from .distill import load_distilled_expert
         self.unload_distilled_expert()
         self.distilled_expert = load_distilled_expert(path, self.model)
-        self.modules.distilled_expert = self.distilled_expert.as_module()  # moved/counted with the weights
+        # moved/counted with the weights; its embedders stream like the model's layers
+        self.modules.distilled_expert = adopt_ops(self.distilled_expert.as_module(), self.ops)
 
     def unload_distilled_expert(self) -> None:
         self.modules._modules.pop("distilled_expert", None)
@@ -101,7 +105,9 @@ class BagelPipeline:
     def load_draft_head(self, path, strict_fingerprint: bool = True) -> None:
         """Attach a draft-head file (docs/draft_head.md) for answer(..., drafter="draft_head")."""
         from .speculative import load_draft_head
-        self.draft_head = load_draft_head(path, self.model, strict_fingerprint=strict_fingerprint)
+        self.draft_head = adopt_ops(load_draft_head(path, self.model, strict_fingerprint=strict_fingerprint),
+                                    self.ops)
+        self.draft_head.compute_device = self.model.compute_device
         self.modules.draft_head = self.draft_head  # moves with the weights (ComfyUI ModelPatcher)
 
     def unload_draft_head(self) -> None:
@@ -117,12 +123,21 @@ class BagelPipeline:
     # -- construction ------------------------------------------------------------------------------------------
     @classmethod
     def from_pretrained(cls, path, device="cpu", dtype=torch.bfloat16, ops=None, vae_dtype=torch.float32,
-                        attn_backend: str = "sdpa", draft_head=None) -> "BagelPipeline":
-        """Load an official BAGEL folder (llm/vit configs, ema.safetensors, ae.safetensors, tokenizer)."""
+                        attn_backend: str = "sdpa", draft_head=None, compute_dtype=None) -> "BagelPipeline":
+        """Load an official BAGEL folder (llm/vit configs, ema.safetensors, ae.safetensors, tokenizer).
+
+        Weights are stored in ``dtype`` on ``device`` (also the compute device until ``compute_device`` is
+        set). ``compute_dtype`` (default ``dtype``) is the activation dtype; a different one needs ``ops``
+        that cast weights per call (ComfyUI's ``manual_cast``), e.g. bf16 weights computed in fp32.
+        """
         from .model.attention import set_backend
         set_backend(attn_backend)
         folder = check_folder(path)
         device, dtype, vae_dtype = torch.device(device), resolve_dtype(dtype), resolve_dtype(vae_dtype)
+        compute_dtype = dtype if compute_dtype is None else resolve_dtype(compute_dtype)
+        if compute_dtype != dtype and ops is None:
+            raise InputError(f"compute_dtype {compute_dtype} differs from the weights' {dtype}: pass ops that "
+                             "cast weights per call (e.g. comfy.ops.manual_cast)")
         config = load_config(folder)
         tokenizer = BagelTokenizer.from_folder(folder)
         if len(tokenizer) > config.llm.vocab_size:
@@ -131,20 +146,50 @@ class BagelPipeline:
                                   f"{config.llm.vocab_size}; the tokenizer files belong to another model")
         t0 = time.perf_counter()
         model = load_bagel_model(folder, config, device=device, dtype=dtype, ops=ops)
-        vae = load_vae(folder, config, device=device, dtype=vae_dtype)
+        vae = load_vae(folder, config, device=device, dtype=vae_dtype, ops=ops)
         log.info("loaded BAGEL from %s in %.1fs (%s, %s)", folder, time.perf_counter() - t0, device, dtype)
-        pipe = cls(model, vae, tokenizer, config, str(folder))
+        pipe = cls(model, vae, tokenizer, config, str(folder), ops=ops)
+        pipe.compute_device, pipe.model.compute_dtype = device, compute_dtype
         if draft_head is not None:
             pipe.load_draft_head(draft_head)
         return pipe
 
     @property
-    def device(self) -> torch.device:
+    def compute_device(self) -> torch.device:
+        """Where inputs, noise and caches go. A model manager that streams weights (ComfyUI) sets it to its
+        load device, since a partially loaded model's weights do not tell."""
         return self.model.device
+
+    @compute_device.setter
+    def compute_device(self, device) -> None:
+        device = torch.device(device)
+        self.model.compute_device = self.vae.compute_device = device
+        if self.draft_head is not None:
+            self.draft_head.compute_device = device
+
+    @property
+    def device(self) -> torch.device:
+        return self.compute_device
 
     @property
     def dtype(self) -> torch.dtype:
         return self.model.dtype
+
+    def memory_required(self, task: str, *, height: int = 1024, width: int = 1024, distilled: bool | None = None,
+                        think: bool = False, max_think_tokens: int = 1000, **kw) -> int:
+        """Bytes of working memory one ``task`` call ("answer", "generate", "edit") needs beyond the weights.
+
+        ``memory.estimate_run_memory`` with this model's config and dtypes; with a distilled expert (one
+        branch, no CFG) plus its replacement tensors, which are copied next to resident weights while
+        denoising. ``height``/``width``: the output (generate) or the input image (edit, answer).
+        """
+        from .memory import estimate_run_memory
+        use_distilled = task != "answer" and self._use_distilled(distilled)
+        est = estimate_run_memory(self.config, task, height=height, width=width, dtype=self.dtype,
+                                  vae_dtype=self.vae.model.encoder.conv_in.weight.dtype,
+                                  cfg_branches=1 if use_distilled else 3,
+                                  think_tokens=max_think_tokens if think else 0, **kw)
+        return est.total + (self.distilled_expert.nbytes() if use_distilled else 0)
 
     # -- context building --------------------------------------------------------------------------------------
     def append_text(self, ctx: Context, text: str) -> None:

@@ -41,10 +41,6 @@ def decode_with_drafter(model, ctx, name: str, head=None, *, bos_id: int, eos_id
                         num_draft_tokens: int | None = None) -> tuple[list[int], dict]:
     """Speculative decoding on ``ctx`` (extended in place; pass a fork). Returns (ids, stats)."""
     prompt = context_text_ids(ctx)
-    if head is not None:
-        ref = model.language_model.lm_head.weight
-        if next(head.parameters()).device != ref.device:
-            head.to(ref.device)
     drafter = make_drafter(name, head, prompt)
     res = speculative_generate(model, ctx, drafter, bos_id=bos_id, eos_id=eos_id, max_new_tokens=max_new_tokens,
                                do_sample=do_sample, temperature=temperature, generator=generator,
