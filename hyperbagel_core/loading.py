@@ -141,12 +141,12 @@ def load_bagel_model(folder: Path, config: BagelConfig, *, device, dtype, ops=No
     return model.requires_grad_(False).eval()
 
 
-def load_vae(folder: Path, config: BagelConfig, *, device, dtype):
+def load_vae(folder: Path, config: BagelConfig, *, device, dtype, ops=None):
     from .model.vae import FluxVAE
     path = folder / "ae.safetensors"
     header = read_safetensors_header(path)
     with torch.device("meta"):
-        vae = FluxVAE.from_config(config.vae)
+        vae = FluxVAE.from_config(config.vae, ops=ops)
     converted = FluxVAE.convert_official_state_dict({k: torch.empty(s, device="meta") for k, (s, _) in
                                                      header.items()}, vae.levels)
     try:

@@ -25,6 +25,7 @@ from .distill.sampling import distilled_sample
 from .generation import CFGSettings, solver_sample, teacher_sample
 from .model.static_decode import StaticTextDecoder, use_static_decoding
 from .loading import check_folder, load_bagel_model, load_config, load_vae, resolve_dtype
+from .ops import adopt_ops
 from .sampling.schedules import FIXED_GRIDS, get_schedule
 from .sampling.solvers import SOLVERS, evaluations_for
 from .tokenizer import BagelTokenizer
@@ -80,10 +81,12 @@ class Contexts:
 
 class BagelPipeline:
     def __init__(self, model, vae, tokenizer: BagelTokenizer, config: BagelConfig, path: str | None = None,
-                 cuda_graphs: bool = True):
-        """``cuda_graphs``: decode text with fixed-shape CUDA-graphed steps when the und-expert weights are
+                 ops=None, cuda_graphs: bool = True):
+        """``ops``: the layer namespace of the weights (later attachments are re-classed to it);
+        ``cuda_graphs``: decode text with fixed-shape CUDA-graphed steps when the und-expert weights are
         resident on a CUDA device (``model/static_decode.py``); False always decodes eagerly."""
         self.model, self.vae, self.tokenizer, self.config, self.path = model, vae, tokenizer, config, path
+        self.ops = ops
         self.cuda_graphs = cuda_graphs
         self._static_decoder = StaticTextDecoder(model)
         self.modules = BagelModules(model, vae)
@@ -97,7 +100,8 @@ class BagelPipeline:
         from .distill import load_distilled_expert
         self.unload_distilled_expert()
         self.distilled_expert = load_distilled_expert(path, self.model)
-        self.modules.distilled_expert = self.distilled_expert.as_module()  # moved/counted with the weights
+        # moved/counted with the weights; its embedders stream like the model's layers
+        self.modules.distilled_expert = adopt_ops(self.distilled_expert.as_module(), self.ops)
 
     def unload_distilled_expert(self) -> None:
         self.modules._modules.pop("distilled_expert", None)
@@ -107,7 +111,9 @@ class BagelPipeline:
     def load_draft_head(self, path, strict_fingerprint: bool = True) -> None:
         """Attach a draft-head file (docs/draft_head.md) for answer(..., drafter="draft_head")."""
         from .speculative import load_draft_head
-        self.draft_head = load_draft_head(path, self.model, strict_fingerprint=strict_fingerprint)
+        self.draft_head = adopt_ops(load_draft_head(path, self.model, strict_fingerprint=strict_fingerprint),
+                                    self.ops)
+        self.draft_head.compute_device = self.model.compute_device
         self.modules.draft_head = self.draft_head  # moves with the weights (ComfyUI ModelPatcher)
 
     def unload_draft_head(self) -> None:
@@ -123,12 +129,22 @@ class BagelPipeline:
     # -- construction ------------------------------------------------------------------------------------------
     @classmethod
     def from_pretrained(cls, path, device="cpu", dtype=torch.bfloat16, ops=None, vae_dtype=torch.float32,
-                        attn_backend: str = "sdpa", draft_head=None, cuda_graphs: bool = True) -> "BagelPipeline":
-        """Load an official BAGEL folder (llm/vit configs, ema.safetensors, ae.safetensors, tokenizer)."""
+                        attn_backend: str = "sdpa", draft_head=None, compute_dtype=None,
+                        cuda_graphs: bool = True) -> "BagelPipeline":
+        """Load an official BAGEL folder (llm/vit configs, ema.safetensors, ae.safetensors, tokenizer).
+
+        Weights are stored in ``dtype`` on ``device`` (also the compute device until ``compute_device`` is
+        set). ``compute_dtype`` (default ``dtype``) is the activation dtype; a different one needs ``ops``
+        that cast weights per call (ComfyUI's ``manual_cast``), e.g. bf16 weights computed in fp32.
+        """
         from .model.attention import set_backend
         set_backend(attn_backend)
         folder = check_folder(path)
         device, dtype, vae_dtype = torch.device(device), resolve_dtype(dtype), resolve_dtype(vae_dtype)
+        compute_dtype = dtype if compute_dtype is None else resolve_dtype(compute_dtype)
+        if compute_dtype != dtype and ops is None:
+            raise InputError(f"compute_dtype {compute_dtype} differs from the weights' {dtype}: pass ops that "
+                             "cast weights per call (e.g. comfy.ops.manual_cast)")
         config = load_config(folder)
         tokenizer = BagelTokenizer.from_folder(folder)
         if len(tokenizer) > config.llm.vocab_size:
@@ -137,20 +153,50 @@ class BagelPipeline:
                                   f"{config.llm.vocab_size}; the tokenizer files belong to another model")
         t0 = time.perf_counter()
         model = load_bagel_model(folder, config, device=device, dtype=dtype, ops=ops)
-        vae = load_vae(folder, config, device=device, dtype=vae_dtype)
+        vae = load_vae(folder, config, device=device, dtype=vae_dtype, ops=ops)
         log.info("loaded BAGEL from %s in %.1fs (%s, %s)", folder, time.perf_counter() - t0, device, dtype)
-        pipe = cls(model, vae, tokenizer, config, str(folder), cuda_graphs=cuda_graphs)
+        pipe = cls(model, vae, tokenizer, config, str(folder), ops=ops, cuda_graphs=cuda_graphs)
+        pipe.compute_device, pipe.model.compute_dtype = device, compute_dtype
         if draft_head is not None:
             pipe.load_draft_head(draft_head)
         return pipe
 
     @property
-    def device(self) -> torch.device:
+    def compute_device(self) -> torch.device:
+        """Where inputs, noise and caches go. A model manager that streams weights (ComfyUI) sets it to its
+        load device, since a partially loaded model's weights do not tell."""
         return self.model.device
+
+    @compute_device.setter
+    def compute_device(self, device) -> None:
+        device = torch.device(device)
+        self.model.compute_device = self.vae.compute_device = device
+        if self.draft_head is not None:
+            self.draft_head.compute_device = device
+
+    @property
+    def device(self) -> torch.device:
+        return self.compute_device
 
     @property
     def dtype(self) -> torch.dtype:
         return self.model.dtype
+
+    def memory_required(self, task: str, *, height: int = 1024, width: int = 1024, distilled: bool | None = None,
+                        think: bool = False, max_think_tokens: int = 1000, **kw) -> int:
+        """Bytes of working memory one ``task`` call ("answer", "generate", "edit") needs beyond the weights.
+
+        ``memory.estimate_run_memory`` with this model's config and dtypes; with a distilled expert (one
+        branch, no CFG) plus its replacement tensors, which are copied next to resident weights while
+        denoising. ``height``/``width``: the output (generate) or the input image (edit, answer).
+        """
+        from .memory import estimate_run_memory
+        use_distilled = task != "answer" and self._use_distilled(distilled)
+        est = estimate_run_memory(self.config, task, height=height, width=width, dtype=self.dtype,
+                                  vae_dtype=self.vae.model.encoder.conv_in.weight.dtype,
+                                  cfg_branches=1 if use_distilled else 3,
+                                  think_tokens=max_think_tokens if think else 0, **kw)
+        return est.total + (self.distilled_expert.nbytes() if use_distilled else 0)
 
     # -- context building --------------------------------------------------------------------------------------
     def append_text(self, ctx: Context, text: str) -> None:

@@ -242,13 +242,24 @@ DTYPE_CHOICES = ["auto", "bf16", "fp16", "fp32"]
 _DTYPES = {"bf16": torch.bfloat16, "fp16": torch.float16, "fp32": torch.float32}
 
 
-def resolve_dtype(choice: str, bf16_ok: bool, fp16_ok: bool) -> torch.dtype:
-    """``auto`` picks bf16, then fp16, then fp32 by what the device supports."""
-    if choice == "auto":
-        return torch.bfloat16 if bf16_ok else torch.float16 if fp16_ok else torch.float32
-    if choice not in _DTYPES:
+FP16_WARNING = ("fp16 risks overflow: Qwen2's activations can exceed fp16's range (65504) and turn into "
+                "inf/NaN (black or noise images, garbage text); prefer 'auto' or 'bf16'")
+
+
+def resolve_dtypes(choice: str, bf16_native: bool) -> tuple[torch.dtype, torch.dtype, str | None]:
+    """``(weight dtype, compute dtype, warning)`` for the loader's dtype choice.
+
+    ``auto`` never computes in fp16: bf16 where the device has native bf16 arithmetic (CUDA compute
+    capability >= 8.0, CPUs), else bf16 weights (the checkpoint's own dtype, half the memory of fp32)
+    computed in fp32, which ComfyUI's ``manual_cast`` layers do by casting each weight as it is used.
+    ``bf16`` follows the same rule. ``fp16`` and ``fp32`` are taken as asked; fp16 comes with a warning.
+    """
+    if choice not in ("auto", *_DTYPES):
         raise NodeInputError(f"unknown dtype {choice!r}; choose one of {', '.join(DTYPE_CHOICES)}.")
-    return _DTYPES[choice]
+    if choice in ("auto", "bf16"):
+        return torch.bfloat16, torch.bfloat16 if bf16_native else torch.float32, None
+    dtype = _DTYPES[choice]
+    return dtype, dtype, FP16_WARNING if dtype == torch.float16 else None
 
 
 # ----------------------------------------------------------------------------------------- checkpoints

@@ -41,7 +41,7 @@ def run_images(bagel, method: str, plan: A.SchedulePlan, items: list, seeds: lis
     """
     kwargs = dict(kwargs, **distilled_flag(plan, bagel))
     progress = runtime.make_progress(len(items), plan.steps)
-    pipe = bagel.prepare()
+    pipe = bagel.prepare(method, **run_shape(method, items, kwargs))
     results, stats, notes = [], [], set()
     try:
         fn = getattr(pipe, method)
@@ -68,6 +68,18 @@ def run_images(bagel, method: str, plan: A.SchedulePlan, items: list, seeds: lis
         merged["warning"] = "; ".join(sorted(notes))
         log.warning("hyperbagel: %s", merged["warning"])
     return results, merged
+
+
+def run_shape(method: str, items: list, kwargs: dict) -> dict:
+    """What ``prepare`` sizes the working memory by: the batch's largest image and the run's flags."""
+    if method == "edit":
+        width, height = max((item[0].size for item in items), key=lambda s: s[0] * s[1])
+    else:
+        width, height = kwargs["width"], kwargs["height"]
+    shape = dict(height=height, width=width, think=bool(kwargs.get("think")))
+    if "distilled" in kwargs:
+        shape["distilled"] = kwargs["distilled"]
+    return shape
 
 
 def distilled_flag(plan: A.SchedulePlan, bagel) -> dict:

@@ -39,20 +39,21 @@ class BagelModel:
     draft_head: str | None = None
     distilled_expert: str | None = None
 
-    def prepare(self) -> Any:
-        """Ask ComfyUI to (re)load the weights on the compute device; returns the pipeline."""
+    def prepare(self, task: str | None = None, **run) -> Any:
+        """Ask ComfyUI to (re)load the weights for a run of ``task``; returns the pipeline.
+
+        ComfyUI keeps the run's working memory free beside the weights (``pipe.memory_required(task, **run)``,
+        an upper bound of caches + activations + VAE at that size) and streams the weights that do not fit.
+        The compute device is ComfyUI's load device: a partial load leaves some weights on the offload device,
+        so no weight tells where inputs go. The distilled expert and the draft head ride in the patcher's
+        module, so ComfyUI places (and streams) them with the rest.
+        """
         import comfy.model_management as mm
 
-        mm.load_models_gpu([self.patcher], force_full_load=self.memory_mode == "gpu_full")
-        self._move_extras(self.patcher.load_device)
+        need = self.pipe.memory_required(task, **run) if task else 0
+        mm.load_models_gpu([self.patcher], memory_required=need, force_full_load=self.memory_mode == "gpu_full")
+        self.pipe.compute_device = self.patcher.load_device
         return self.pipe
-
-    def _move_extras(self, device) -> None:
-        """Weights that live outside ``pipe.modules`` (distilled expert copy, draft head) follow the model."""
-        for attr in ("distilled_expert", "draft_head"):
-            extra = getattr(self.pipe, attr, None)
-            if extra is not None and callable(getattr(extra, "to", None)):
-                extra.to(device=device)
 
     def release(self) -> None:
         """After a run in ``offload_after_run`` mode: move the weights back to the offload device."""
@@ -64,7 +65,6 @@ class BagelModel:
             if getattr(loaded, "model", None) is self.patcher:
                 loaded.model_unload()
                 mm.current_loaded_models.remove(loaded)
-        self._move_extras(self.patcher.offload_device)
         mm.soft_empty_cache()
 
     def describe(self) -> str:
@@ -74,6 +74,18 @@ class BagelModel:
         if self.distilled_expert:
             parts.append(f"distilled {os.path.basename(self.distilled_expert)}")
         return ", ".join(parts)
+
+
+def bf16_native(device) -> bool:
+    """bf16 arithmetic in hardware: CPUs, CUDA compute capability >= 8.0 (Ampere), else ComfyUI's verdict."""
+    import comfy.model_management as mm
+    import torch
+
+    if device.type == "cpu":
+        return True
+    if device.type == "cuda":
+        return torch.cuda.get_device_capability(device) >= (8, 0)
+    return bool(mm.should_use_bf16(device))
 
 
 def check_model(model: Any) -> BagelModel:
@@ -112,27 +124,37 @@ def load_bagel(checkpoint_dir: str, dtype_choice: str, attn_backend: str, memory
     import comfy.model_management as mm
     import comfy.model_patcher
     import comfy.ops
+    import torch
 
-    from .adapters import resolve_dtype
+    from .adapters import resolve_dtypes
 
     core = import_core()
     load_device = mm.get_torch_device()
     offload_device = mm.unet_offload_device()
-    dtype = resolve_dtype(dtype_choice, mm.should_use_bf16(load_device), mm.should_use_fp16(load_device))
+    dtype, compute_dtype, warning = resolve_dtypes(dtype_choice, bf16_native(load_device))
+    if warning:
+        log.warning("hyperbagel: %s", warning)
     if memory_mode not in MEMORY_MODES:
         raise NodeInputError(f"unknown memory mode {memory_mode!r}; choose one of {', '.join(MEMORY_MODES)}.")
     if attn_backend not in attention_backends():
         raise NodeInputError(f"attention backend {attn_backend!r} is not available here; use 'sdpa' "
                              "(flash_attn needs the optional flash-attn package).")
     t0 = time.perf_counter()
-    pipe = core.BagelPipeline.from_pretrained(checkpoint_dir, device=offload_device, dtype=dtype,
-                                              ops=comfy.ops.manual_cast, attn_backend=attn_backend)
+    # ComfyUI's own choice of layers: plain ones (cast only when partial loading streams them) when the
+    # weights are stored in the compute dtype, casting ones otherwise.
+    ops = comfy.ops.pick_operations(dtype, compute_dtype, load_device=load_device)
+    pipe = core.BagelPipeline.from_pretrained(checkpoint_dir, device=offload_device, dtype=dtype, ops=ops,
+                                              compute_dtype=compute_dtype, attn_backend=attn_backend)
+    pipe.compute_device = load_device
     if draft_head:
         _attach(pipe, "load_draft_head", draft_head, "speculative decoding with a draft head")
     if distilled_expert:
         _attach(pipe, "load_distilled_expert", distilled_expert, "the distilled few-step expert")
     patcher = comfy.model_patcher.ModelPatcher(pipe.modules, load_device=load_device, offload_device=offload_device)
-    dtype_name = {"torch.bfloat16": "bf16", "torch.float16": "fp16", "torch.float32": "fp32"}.get(str(dtype), str(dtype))
+    names = {torch.bfloat16: "bf16", torch.float16: "fp16", torch.float32: "fp32"}
+    dtype_name = names.get(dtype, str(dtype))
+    if compute_dtype != dtype:
+        dtype_name += f" (computed in {names.get(compute_dtype, str(compute_dtype))})"
     model = BagelModel(pipe=pipe, patcher=patcher, checkpoint=checkpoint_dir, dtype_name=dtype_name,
                        attn_backend=attn_backend, memory_mode=memory_mode, draft_head=draft_head,
                        distilled_expert=distilled_expert)

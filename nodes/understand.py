@@ -68,7 +68,9 @@ class BagelSpeculativeVQA(io.ComfyNode):
         groups = [[p] for p in pils] if batch_mode == BATCH_MODES[0] and pils else [pils]
         seeds = A.batch_seeds(seed, len(groups))
         progress = runtime.make_progress(len(groups), max_new_tokens)
-        pipe = bagel.prepare()
+        width, height = max((p.size for p in pils), key=lambda s: s[0] * s[1], default=(1024, 1024))
+        pipe = bagel.prepare("answer", height=height, width=width, num_images=max(len(g) for g in groups),
+                             max_new_tokens=max_new_tokens, think=think)
         answers, stats = [], []
         try:
             for i, group in enumerate(groups):

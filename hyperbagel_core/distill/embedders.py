@@ -64,13 +64,15 @@ class GuidanceEmbedding(nn.Module):
         return (clamp_scale(text_scale, *self.text_range, what="text guidance scale"),
                 clamp_scale(img_scale, *self.img_range, what="image guidance scale"))
 
-    def forward(self, text_scale, img_scale, dtype: torch.dtype | None = None) -> torch.Tensor:
+    def forward(self, text_scale, img_scale, dtype: torch.dtype | None = None, device=None) -> torch.Tensor:
         """Scales: floats (clamped to the trained ranges) or [B] tensors (used as given, for training).
+
+        ``device``: where to compute (default: the embedders' weights; a streamed weight may sit elsewhere).
 
         Returns:
             [D] for float scales, [B, D] for tensor scales, in ``dtype`` (default: the embedders' dtype).
         """
-        dev = self.text_scale_embedder.mlp[0].weight.device
+        dev = device or self.text_scale_embedder.mlp[0].weight.device
         dt = dtype or self.text_scale_embedder.mlp[0].weight.dtype
         single = not torch.is_tensor(text_scale)
         if single:

@@ -139,29 +139,35 @@ class DistilledExpert:
         return cls(cfg, g, {k: params[k].detach().clone() for k in keys})
 
     # -- use ----------------------------------------------------------------------------------------------------
-    def extra(self, text_scale: float, img_scale: float | None = None, dtype: torch.dtype | None = None):
+    def extra(self, text_scale: float, img_scale: float | None = None, dtype: torch.dtype | None = None,
+              device=None):
         """The ``time_embed_extra`` for these scales (clamped to the trained ranges with a warning)."""
         s_img = self.config.t2i_img_scale if img_scale is None else img_scale
-        return self.guidance(text_scale, s_img, dtype)
+        return self.guidance(text_scale, s_img, dtype, device)
 
     @contextlib.contextmanager
     def swapped_into(self, model: nn.Module):
         """Within the block the model's gen-expert parameters are the distilled ones; restored on exit.
 
-        If the model was moved since loading (ComfyUI loads on the offload device, then moves the modules to
-        the GPU), the replacement tensors follow it once and stay there.
+        Each replacement sits where the parameter it replaces sits. Without a holder module the tensors (and
+        the embedders) follow a moved model once and stay there. With one (``as_module``, attached beside the
+        model so a model manager places it) the holder is left where the manager put it: a replacement for a
+        parameter that the manager loaded elsewhere is copied there for this block only (a partial load
+        streams some layers from the offload device and keeps others resident).
         """
-        if self._module is not None:  # the holder may have been moved since: read the tensors from it
-            self.tensors = {k: getattr(self._module, k.replace(".", "__")) for k in self.tensors}
         params = dict(model.named_parameters())
-        for k, v in list(self.tensors.items()):
+        if self._module is not None:
+            reps = {k: getattr(self._module, k.replace(".", "__")) for k in self.tensors}
+        else:
+            reps = self.tensors
+            ref = params.get("vae2llm.weight")
+            if ref is not None and next(self.guidance.parameters()).device != ref.device:
+                self.guidance.to(ref.device)
+        for k, v in list(reps.items()):
             p = params.get(k)
             if p is not None and v.device != p.device and not isinstance(v, nn.Parameter):
-                self.tensors[k] = v.to(p.device)
-        ref = params.get("vae2llm.weight")
-        if ref is not None and next(self.guidance.parameters()).device != ref.device:
-            self.guidance.to(ref.device)
-        with swap_parameters(model, self.tensors):
+                reps[k] = v.to(p.device)
+        with swap_parameters(model, reps):
             yield model
 
     def to(self, device=None, dtype=None) -> "DistilledExpert":

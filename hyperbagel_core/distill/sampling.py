@@ -17,7 +17,7 @@ def distilled_velocity_fn(model, expert: DistilledExpert, ctx, h: int, w: int, t
 
     Call it only inside ``expert.swapped_into(model)``. Scales are clamped to the trained ranges (warning).
     """
-    extra = expert.extra(text_scale, img_scale, dtype=model.dtype)
+    extra = expert.extra(text_scale, img_scale, dtype=model.dtype, device=model.device)
 
     def velocity(x: torch.Tensor, t: float) -> torch.Tensor:
         return model.velocity(ctx, x, t, h, w, time_embed_extra=extra)

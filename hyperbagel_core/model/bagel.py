@@ -57,13 +57,19 @@ class BagelModel(nn.Module):
         """The vision markers are looked up in the tokenizer at load time (spec 2.2)."""
         self._special = dict(start=start_of_image, end=end_of_image)
 
+    # Where inputs go and the activation dtype. A model manager that streams weights (ComfyUI's partial
+    # loading) leaves some on the offload device and may compute above their storage dtype, so the caller
+    # sets these; None falls back to the LM head's weight.
+    compute_device: torch.device | None = None
+    compute_dtype: torch.dtype | None = None
+
     @property
     def device(self) -> torch.device:
-        return self.language_model.lm_head.weight.device
+        return self.compute_device or self.language_model.lm_head.weight.device
 
     @property
     def dtype(self) -> torch.dtype:
-        return self.language_model.lm_head.weight.dtype
+        return self.compute_dtype or self.language_model.lm_head.weight.dtype
 
     def new_context(self) -> Context:
         return Context(self.config.llm.num_hidden_layers)

@@ -12,10 +12,11 @@ input the moments differ by at most 2.6e-5 (19 % of the tolerance, |ref| up to 8
 fp32 summation-order noise floor the golden README measures (1.2e-5 .. 2.6e-5). The library is
 numerically faithful, so we use it rather than maintaining a second copy of the network.
 
-Trade-off: diffusers builds its own ``nn.Conv2d``/``nn.GroupNorm``/``nn.Linear`` layers, so the
-``ops`` namespace (ComfyUI's manual-cast layers) cannot be injected here. That is acceptable for
-the VAE: it runs in one dtype (fp32 by default, ``vae_dtype``) and ComfyUI can still move it as a
-whole. ``from_config`` accepts ``ops`` for interface symmetry and ignores it.
+Injected ops: diffusers builds its own ``nn.Conv2d``/``nn.GroupNorm``/``nn.Linear`` layers, so
+``from_config`` re-classes them as the ``ops`` layers afterwards (``ops.adopt_ops``: same tensors, same
+forward). A model manager that streams weights layer by layer (ComfyUI's partial loading) then streams the
+VAE's layers too instead of leaving them on the offload device while the input goes to the GPU.
+Inputs go to ``compute_device`` (set by the pipeline), not to where a weight happens to be.
 
 On CUDA, fp32 convolutions may run in TF32 (``torch.backends.cudnn.allow_tf32`` defaults to
 True), which moves results by about 1e-3; the reference path runs the VAE in fp32 on CPU (spec 14.12).
@@ -30,6 +31,8 @@ import re
 
 import torch
 from torch import nn
+
+from ..ops import adopt_ops
 
 __all__ = ["FLUX_AE_DEFAULTS", "FluxVAE"]
 
@@ -143,7 +146,9 @@ def _to_official_key(key: str, levels: int) -> str:
 class FluxVAE(nn.Module):
     """FLUX autoencoder with BAGEL's latent normalisation (scale/shift) around it."""
 
-    def __init__(self, config: dict):
+    compute_device: torch.device | None = None  # where inputs go; None: the first conv's device
+
+    def __init__(self, config: dict, ops=None):
         super().__init__()
         from diffusers import AutoencoderKL  # deferred: importing diffusers is slow
 
@@ -152,18 +157,18 @@ class FluxVAE(nn.Module):
         self.levels = len(config["ch_mult"])
         self.scale_factor = float(config["scale_factor"])
         self.shift_factor = float(config["shift_factor"])
-        self.model = AutoencoderKL(**_diffusers_kwargs(config))
+        self.model = adopt_ops(AutoencoderKL(**_diffusers_kwargs(config)), ops)
 
     @classmethod
     def from_config(cls, vae_config: dict | None = None, ops=None) -> "FluxVAE":
         """Build from ae_config.json fields (missing fields fall back to FLUX defaults).
 
-        ``ops`` is accepted for interface symmetry and ignored (diffusers owns the layers).
+        ``ops``: the layer namespace diffusers' layers are re-classed to (see the module docstring).
         Works under ``with torch.device("meta"):``.
         """
         cfg = dict(FLUX_AE_DEFAULTS)
         cfg.update(vae_config or {})
-        return cls(cfg)
+        return cls(cfg, ops)
 
     # ----------------------------------------------------------------- weights
     @classmethod
@@ -225,13 +230,14 @@ class FluxVAE(nn.Module):
         self.load_state_dict(converted, strict=True, assign=assign)
 
     # ----------------------------------------------------------------- math
-    def _param(self) -> torch.Tensor:
-        return self.model.encoder.conv_in.weight
+    def _place(self, x: torch.Tensor) -> torch.Tensor:
+        """Move an input to the compute device in the weights' dtype (a streamed weight may sit elsewhere)."""
+        p = self.model.encoder.conv_in.weight
+        return x.to(device=self.compute_device or p.device, dtype=p.dtype)
 
     def encode_moments(self, pixels: torch.Tensor) -> torch.Tensor:
         """Raw encoder output [mean | logvar], [B, 2z, H/8, W/8], for pixels in [-1, 1]."""
-        p = self._param()
-        return self.model.encoder(pixels.to(device=p.device, dtype=p.dtype))
+        return self.model.encoder(self._place(pixels))
 
     def encode(self, pixels: torch.Tensor, noise: torch.Tensor | None = None,
                generator: torch.Generator | None = None, sample: bool = True) -> torch.Tensor:
@@ -252,8 +258,7 @@ class FluxVAE(nn.Module):
 
     def decode(self, latent: torch.Tensor) -> torch.Tensor:
         """Pixels in about [-1, 1]: decoder(latent/scale + shift)."""
-        p = self._param()
-        z = latent.to(device=p.device, dtype=p.dtype) / self.scale_factor + self.shift_factor
+        z = self._place(latent) / self.scale_factor + self.shift_factor
         return self.model.decoder(z)
 
     def forward(self, pixels: torch.Tensor) -> torch.Tensor:

@@ -45,8 +45,6 @@ def decode_with_drafter(model, ctx, name: str, head=None, *, bos_id: int, eos_id
     """Speculative decoding on ``ctx`` (extended in place; pass a fork) with ``model`` a BagelModel or its
     ``StaticTextDecoder``. Returns (ids, stats)."""
     prompt = context_text_ids(ctx)
-    if head is not None and next(head.parameters()).device != model.device:
-        head.to(model.device)
     k = num_draft_tokens or DEFAULT_DRAFT_TOKENS
     # with the target graphed, graph the draft chain too: its cache covers the answer plus one chain
     static = max_new_tokens + k + 2 if isinstance(model, StaticTextDecoder) else 0

@@ -163,7 +163,7 @@ def speculative_generate(model, ctx, drafter, *, bos_id: int, eos_id: int, max_n
     Returns:
         SpecResult(ids=new token ids (no start token, no stop token), stats=SpecStats.as_dict()).
     """
-    dev = next(model.parameters()).device
+    dev = getattr(model, "device", None) or next(model.parameters()).device  # a streamed weight may sit elsewhere
     k_max = 0 if drafter is None else (DEFAULT_DRAFT_TOKENS if num_draft_tokens is None else int(num_draft_tokens))
     if k_max < 0:
         raise ValueError(f"num_draft_tokens must be >= 0, got {num_draft_tokens}")

@@ -104,8 +104,9 @@ class MetaQueryCA(nn.Module):
         """feats [n, L, D] -> [n, Q, D]."""
         n, L, _ = feats.shape
         Q = self.meta_queries.shape[0]
-        kv = self.feature_norm(feats) + self.layer_embed.to(feats.dtype)
-        q = self.q_norm(self.q_proj(self.meta_queries.to(feats.dtype)).view(Q, self.heads, self.head_dim))
+        kv = self.feature_norm(feats) + self.layer_embed.to(feats.device, feats.dtype)
+        q = self.q_norm(self.q_proj(self.meta_queries.to(feats.device, feats.dtype)).view(Q, self.heads,
+                                                                                          self.head_dim))
         k = self.k_norm(self.k_proj(kv).view(n, L, self.kv_heads, self.head_dim))
         v = self.v_proj(kv).view(n, L, self.kv_heads, self.head_dim)
         o = F.scaled_dot_product_attention(q.transpose(0, 1).expand(n, -1, -1, -1), k.transpose(1, 2),
@@ -123,7 +124,8 @@ class DraftCache:
 
     def __init__(self, head: "DraftHead", capacity: int = 256, growable: bool = True):
         c, p = head.config, head.fc2.weight
-        mk = lambda n: KVBuffer(n, capacity, c.num_key_value_heads, c.head_dim, p.dtype, p.device, growable)
+        dev = head.compute_device or p.device
+        mk = lambda n: KVBuffer(n, capacity, c.num_key_value_heads, c.head_dim, p.dtype, dev, growable)
         self.dec = mk(1) if c.use_dec else None
         self.layers = mk(c.num_draft_layers)
         self.dec_len = 0          # Dec entries (= target positions seen)
@@ -131,6 +133,8 @@ class DraftCache:
 
 
 class DraftHead(nn.Module):
+    compute_device: torch.device | None = None  # where its cache goes (set with the pipeline's); None: fc2's
+
     def __init__(self, config: DraftHeadConfig):
         super().__init__()
         c = self.config = config

@@ -19,8 +19,8 @@ def inv_freq(head_dim: int, theta: float, device=None) -> torch.Tensor:
 
 
 def rope_cos_sin(pos: torch.Tensor, freqs: torch.Tensor, dtype: torch.dtype):
-    """pos [n] (int) -> cos, sin [n, head_dim] in ``dtype`` (angles in fp32)."""
-    ang = pos.float()[:, None] * freqs[None, :]
+    """pos [n] (int) -> cos, sin [n, head_dim] in ``dtype`` (angles in fp32); ``freqs`` follows ``pos``."""
+    ang = pos.float()[:, None] * freqs.to(pos.device)[None, :]
     ang = torch.cat([ang, ang], dim=-1)
     return ang.cos().to(dtype), ang.sin().to(dtype)
 

@@ -2,7 +2,7 @@
 
 Only what ``nodes/`` uses: ``comfy_api.latest`` (io types, Schema, ComfyNode, NodeOutput, ComfyExtension),
 ``comfy.model_management`` (devices, dtype checks, load_models_gpu, interrupts), ``comfy.utils.ProgressBar``,
-``comfy.ops.manual_cast``, ``comfy.model_patcher.ModelPatcher`` and ``folder_paths``. Calls are recorded on
+``comfy.ops`` (pick_operations), ``comfy.model_patcher.ModelPatcher`` and ``folder_paths``. Calls are recorded on
 ``STATE`` so tests can assert on them.
 """
 from __future__ import annotations
@@ -21,6 +21,7 @@ class _State:
         self.interrupt_after = None  # raise on the n-th interrupt check
         self.checks = 0
         self.models_dir = None
+        self.ops_picked = []      # (weight dtype, compute dtype, load device) passed to pick_operations
 
 
 STATE = _State()
@@ -123,12 +124,21 @@ class ModelPatcher:
         self.model, self.load_device, self.offload_device = model, load_device, offload_device
 
 
-class manual_cast:
+class disable_weight_init:
     Linear = torch.nn.Linear
     LayerNorm = torch.nn.LayerNorm
     Embedding = torch.nn.Embedding
     Conv2d = torch.nn.Conv2d
     GroupNorm = torch.nn.GroupNorm
+
+
+class manual_cast(disable_weight_init):
+    pass
+
+
+def pick_operations(weight_dtype, compute_dtype, load_device=None, **kw):
+    STATE.ops_picked.append((weight_dtype, compute_dtype, load_device))
+    return disable_weight_init if compute_dtype is None or weight_dtype == compute_dtype else manual_cast
 
 
 def _module(name, **attrs):
@@ -171,7 +181,8 @@ def install(models_dir: str | None = None) -> _State:
     fp.get_full_path = get_full_path
     fp.get_folder_paths = lambda key: list(fnp[key][0])
     comfy = _module("comfy", model_management=mm, utils=_module("comfy.utils", ProgressBar=ProgressBar),
-                    ops=_module("comfy.ops", manual_cast=manual_cast),
+                    ops=_module("comfy.ops", manual_cast=manual_cast, disable_weight_init=disable_weight_init,
+                                pick_operations=pick_operations),
                     model_patcher=_module("comfy.model_patcher", ModelPatcher=ModelPatcher))
     sys.modules.update({
         "comfy_api": _module("comfy_api", latest=latest), "comfy_api.latest": latest,

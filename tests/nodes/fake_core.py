@@ -20,6 +20,12 @@ class FakePipe:
         self.calls = []
         self.steps, self.rounds = steps, rounds
         self.draft = self.distilled = None
+        self.compute_device = None
+        self.memory_asks = []     # (task, run parameters) of memory_required calls
+
+    def memory_required(self, task, **run):
+        self.memory_asks.append((task, run))
+        return 1000 + run.get("height", 0) * run.get("width", 0)
 
     def load_draft_head(self, path):
         self.draft = path
@@ -69,8 +75,9 @@ def make_core(pipe=None):
 
     class BagelPipeline:
         @staticmethod
-        def from_pretrained(path, device=None, dtype=None, ops=None, attn_backend="sdpa"):
-            loads.append(dict(path=path, device=device, dtype=dtype, ops=ops, attn_backend=attn_backend))
+        def from_pretrained(path, device=None, dtype=None, ops=None, attn_backend="sdpa", compute_dtype=None):
+            loads.append(dict(path=path, device=device, dtype=dtype, ops=ops, attn_backend=attn_backend,
+                              compute_dtype=compute_dtype))
             return pipe
 
     return FakeCore(BagelPipeline=BagelPipeline, loads=loads, pipe=pipe)

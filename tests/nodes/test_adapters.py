@@ -117,13 +117,16 @@ def test_plan_schedule_errors(kw):
         A.plan_schedule(**kw)
 
 
-def test_resolve_dtype():
-    assert A.resolve_dtype("auto", True, True) == torch.bfloat16
-    assert A.resolve_dtype("auto", False, True) == torch.float16
-    assert A.resolve_dtype("auto", False, False) == torch.float32
-    assert A.resolve_dtype("fp16", False, False) == torch.float16
+def test_resolve_dtypes_never_computes_in_fp16_unasked():
+    bf, f32, f16 = torch.bfloat16, torch.float32, torch.float16
+    assert A.resolve_dtypes("auto", True) == (bf, bf, None)          # Ampere+, CPU
+    assert A.resolve_dtypes("auto", False) == (bf, f32, None)        # pre-Ampere: bf16 weights, fp32 math
+    assert A.resolve_dtypes("bf16", False) == (bf, f32, None)
+    assert A.resolve_dtypes("fp32", False) == (f32, f32, None)
+    w, c, warning = A.resolve_dtypes("fp16", True)
+    assert (w, c) == (f16, f16) and "overflow" in warning and "65504" in warning and "inf/NaN" in warning
     with pytest.raises(A.NodeInputError):
-        A.resolve_dtype("int8", True, True)
+        A.resolve_dtypes("int8", True)
 
 
 def test_checkpoint_listing():

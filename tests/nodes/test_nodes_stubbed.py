@@ -80,8 +80,9 @@ def test_loader_lists_and_loads_through_model_patcher(env):
     assert opts["draft_head"] == ["none", "head.safetensors"] and opts["distilled_expert"] == ["none", "six.safetensors"]
     assert opts["attention"][0] == "sdpa"
     m = load(ext, draft_head="head.safetensors", distilled_expert="six.safetensors")
-    assert core.loads[0]["dtype"] == torch.float32  # auto on a CPU
-    assert core.loads[0]["ops"] is sys.modules["comfy.ops"].manual_cast
+    assert core.loads[0]["dtype"] == core.loads[0]["compute_dtype"] == torch.bfloat16  # auto on a CPU
+    assert core.loads[0]["ops"] is sys.modules["comfy.ops"].disable_weight_init  # no cast for resident weights
+    assert state.ops_picked == [(torch.bfloat16, torch.bfloat16, torch.device("cpu"))]
     assert m.patcher.model is core.pipe.modules
     assert core.pipe.draft.endswith("head.safetensors") and core.pipe.distilled.endswith("six.safetensors")
 
@@ -271,3 +272,37 @@ def test_core_warnings_reach_the_node_ui(env):
     core.pipe.generate = generate
     out = ext.BagelFewStepSampler.execute(**sampler_kw(m, schedule="hyper-6nfe", batch_size=2))
     assert "clamped to 5" in out.ui["text"][0] and out.ui["bagel_stats"][0]["warning"].count("clamped") == 1
+
+
+def test_pre_ampere_device_gets_bf16_weights_fp32_compute_and_casting_ops(env, monkeypatch):
+    state, ext, core = env
+    mm = sys.modules["comfy.model_management"]
+    monkeypatch.setattr(mm, "get_torch_device", lambda: torch.device("meta"))  # no native bf16 (stub says so)
+    m = load(ext)
+    assert (core.loads[0]["dtype"], core.loads[0]["compute_dtype"]) == (torch.bfloat16, torch.float32)
+    assert core.loads[0]["ops"] is sys.modules["comfy.ops"].manual_cast
+    assert core.pipe.compute_device == torch.device("meta") and "computed in fp32" in m.describe()
+
+
+def test_fp16_choice_warns_about_overflow(env, caplog):
+    _, ext, core = env
+    with caplog.at_level("WARNING", logger="hyperbagel"):
+        load(ext, dtype="fp16")
+    assert core.loads[0]["compute_dtype"] == torch.float16 and "inf/NaN" in caplog.text
+
+
+def test_prepare_reserves_the_runs_memory_and_computes_on_the_load_device(env):
+    state, ext, core = env
+    m = load(ext)
+    m.patcher.load_device = torch.device("meta")       # what ComfyUI says, whatever the weights' device
+    ext.BagelFewStepSampler.execute(model=m, prompt="a cat", width=64, height=48, schedule="teacher-50", steps=4,
+                                    solver="euler", custom_timesteps="", shift=3.0, text_guidance=4.0,
+                                    cfg_interval_start=0.4, seed=1, batch_size=1, think=False)
+    assert core.pipe.memory_asks[-1] == ("generate", dict(height=48, width=64, think=False, distilled=False))
+    assert state.loaded[-1][1]["memory_required"] == 1000 + 48 * 64
+    assert core.pipe.compute_device == torch.device("meta")
+    ext.BagelSpeculativeVQA.execute(model=m, question="what?", drafter="none", k=4, max_new_tokens=8,
+                                    temperature=0.0, seed=1, think=False, image=torch.rand(2, 32, 16, 3))
+    assert core.pipe.memory_asks[-1] == ("answer", dict(height=32, width=16, num_images=1, max_new_tokens=8,
+                                                        think=False))
+    assert state.loaded[-1][1]["memory_required"] == 1000 + 32 * 16

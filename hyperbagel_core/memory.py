@@ -1,0 +1,112 @@
+"""Working memory one pipeline call needs beyond the weights, so a model manager can reserve it.
+
+ComfyUI's ``load_models_gpu(..., memory_required=...)`` keeps that much free beside the weights (streaming
+the rest of the weights when they do not fit). The estimate is an upper bound assuming fused attention
+kernels (no query x key score matrix); bytes, with ``e`` the activation dtype's size:
+
+* KV caches: every context holds ``2 * layers * kv_heads * head_dim * e`` bytes per token, and a cache that
+  grows keeps up to twice its length (+16) as capacity. Contexts: generate = main and cfg_img with the
+  prompt, cfg_text empty; edit = main (image + prompt), cfg_text (image), cfg_img (prompt); answer = the
+  prefilled main context plus the decoding fork (prompt + new tokens). Without CFG (distilled) only main.
+* One LLM pass over a block of ``n`` tokens for ``B`` branches, per token: residual, norm and split/merge
+  copies ``6D``, q/k/v ``(Hq + 2Hkv) d``, attention output ``Hq d``, MLP gate/up/product ``3I`` (all ``e``),
+  plus fp32 q/k for qk-norm/RoPE and the LSE ``4 (3 (Hq + Hkv) d + Hq)``; plus the gathered keys/values
+  of one layer ``2 B (ctx + n) Hkv d e`` and, when decoding, logits of 16 tokens ``16 V (e + 4)``.
+  Blocks: the denoising query (latents + 2 markers) x branches, each prefill block (ViT, VAE, text).
+* ViT: per patch token ``e (6C + 2I_vit) + 8C`` (fp32 LayerNorm).
+* VAE: at each resolution level ``j`` of the autoencoder, 5 tensors of ``(H/2^j)(W/2^j)`` pixels with the
+  widest channel count next to that level (a resnet's input, norm and activation, an upsample's input and
+  output), in the VAE dtype; plus the fused mid-block attention's q/k/v/out at the lowest level.
+
+Total = KV + the largest of (LLM pass, ViT, VAE encode, VAE decode): the caches stay alive until the image
+is decoded; one pass's activations are freed before the next.
+"""
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import torch
+
+from . import image as im
+from .config import BagelConfig
+
+TASKS = ("answer", "generate", "edit")
+
+
+@dataclass(frozen=True)
+class MemoryEstimate:
+    kv: int            # bytes of context caches
+    llm: int           # largest single LLM pass (activations)
+    vit: int           # ViT encoder pass
+    vae: int           # largest VAE encode/decode
+    total: int
+
+
+def _size(dtype) -> int:
+    return torch.empty((), dtype=dtype).element_size()
+
+
+def _vae_bytes(cfg: dict, height: int, width: int, e: int) -> int:
+    mult, ch = list(cfg["ch_mult"]), cfg["ch"]
+    worst = 0
+    for j in range(len(mult)):
+        widest = ch * max(mult[max(j - 1, 0): j + 2])
+        worst = max(worst, 5 * (height >> j) * (width >> j) * widest)
+    low = len(mult) - 1
+    attention = 4 * (height >> low) * (width >> low) * ch * mult[-1]
+    return e * (worst + attention + 2 * 3 * height * width)
+
+
+def estimate_run_memory(config: BagelConfig, task: str, *, height: int = 1024, width: int = 1024,
+                        dtype=torch.bfloat16, vae_dtype=torch.float32, cfg_branches: int = 3,
+                        text_tokens: int = 256, think_tokens: int = 0, max_new_tokens: int = 512,
+                        num_images: int = 1) -> MemoryEstimate:
+    """Upper bound of the working memory for one call (see the module docstring for the formula).
+
+    ``height``/``width``: the output image (generate), the input image (edit: it is VAE-resized, the output
+    has that size; answer: each of ``num_images`` images). ``cfg_branches``: 3 for the teacher's CFG, 1 with
+    a distilled expert. ``text_tokens``: the prompt/question budget (system prompts included).
+    """
+    if task not in TASKS:
+        raise ValueError(f"unknown task {task!r}; choose one of {TASKS}")
+    llm, vit = config.llm, config.vit
+    e, d = _size(dtype), llm.head_dim
+    kv_token = 2 * llm.num_hidden_layers * llm.num_key_value_heads * d * e
+    text = text_tokens + think_tokens
+
+    if task != "generate":  # every input image is VAE-resized first, then ViT-resized
+        width, height = im.resize_size(width, height, *im.VAE_RESIZE)
+    vit_w, vit_h = im.resize_size(width, height, *im.VIT_RESIZE)
+    n_vit = (vit_w // vit.patch_size) * (vit_h // vit.patch_size) + 2
+    step = config.latent_downsample
+    n_lat = (height // step) * (width // step) + 2
+
+    if task == "answer":
+        prompt = text + num_images * n_vit
+        contexts = [prompt, prompt + max_new_tokens]
+        blocks = [(1, n_vit, prompt), (1, text, prompt), (1, 16, prompt + max_new_tokens)]
+    elif task == "generate":
+        contexts = [text, text, 0] if cfg_branches > 1 else [text]
+        blocks = [(1, text, text), (cfg_branches, n_lat, text)]
+    else:
+        image = n_lat + n_vit
+        contexts = [image + text, image, text] if cfg_branches > 1 else [image + text]
+        blocks = [(1, n_vit, image), (1, n_lat, image), (1, text, image + text),
+                  (cfg_branches, n_lat, image + text)]
+    if think_tokens:
+        contexts.append(contexts[0])  # the fork that decodes the thinking
+    kv = kv_token * sum(2 * n + 16 for n in contexts)
+
+    per_token = (e * (6 * llm.hidden_size + (2 * llm.num_attention_heads + 2 * llm.num_key_value_heads) * d
+                      + 3 * llm.intermediate_size)
+                 + 4 * (3 * (llm.num_attention_heads + llm.num_key_value_heads) * d + llm.num_attention_heads))
+    gather = 2 * llm.num_key_value_heads * d * e
+    act = max(b * n * per_token + b * (ctx + n) * gather for b, n, ctx in blocks)
+    if task == "answer" or think_tokens:
+        act += 16 * llm.vocab_size * (e + 4)
+
+    vit_bytes = 0 if task == "generate" else n_vit * (e * (6 * vit.hidden_size + 2 * vit.intermediate_size)
+                                                     + 8 * vit.hidden_size)
+    ev = _size(vae_dtype)
+    vae = 0 if task == "answer" else _vae_bytes(config.vae, height, width, ev)
+    return MemoryEstimate(kv, act, vit_bytes, vae, kv + max(act, vit_bytes, vae))
