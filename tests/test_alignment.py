@@ -2,13 +2,15 @@
 
 safetensors returns tensors at their offset in the file; CPU kernels take another path for misaligned
 operands, so a file-loaded expert gave fp32 results differing in the last bits from the in-memory one.
-One test per loader: checkpoint (from_pretrained and load_bagel_model), VAE, distilled expert, draft head.
+One test per loader: checkpoint (from_pretrained and load_bagel_model), VAE (also FluxVAE's own\nload_official_state_dict), distilled expert, draft head.
 """
 import pytest
 import torch
+from safetensors.torch import load_file
 
 from hyperbagel_core.distill import DistilledExpert, load_distilled_expert
 from hyperbagel_core.loading import ALIGNMENT, aligned, load_bagel_model, load_config, load_vae
+from hyperbagel_core.model.vae import FluxVAE
 from hyperbagel_core.pipeline import BagelPipeline
 from hyperbagel_core.speculative import DraftHead, save_draft_head
 
@@ -48,6 +50,14 @@ def test_load_bagel_model_and_load_vae(tiny_ckpt):
     model = load_bagel_model(tiny_ckpt, cfg, device="cpu", dtype=torch.bfloat16)
     vae = load_vae(tiny_ckpt, cfg, device="cpu", dtype=torch.float32)   # ae.safetensors is fp32: no conversion
     assert misaligned(model) == [] and misaligned(vae) == []
+
+
+def test_vae_load_official_state_dict_with_assign(tiny_ckpt):
+    sd = load_file(str(tiny_ckpt / "ae.safetensors"))
+    with torch.device("meta"):
+        vae = FluxVAE.from_config(load_config(tiny_ckpt).vae)
+    vae.load_official_state_dict(sd, assign=True)
+    assert misaligned(vae) == []
 
 
 def test_distilled_expert(pipe, tmp_path):
