@@ -38,8 +38,6 @@ SCRIPT = textwrap.dedent("""
     assert pipe.modules.model_lowvram, "expected a partial (low-VRAM) load"
     a = ref.generate("a red fox", height=64, width=64, num_timesteps=4, seed=3)
     b = pipe.generate("a red fox", height=64, width=64, num_timesteps=4, seed=3)
-    # bitwise: both load the same file into aligned storage, and manual_cast hands the weight itself to the
-    # same torch op when device and dtype already match (comfy.model_management.cast_to)
     assert torch.equal(a.image_u8, b.image_u8), (a.decoded - b.decoded).abs().max()
     qa = ref.answer(None, "hello there", max_new_tokens=12)
     qb = pipe.answer(None, "hello there", max_new_tokens=12)
