@@ -23,16 +23,18 @@ from PIL import Image
 
 from . import image as im
 from .generation import CFGSettings
+from .loading import aligned
 from .pipeline import BagelPipeline
 
 
 def _injected(case: dict, golden_case: Path) -> dict[str, torch.Tensor]:
+    """The recorded tensors (noise) this case feeds in; aligned like every other file-backed tensor."""
     from safetensors.torch import load_file
     names = [o["name"] for o in case["outputs"] if "inject" in str(o.get("tolerance", {}).get("why", ""))]
     if not names:
         return {}
     data = load_file(str(golden_case))
-    return {n: data[n] for n in names if n in data}
+    return {n: aligned(data[n]) for n in names if n in data}
 
 
 def _ctx_tensors(prefix: str, ctx, with_kv: bool = True) -> dict:

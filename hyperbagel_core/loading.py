@@ -4,6 +4,7 @@ Every file is checked before any tensor is read: safetensors headers are parsed 
 non-safetensors file gets one clear message naming it), the key set and every shape are compared with the
 model built on the meta device, and only then are tensors read one by one with ``safetensors.safe_open``
 and assigned, so a 29 GB checkpoint never sits twice in memory. No pickle / ``torch.load`` anywhere.
+Every tensor read from a file goes through ``aligned`` (see there why).
 """
 from __future__ import annotations
 
@@ -23,6 +24,22 @@ REQUIRED_FILES = ("llm_config.json", "vit_config.json", "ema.safetensors", "ae.s
 DTYPES = {"float32": torch.float32, "fp32": torch.float32, "bfloat16": torch.bfloat16, "bf16": torch.bfloat16,
           "float16": torch.float16, "fp16": torch.float16, "float64": torch.float64}
 _ST_DTYPES = {"F64", "F32", "F16", "BF16", "I64", "I32", "I16", "I8", "U8", "BOOL", "F8_E4M3", "F8_E5M2"}
+
+
+ALIGNMENT = 64  # bytes; what PyTorch's CPU allocator gives every fresh tensor
+
+
+def aligned(t: torch.Tensor) -> torch.Tensor:
+    """``t`` itself when contiguous and ``ALIGNMENT``-aligned, else a fresh contiguous (aligned) copy.
+
+    safetensors returns tensors at their offset in the file's data (e.g. ``data_ptr() % 64 == 24``). CPU
+    kernels take a different code path for misaligned operands, so a weight read from a file and the same
+    weight held in memory gave fp32 results differing in the last bits. Called tensor by tensor, so loading
+    holds at most one extra tensor at a time.
+    """
+    if t.is_contiguous() and t.data_ptr() % ALIGNMENT == 0:
+        return t
+    return t.clone(memory_format=torch.contiguous_format)
 
 
 def resolve_dtype(dtype) -> torch.dtype:
@@ -119,7 +136,7 @@ def _load_tensors(path: Path, names, device, dtype=None) -> dict[str, torch.Tens
         with safe_open(str(path), framework="pt", device=str(device)) as f:
             for name in names:
                 t = f.get_tensor(name)
-                out[name] = t.to(dtype) if dtype is not None and t.is_floating_point() else t
+                out[name] = aligned(t.to(dtype) if dtype is not None and t.is_floating_point() else t)
     except CheckpointError:
         raise
     except Exception as e:  # safetensors raises its own error types

@@ -25,6 +25,7 @@ import torch
 from torch import nn
 
 from ..errors import CheckpointError
+from ..loading import aligned, read_safetensors_header
 from .embedders import IMG_SCALE_RANGE, T2I_IMG_SCALE, TEXT_SCALE_RANGE, GuidanceEmbedding
 
 FORMAT = "hyperbagel.distilled_expert"
@@ -243,8 +244,6 @@ def read_distilled_file(path: str | Path) -> tuple[DistillConfig, dict]:
     """Read and validate the container (format, metadata, tensor list). No model needed."""
     from safetensors import safe_open
 
-    from ..loading import read_safetensors_header
-
     p = Path(path)
     if not p.is_file():
         raise CheckpointError(f"{p}: distilled-expert file not found")
@@ -319,6 +318,8 @@ def load_distilled_expert(path: str | Path, model: nn.Module) -> DistilledExpert
                               f"{cfg.base_hidden_size}: {e}") from e
     g.to(ref.device, ref.dtype)
     params = dict(model.named_parameters())
-    reps = {k[len(GEN_PREFIX):]: v.to(ref.device, params[k[len(GEN_PREFIX):]].dtype)
-            for k, v in tensors.items() if k.startswith(GEN_PREFIX)}
+    reps = {}
+    for k in [k for k in tensors if k.startswith(GEN_PREFIX)]:
+        key = k[len(GEN_PREFIX):]  # popped: the file's tensor is freed once its aligned copy exists
+        reps[key] = aligned(tensors.pop(k).to(ref.device, params[key].dtype))
     return DistilledExpert(cfg, g, reps)

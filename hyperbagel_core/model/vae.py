@@ -224,9 +224,17 @@ class FluxVAE(nn.Module):
                              + " | ".join(parts))
 
     def load_official_state_dict(self, sd: dict, assign: bool = False) -> None:
-        """Convert, strictly check, and load an official-name state dict."""
+        """Convert, strictly check, and load an official-name state dict.
+
+        With ``assign`` the given tensors become the weights, so file-backed ones are first moved to aligned
+        storage (``loading.aligned``: misaligned weights change the CPU kernels' results in the last bits).
+        """
+        from ..loading import aligned  # loading -> config -> this module: import when called
+
         converted = self.convert_official_state_dict(sd, self.levels)
         self.check_state_dict(converted)
+        if assign:
+            converted = {k: aligned(v) for k, v in converted.items()}
         self.load_state_dict(converted, strict=True, assign=assign)
 
     # ----------------------------------------------------------------- math

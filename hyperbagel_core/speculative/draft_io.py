@@ -158,7 +158,7 @@ def load_draft_head(path, model, *, strict_fingerprint: bool = True, verify_chec
     bad = [k for k, t in tensors.items() if t.is_floating_point() and not torch.isfinite(t).all()]
     if bad:
         raise CheckpointError(f"{st}: non-finite values in {bad[:3]}; the head is corrupt or diverged")
-    head.load_state_dict(tensors)
+    head.load_state_dict(tensors)  # copies into the head's own fresh (so 64-byte aligned) parameters
     ref = model.language_model.lm_head.weight
     head = head.to(device=device or ref.device, dtype=dtype or ref.dtype)
     return head.bind(model)

@@ -232,6 +232,8 @@ def test_speculative_answers_equal_plain_greedy_through_comfyui(server, object_i
         answers[d] = hist["outputs"][vqa]["text"][0]
         stats[d] = hist["outputs"][vqa]["bagel_stats"][0]
     print("speculative stats through ComfyUI:", json.dumps(stats))
+    # exact text although fp32 verification batches round differently from single-token steps: the smallest
+    # top-1/top-2 margin of this greedy answer (tiny checkpoint, 40 tokens) is 2.6e-3, far above that noise
     assert len(set(answers.values())) == 1, answers
 
 
