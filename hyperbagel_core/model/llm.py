@@ -18,7 +18,7 @@ from torch import nn
 
 from ..config import LLMConfig
 from ..ops import resolve_ops
-from .attention import attention, padded_attention
+from .attention import attention
 
 
 class RMSNorm(nn.Module):
@@ -141,39 +141,40 @@ class Qwen2MoTDecoderLayer(nn.Module):
 class KVAccess:
     """How one forward reads and writes the context caches for each layer.
 
-    * one context, ``update=True``: the block's K/V are appended to the context (prefill, decoding);
-    * one context, ``update=False``: cache read-only (a denoising query is never cached);
-    * several contexts (batched CFG branches): read-only, non-causal, keys padded per branch.
+    One context per batch row (None = empty); each row gets its own exact-length attention call on its own
+    cache while the linears and MLPs around it stay batched (CFG branches). The block's K/V are written
+    right after the context's ``kv_len`` (``Context.reserve`` + ``write``), so attention reads one contiguous
+    cache view and no cache is copied per layer or step. With ``update`` the caller then commits the block
+    (``advance``: prefill, decoding, verification); without it the write is scratch past ``kv_len`` that the
+    next query overwrites (a denoising query is never cached). Under autograd (distillation's student pass)
+    the block is concatenated instead, so the caches never join a graph.
     """
 
-    def __init__(self, ctxs, causal: bool, update: bool):
+    def __init__(self, ctxs, causal: bool, update: bool, like: torch.Tensor, num_kv_heads: int, head_dim: int):
+        if len(ctxs) > 1 and update:
+            raise ValueError("only a single context can be appended to in one forward")
         self.ctxs, self.causal, self.update, self.layer = ctxs, causal, update, 0
-        if len(ctxs) > 1 and (causal or update):
-            raise ValueError("batched contexts are only supported for read-only, non-causal queries")
+        self.in_place = update or not torch.is_grad_enabled()
+        if self.in_place:
+            for c in ctxs:
+                if c is not None and (update or c.kv_len):
+                    c.reserve(like.shape[1], like, num_kv_heads, head_dim)
+
+    def _cache(self, ctx, layer: int, k: torch.Tensor, v: torch.Tensor):
+        """All keys/values this row attends to: [kv_len + n, Hkv, d]."""
+        if ctx is None or not (self.update or ctx.kv_len):
+            return k, v
+        if self.in_place:
+            return ctx.write(layer, k, v)
+        return torch.cat([ctx.keys(layer), k]), torch.cat([ctx.values(layer), v])
 
     def attend(self, q, k, v):
         layer, self.layer = self.layer, self.layer + 1
-        if len(self.ctxs) == 1:
-            ctx = self.ctxs[0]
-            if self.update:
-                K, V = ctx.write(layer, k[0], v[0])
-            elif ctx is not None and ctx.kv_len:
-                K, V = torch.cat([ctx.keys(layer), k[0]]), torch.cat([ctx.values(layer), v[0]])
-            else:
-                K, V = k[0], v[0]
-            return attention(q[0], K, V, self.causal)[None]
-        B, n = q.shape[:2]
-        lens = [0 if c is None else c.kv_len for c in self.ctxs]
-        L = max(lens) + n
-        K = k.new_zeros(B, L, *k.shape[2:])
-        V = torch.zeros_like(K)
-        valid = torch.zeros(B, L, dtype=torch.bool, device=q.device)
-        for b, c in enumerate(self.ctxs):
-            if lens[b]:
-                K[b, : lens[b]], V[b, : lens[b]] = c.keys(layer), c.values(layer)
-            K[b, lens[b]: lens[b] + n], V[b, lens[b]: lens[b] + n] = k[b], v[b]
-            valid[b, : lens[b] + n] = True
-        return padded_attention(q, K, V, valid)
+        outs = []
+        for b, ctx in enumerate(self.ctxs):
+            K, V = self._cache(ctx, layer, k[b], v[b])
+            outs.append(attention(q[b:b + 1], K[None], V[None], self.causal))
+        return outs[0] if len(outs) == 1 else torch.cat(outs)
 
 
 @dataclass
@@ -205,10 +206,8 @@ class Qwen2MoTForCausalLM(nn.Module):
                 update: bool, return_all_hidden: bool = False) -> LLMOutput:
         """x [B, n, D] in the model dtype, positions [B, n]; one context per batch row (None = empty)."""
         cfg = self.config
-        if update:
-            ctxs[0].reserve(x.shape[1], x, cfg.num_key_value_heads, cfg.head_dim)
         cos, sin = rope_cos_sin(positions, cfg.head_dim, cfg.rope_theta, x.dtype)
-        kv = KVAccess(ctxs, causal, update)
+        kv = KVAccess(ctxs, causal, update, x, cfg.num_key_value_heads, cfg.head_dim)
         hiddens = []
         for layer in self.model.layers:
             x = layer(x, cos, sin, kv, gen)
