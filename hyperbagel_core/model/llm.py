@@ -45,10 +45,16 @@ def rope_cos_sin(positions: torch.Tensor, head_dim: int, theta: float, dtype: to
 
 
 def apply_rope(x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> torch.Tensor:
-    """Rotate-half RoPE; x [..., n, H, d], cos/sin [..., n, d]."""
+    """Rotate-half RoPE, x * cos + cat(-x2, x1) * sin, per half so that no rotated copy is built;
+    x [..., n, H, d], cos/sin [..., n, d]. Bitwise equal to the formula (a + (-b) == a - b)."""
     cos, sin = cos.unsqueeze(-2).to(x.dtype), sin.unsqueeze(-2).to(x.dtype)
     x1, x2 = x.chunk(2, dim=-1)
-    return x * cos + torch.cat([-x2, x1], dim=-1) * sin
+    s1, s2 = sin.chunk(2, dim=-1)
+    out = x * cos
+    o1, o2 = out.chunk(2, dim=-1)
+    o1.sub_(x2 * s1)
+    o2.add_(x1 * s2)
+    return out
 
 
 class MLP(nn.Module):
@@ -86,13 +92,14 @@ class MoTAttention(nn.Module):
         return getattr(self, "q_norm" + sfx)(q), getattr(self, "k_norm" + sfx)(k)
 
 
-def _split(x: torch.Tensor):
-    """gen-mode query block [marker, latents..., marker] -> (markers [B,2,..], latents [B,n-2,..])."""
-    return torch.cat([x[:, :1], x[:, -1:]], dim=1), x[:, 1:-1]
-
-
-def _merge(und: torch.Tensor, gen: torch.Tensor) -> torch.Tensor:
-    return torch.cat([und[:, :1], gen, und[:, 1:]], dim=1)
+def _routed(x: torch.Tensor, und, gen) -> torch.Tensor:
+    """gen-mode token routing for a block [marker, latents..., marker]: ``gen`` runs on the whole block, then
+    the two marker rows are overwritten with ``und`` of the markers. Row-wise modules make this exact; the
+    two wasted rows cost far less than splitting and re-concatenating the block in every sub-layer."""
+    out = gen(x)
+    ends = slice(None, None, x.shape[1] - 1)  # rows 0 and n-1
+    out[:, ends] = und(x[:, ends])
+    return out
 
 
 class Qwen2MoTDecoderLayer(nn.Module):
@@ -109,8 +116,7 @@ class Qwen2MoTDecoderLayer(nn.Module):
         """Apply module ``name`` (und) / ``name_moe_gen`` (gen) per token group."""
         if not gen:
             return getattr(self, name)(x)
-        und, lat = _split(x)
-        return _merge(getattr(self, name)(und), getattr(self, name + "_moe_gen")(lat))
+        return _routed(x, getattr(self, name), getattr(self, name + "_moe_gen"))
 
     def forward(self, x, cos, sin, kv: "KVAccess", gen: bool):
         a = self.self_attn
@@ -119,21 +125,16 @@ class Qwen2MoTDecoderLayer(nn.Module):
             q, k, v = a.qkv(h, "")
             q, k = a.qk_norm(q, k, "")
             q, k = apply_rope(q, cos, sin), apply_rope(k, cos, sin)
-        else:
-            hu, hg = _split(h)
-            qu, ku, vu = a.qkv(hu, "")
-            qg, kg, vg = a.qkv(hg, "_moe_gen")
-            qu, ku = a.qk_norm(qu.float(), ku.float(), "")
-            qg, kg = a.qk_norm(qg.float(), kg.float(), "_moe_gen")
-            q, k, v = _merge(qu, qg), _merge(ku, kg), _merge(vu, vg)
+        else:  # _routed, spelled out: qk-norm and RoPE in fp32 (spec 4.3)
+            ends = slice(None, None, h.shape[1] - 1)
+            q, k, v = a.qkv(h, "_moe_gen")
+            qu, ku, vu = a.qkv(h[:, ends], "")
+            q, k = a.qk_norm(q.float(), k.float(), "_moe_gen")
+            q[:, ends], k[:, ends], v[:, ends] = (*a.qk_norm(qu.float(), ku.float(), ""), vu)
             q, k = apply_rope(q, cos.float(), sin.float()), apply_rope(k, cos.float(), sin.float())
             q, k = q.to(x.dtype), k.to(x.dtype)
         o = kv.attend(q, k, v).flatten(2)
-        if not gen:
-            x = x + a.o_proj(o)
-        else:
-            ou, og = _split(o)
-            x = x + _merge(a.o_proj(ou), a.o_proj_moe_gen(og))
+        x = x + (_routed(o, a.o_proj, a.o_proj_moe_gen) if gen else a.o_proj(o))
         b = self._expert("post_attention_layernorm", x, gen)
         return x + self._expert("mlp", b, gen)
 
@@ -214,9 +215,5 @@ class Qwen2MoTForCausalLM(nn.Module):
             if return_all_hidden:
                 hiddens.append(x)
         m = self.model
-        if gen:
-            und, lat = _split(x)
-            x = _merge(m.norm(und), m.norm_moe_gen(lat))
-        else:
-            x = m.norm(x)
+        x = _routed(x, m.norm, m.norm_moe_gen) if gen else m.norm(x)
         return LLMOutput(x, tuple(hiddens) if return_all_hidden else None)
