@@ -6,7 +6,9 @@ Masks are never dense on CUDA: none for non-causal or one-token queries, ``is_ca
 covers all keys, otherwise a lower-right ``CausalBias`` (a new block sees the whole cache, spec 4.6), which
 SDPA runs as the flash kernel's causal flag (bottom-right aligned) on CUDA; on CPU it becomes a small
 [n_q, n_k] boolean mask that the CPU flash kernel accepts. GQA goes through ``enable_gqa`` (flash handles
-it natively). flash-attn is an optional fast path on CUDA, never a requirement.
+it natively). flash-attn is an optional fast path on CUDA, never a requirement; it too gets one call per CFG
+branch (``flash_attn_func`` on that branch's cache): its varlen kernel would need the branches' caches
+packed into one tensor, which is the per-step cache copy this layout avoids.
 """
 from __future__ import annotations
 
