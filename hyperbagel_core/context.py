@@ -81,18 +81,19 @@ class Context:
         self.kv_len, self.rope = kv_len, rope
 
     # -- writing (used by the model's attention layers) -------------------------------------------------------
-    def reserve(self, n: int, like: torch.Tensor, num_kv_heads: int, head_dim: int) -> None:
+    def reserve(self, n: int, like: torch.Tensor, num_kv_heads: int, head_dim: int, grow: bool = True) -> None:
         """Make room for ``n`` tokens after ``kv_len`` in storage that this context may write in place.
 
         A fork that does not own its storage, or an owner that truncated below a fork's tokens, first copies
-        its ``kv_len`` prefix into storage of its own.
+        its ``kv_len`` prefix into storage of its own. ``grow=False`` (scratch for a read-only query, which
+        never lengthens the cache) sizes new storage exactly instead of doubling it.
         """
         st, need = self._store, self.kv_len + n
         in_place = (st.owner is self and st.protected <= self.kv_len and need <= st.capacity
                     and st.k[0].device == like.device and st.k[0].dtype == like.dtype)
         if in_place:
             return
-        cap = max(2 * need, 16) if st.owner is self else need  # the writer of a growing cache amortises
+        cap = max(2 * need, 16) if st.owner is self and grow else need  # a growing cache amortises
         new = _Storage(self.num_layers)
         new.capacity, new.owner = cap, self
         for i in range(self.num_layers):

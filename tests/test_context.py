@@ -93,3 +93,14 @@ def test_fork_copies_once_then_scratches_in_place():
             _scratch(ctx, [step, step], layers=1)
         ptrs.add((a._store.k[0].data_ptr(), b._store.k[0].data_ptr()))
     assert len(ptrs) == 1 and _keys(a) == _keys(b) == [1, 2, 3, 4]
+
+
+def test_scratch_reservation_is_exact_and_appends_still_grow():
+    a = Context(1)
+    _append(a, [1] * 20, layers=1)              # capacity 40
+    k = torch.zeros(30, 1, 1)
+    a.reserve(30, k, 1, 1, grow=False)
+    assert a._store.capacity == 50
+    _append(a, [2], layers=1)
+    _append(a, [3] * 40, layers=1)
+    assert a._store.capacity == 2 * 61 and _keys(a) == [1] * 20 + [2] + [3] * 40

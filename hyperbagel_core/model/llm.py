@@ -48,12 +48,10 @@ def apply_rope(x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> torch.T
     """Rotate-half RoPE, x * cos + cat(-x2, x1) * sin, per half so that no rotated copy is built;
     x [..., n, H, d], cos/sin [..., n, d]. Bitwise equal to the formula (a + (-b) == a - b)."""
     cos, sin = cos.unsqueeze(-2).to(x.dtype), sin.unsqueeze(-2).to(x.dtype)
-    x1, x2 = x.chunk(2, dim=-1)
-    s1, s2 = sin.chunk(2, dim=-1)
+    half = x.shape[-1] // 2
     out = x * cos
-    o1, o2 = out.chunk(2, dim=-1)
-    o1.sub_(x2 * s1)
-    o2.add_(x1 * s2)
+    out[..., :half] -= x[..., half:] * sin[..., :half]
+    out[..., half:] += x[..., :half] * sin[..., half:]
     return out
 
 
@@ -159,7 +157,7 @@ class KVAccess:
         if self.in_place:
             for c in ctxs:
                 if c is not None and (update or c.kv_len):
-                    c.reserve(like.shape[1], like, num_kv_heads, head_dim)
+                    c.reserve(like.shape[1], like, num_kv_heads, head_dim, grow=update)
 
     def _cache(self, ctx, layer: int, k: torch.Tensor, v: torch.Tensor):
         """All keys/values this row attends to: [kv_len + n, Hkv, d]."""
