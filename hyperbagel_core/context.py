@@ -1,9 +1,14 @@
 """The BAGEL context: a KV cache plus the two counters of spec section 3.
 
 Keys are stored after qk-norm and RoPE, so a context never needs positions again. Storage is shared
-copy-on-write between forks: ``fork()`` is O(1), a context appends in place only while it is the sole
-writer past the protected prefix, otherwise it first copies its own prefix. Buffers grow
-geometrically so token-by-token decoding does not reallocate every step.
+copy-on-write between forks: ``fork()`` is O(1), a context writes in place only while it is the sole
+writer past the protected prefix, otherwise it first copies its own prefix (once: the copy is its own).
+Buffers grow geometrically so token-by-token decoding does not reallocate every step.
+
+A block's K/V are always written right after ``kv_len`` (``reserve`` + ``write``), so attention reads one
+contiguous [kv_len + n] view. ``advance`` commits them; a read-only query (denoising) skips it, and its
+write is scratch that no reader can see: forks only read below the protected prefix, which is <= kv_len
+whenever a context writes in place.
 """
 from __future__ import annotations
 
@@ -76,14 +81,19 @@ class Context:
         self.kv_len, self.rope = kv_len, rope
 
     # -- writing (used by the model's attention layers) -------------------------------------------------------
-    def reserve(self, n: int, like: torch.Tensor, num_kv_heads: int, head_dim: int) -> None:
-        """Make room for ``n`` more tokens in storage that this context may write in place."""
+    def reserve(self, n: int, like: torch.Tensor, num_kv_heads: int, head_dim: int, grow: bool = True) -> None:
+        """Make room for ``n`` tokens after ``kv_len`` in storage that this context may write in place.
+
+        A fork that does not own its storage, or an owner that truncated below a fork's tokens, first copies
+        its ``kv_len`` prefix into storage of its own. ``grow=False`` (scratch for a read-only query, which
+        never lengthens the cache) sizes new storage exactly instead of doubling it.
+        """
         st, need = self._store, self.kv_len + n
         in_place = (st.owner is self and st.protected <= self.kv_len and need <= st.capacity
                     and st.k[0].device == like.device and st.k[0].dtype == like.dtype)
         if in_place:
             return
-        cap = max(2 * need, 16) if st.owner is self else need  # the writer of a growing cache amortises
+        cap = max(2 * need, 16) if st.owner is self and grow else need  # a growing cache amortises
         new = _Storage(self.num_layers)
         new.capacity, new.owner = cap, self
         for i in range(self.num_layers):
@@ -95,7 +105,8 @@ class Context:
         self._store = new
 
     def write(self, layer: int, k: torch.Tensor, v: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
-        """Store a new block's K/V for ``layer`` (after ``reserve``); return all keys/values up to it."""
+        """Store a block's K/V for ``layer`` at ``kv_len`` (after ``reserve``); return views of all keys/values
+        up to it. Without a later ``advance`` this is a scratch write (a read-only query's block)."""
         st, end = self._store, self.kv_len + k.shape[0]
         st.k[layer][self.kv_len:end] = k
         st.v[layer][self.kv_len:end] = v

@@ -1,4 +1,4 @@
-"""The teacher's CFG branches in ONE forward (padded keys + mask) equal the sequential passes."""
+"""The teacher's CFG branches in ONE forward (per-branch attention, batched linears) equal the sequential passes."""
 import pytest
 import torch
 from PIL import Image

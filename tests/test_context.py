@@ -59,3 +59,48 @@ def test_truncate_only_shrinks():
     except ValueError:
         return
     raise AssertionError("truncate grew the context")
+
+
+def _scratch(ctx, values, layers=2):
+    """A read-only query's block: reserve + write, no advance."""
+    n = len(values)
+    k = torch.tensor(values, dtype=torch.float32).view(n, 1, 1)
+    ctx.reserve(n, k, 1, 1)
+    return [ctx.write(layer, k, k)[0].flatten().tolist() for layer in range(layers)]
+
+
+def test_scratch_write_is_contiguous_invisible_and_never_clobbers_a_fork():
+    a = Context(2)
+    _append(a, [1, 2, 3])
+    b = a.fork()
+    assert _scratch(a, [7, 8])[0] == [1, 2, 3, 7, 8]  # the owner writes past its end, in place
+    assert _keys(a) == [1, 2, 3] and _keys(b) == [1, 2, 3] and a.kv_len == 3
+    assert _scratch(b, [9])[1] == [2, 3, 4, 9]  # a fork copies its prefix before writing
+    assert _keys(a) == [1, 2, 3] and _keys(b) == [1, 2, 3]
+    c = a.fork()
+    a.truncate(1, 1)  # c still reads a's tokens 2, 3: a must not scratch over them
+    assert _scratch(a, [5, 5])[0] == [1, 5, 5]
+    assert _keys(c) == [1, 2, 3] and _keys(a) == [1]
+
+
+def test_fork_copies_once_then_scratches_in_place():
+    a = Context(1)
+    _append(a, [1, 2, 3, 4], layers=1)
+    b = a.fork()
+    ptrs = set()
+    for step in range(5):
+        for ctx in (a, b):
+            _scratch(ctx, [step, step], layers=1)
+        ptrs.add((a._store.k[0].data_ptr(), b._store.k[0].data_ptr()))
+    assert len(ptrs) == 1 and _keys(a) == _keys(b) == [1, 2, 3, 4]
+
+
+def test_scratch_reservation_is_exact_and_appends_still_grow():
+    a = Context(1)
+    _append(a, [1] * 20, layers=1)              # capacity 40
+    k = torch.zeros(30, 1, 1)
+    a.reserve(30, k, 1, 1, grow=False)
+    assert a._store.capacity == 50
+    _append(a, [2], layers=1)
+    _append(a, [3] * 40, layers=1)
+    assert a._store.capacity == 2 * 61 and _keys(a) == [1] * 20 + [2] + [3] * 40

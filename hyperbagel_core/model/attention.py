@@ -1,9 +1,14 @@
-"""Attention for BAGEL's LLM and ViT.
+"""Attention for BAGEL's LLM and ViT, issued so that PyTorch's fused kernels run.
 
-Default backend: ``torch.nn.functional.scaled_dot_product_attention``. flash-attn's varlen kernel aligns
-causal masks bottom-right (a new block sees the whole cache); SDPA's ``is_causal`` is top-left aligned when
-the query is shorter than the keys, so the bottom-right mask is built explicitly here (spec 4.6).
-flash-attn is an optional fast path on CUDA, never a requirement.
+Every call is 4-D: callers pass [B, n, H, d] and SDPA gets the transposed views [B, H, n, d] (last dim
+contiguous, no copy); 3-D inputs would send SDPA to its math kernel, which materialises the fp32 scores.
+Masks are never dense on CUDA: none for non-causal or one-token queries, ``is_causal`` when the query
+covers all keys, otherwise a lower-right ``CausalBias`` (a new block sees the whole cache, spec 4.6), which
+SDPA runs as the flash kernel's causal flag (bottom-right aligned) on CUDA; on CPU it becomes a small
+[n_q, n_k] boolean mask that the CPU flash kernel accepts. GQA goes through ``enable_gqa`` (flash handles
+it natively). flash-attn is an optional fast path on CUDA, never a requirement; it too gets one call per CFG
+branch (``flash_attn_func`` on that branch's cache): its varlen kernel would need the branches' caches
+packed into one tensor, which is the per-step cache copy this layout avoids.
 """
 from __future__ import annotations
 
@@ -11,6 +16,7 @@ import logging
 
 import torch
 import torch.nn.functional as F
+from torch.nn.attention.bias import causal_lower_right
 
 log = logging.getLogger(__name__)
 BACKENDS = ("sdpa", "flash_attn")
@@ -37,34 +43,21 @@ def set_backend(name: str) -> None:
     log.info("hyperbagel attention backend: %s", name)
 
 
-def bottom_right_causal_mask(n_q: int, n_k: int, device) -> torch.Tensor:
-    """Boolean [n_q, n_k]: query i sees key j iff j <= i + (n_k - n_q)."""
-    i = torch.arange(n_q, device=device)[:, None]
-    j = torch.arange(n_k, device=device)[None, :]
-    return j <= i + (n_k - n_q)
-
-
 def attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, causal: bool) -> torch.Tensor:
-    """q [n_q, Hq, d], k/v [n_k, Hkv, d] (GQA: query head h uses kv head h // (Hq/Hkv)) -> [n_q, Hq, d]."""
-    n_q, n_k = q.shape[0], k.shape[0]
+    """q [B, n_q, Hq, d], k/v [B, n_k, Hkv, d] -> [B, n_q, Hq, d]; query head h uses kv head h // (Hq/Hkv).
+
+    ``causal`` is bottom-right aligned: query i sees key j iff j <= i + (n_k - n_q).
+    """
     if _backend == "flash_attn" and q.is_cuda and q.dtype in (torch.float16, torch.bfloat16):
         from flash_attn import flash_attn_func
-        return flash_attn_func(q[None], k[None], v[None], causal=causal)[0]
-    mask = None
-    is_causal = False
+        return flash_attn_func(q, k, v, causal=causal)
+    n_q, n_k = q.shape[1], k.shape[1]
+    bias, is_causal = None, False
     if causal and n_q > 1:
         if n_q == n_k:
             is_causal = True
         else:
-            mask = bottom_right_causal_mask(n_q, n_k, q.device)
-    out = F.scaled_dot_product_attention(q.transpose(0, 1), k.transpose(0, 1), v.transpose(0, 1),
-                                         attn_mask=mask, is_causal=is_causal,
-                                         enable_gqa=q.shape[1] != k.shape[1])
-    return out.transpose(0, 1)
-
-
-def padded_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, valid: torch.Tensor) -> torch.Tensor:
-    """Non-causal batched attention over padded keys: q [B, n, Hq, d], k/v [B, L, Hkv, d], valid [B, L] bool."""
+            bias = causal_lower_right(n_q, n_k)
     out = F.scaled_dot_product_attention(q.transpose(1, 2), k.transpose(1, 2), v.transpose(1, 2),
-                                         attn_mask=valid[:, None, None, :], enable_gqa=q.shape[2] != k.shape[2])
+                                         attn_mask=bias, is_causal=is_causal, enable_gqa=q.shape[2] != k.shape[2])
     return out.transpose(1, 2)

@@ -18,7 +18,7 @@ from torch import nn
 
 from ..config import LLMConfig
 from ..ops import resolve_ops
-from .attention import attention, padded_attention
+from .attention import attention
 
 
 class RMSNorm(nn.Module):
@@ -45,10 +45,14 @@ def rope_cos_sin(positions: torch.Tensor, head_dim: int, theta: float, dtype: to
 
 
 def apply_rope(x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> torch.Tensor:
-    """Rotate-half RoPE; x [..., n, H, d], cos/sin [..., n, d]."""
+    """Rotate-half RoPE, x * cos + cat(-x2, x1) * sin, per half so that no rotated copy is built;
+    x [..., n, H, d], cos/sin [..., n, d]. Bitwise equal to the formula (a + (-b) == a - b)."""
     cos, sin = cos.unsqueeze(-2).to(x.dtype), sin.unsqueeze(-2).to(x.dtype)
-    x1, x2 = x.chunk(2, dim=-1)
-    return x * cos + torch.cat([-x2, x1], dim=-1) * sin
+    half = x.shape[-1] // 2
+    out = x * cos
+    out[..., :half] -= x[..., half:] * sin[..., :half]
+    out[..., half:] += x[..., :half] * sin[..., half:]
+    return out
 
 
 class MLP(nn.Module):
@@ -86,13 +90,14 @@ class MoTAttention(nn.Module):
         return getattr(self, "q_norm" + sfx)(q), getattr(self, "k_norm" + sfx)(k)
 
 
-def _split(x: torch.Tensor):
-    """gen-mode query block [marker, latents..., marker] -> (markers [B,2,..], latents [B,n-2,..])."""
-    return torch.cat([x[:, :1], x[:, -1:]], dim=1), x[:, 1:-1]
-
-
-def _merge(und: torch.Tensor, gen: torch.Tensor) -> torch.Tensor:
-    return torch.cat([und[:, :1], gen, und[:, 1:]], dim=1)
+def _routed(x: torch.Tensor, und, gen) -> torch.Tensor:
+    """gen-mode token routing for a block [marker, latents..., marker]: ``gen`` runs on the whole block, then
+    the two marker rows are overwritten with ``und`` of the markers. Row-wise modules make this exact; the
+    two wasted rows cost far less than splitting and re-concatenating the block in every sub-layer."""
+    out = gen(x)
+    ends = slice(None, None, x.shape[1] - 1)  # rows 0 and n-1
+    out[:, ends] = und(x[:, ends])
+    return out
 
 
 class Qwen2MoTDecoderLayer(nn.Module):
@@ -109,8 +114,7 @@ class Qwen2MoTDecoderLayer(nn.Module):
         """Apply module ``name`` (und) / ``name_moe_gen`` (gen) per token group."""
         if not gen:
             return getattr(self, name)(x)
-        und, lat = _split(x)
-        return _merge(getattr(self, name)(und), getattr(self, name + "_moe_gen")(lat))
+        return _routed(x, getattr(self, name), getattr(self, name + "_moe_gen"))
 
     def forward(self, x, cos, sin, kv: "KVAccess", gen: bool):
         a = self.self_attn
@@ -119,21 +123,16 @@ class Qwen2MoTDecoderLayer(nn.Module):
             q, k, v = a.qkv(h, "")
             q, k = a.qk_norm(q, k, "")
             q, k = apply_rope(q, cos, sin), apply_rope(k, cos, sin)
-        else:
-            hu, hg = _split(h)
-            qu, ku, vu = a.qkv(hu, "")
-            qg, kg, vg = a.qkv(hg, "_moe_gen")
-            qu, ku = a.qk_norm(qu.float(), ku.float(), "")
-            qg, kg = a.qk_norm(qg.float(), kg.float(), "_moe_gen")
-            q, k, v = _merge(qu, qg), _merge(ku, kg), _merge(vu, vg)
+        else:  # _routed, spelled out: qk-norm and RoPE in fp32 (spec 4.3)
+            ends = slice(None, None, h.shape[1] - 1)
+            q, k, v = a.qkv(h, "_moe_gen")
+            qu, ku, vu = a.qkv(h[:, ends], "")
+            q, k = a.qk_norm(q.float(), k.float(), "_moe_gen")
+            q[:, ends], k[:, ends], v[:, ends] = (*a.qk_norm(qu.float(), ku.float(), ""), vu)
             q, k = apply_rope(q, cos.float(), sin.float()), apply_rope(k, cos.float(), sin.float())
             q, k = q.to(x.dtype), k.to(x.dtype)
         o = kv.attend(q, k, v).flatten(2)
-        if not gen:
-            x = x + a.o_proj(o)
-        else:
-            ou, og = _split(o)
-            x = x + _merge(a.o_proj(ou), a.o_proj_moe_gen(og))
+        x = x + (_routed(o, a.o_proj, a.o_proj_moe_gen) if gen else a.o_proj(o))
         b = self._expert("post_attention_layernorm", x, gen)
         return x + self._expert("mlp", b, gen)
 
@@ -141,39 +140,40 @@ class Qwen2MoTDecoderLayer(nn.Module):
 class KVAccess:
     """How one forward reads and writes the context caches for each layer.
 
-    * one context, ``update=True``: the block's K/V are appended to the context (prefill, decoding);
-    * one context, ``update=False``: cache read-only (a denoising query is never cached);
-    * several contexts (batched CFG branches): read-only, non-causal, keys padded per branch.
+    One context per batch row (None = empty); each row gets its own exact-length attention call on its own
+    cache while the linears and MLPs around it stay batched (CFG branches). The block's K/V are written
+    right after the context's ``kv_len`` (``Context.reserve`` + ``write``), so attention reads one contiguous
+    cache view and no cache is copied per layer or step. With ``update`` the caller then commits the block
+    (``advance``: prefill, decoding, verification); without it the write is scratch past ``kv_len`` that the
+    next query overwrites (a denoising query is never cached). Under autograd (distillation's student pass)
+    the block is concatenated instead, so the caches never join a graph.
     """
 
-    def __init__(self, ctxs, causal: bool, update: bool):
+    def __init__(self, ctxs, causal: bool, update: bool, like: torch.Tensor, num_kv_heads: int, head_dim: int):
+        if len(ctxs) > 1 and update:
+            raise ValueError("only a single context can be appended to in one forward")
         self.ctxs, self.causal, self.update, self.layer = ctxs, causal, update, 0
-        if len(ctxs) > 1 and (causal or update):
-            raise ValueError("batched contexts are only supported for read-only, non-causal queries")
+        self.in_place = update or not torch.is_grad_enabled()
+        if self.in_place:
+            for c in ctxs:
+                if c is not None and (update or c.kv_len):
+                    c.reserve(like.shape[1], like, num_kv_heads, head_dim, grow=update)
+
+    def _cache(self, ctx, layer: int, k: torch.Tensor, v: torch.Tensor):
+        """All keys/values this row attends to: [kv_len + n, Hkv, d]."""
+        if ctx is None or not (self.update or ctx.kv_len):
+            return k, v
+        if self.in_place:
+            return ctx.write(layer, k, v)
+        return torch.cat([ctx.keys(layer), k]), torch.cat([ctx.values(layer), v])
 
     def attend(self, q, k, v):
         layer, self.layer = self.layer, self.layer + 1
-        if len(self.ctxs) == 1:
-            ctx = self.ctxs[0]
-            if self.update:
-                K, V = ctx.write(layer, k[0], v[0])
-            elif ctx is not None and ctx.kv_len:
-                K, V = torch.cat([ctx.keys(layer), k[0]]), torch.cat([ctx.values(layer), v[0]])
-            else:
-                K, V = k[0], v[0]
-            return attention(q[0], K, V, self.causal)[None]
-        B, n = q.shape[:2]
-        lens = [0 if c is None else c.kv_len for c in self.ctxs]
-        L = max(lens) + n
-        K = k.new_zeros(B, L, *k.shape[2:])
-        V = torch.zeros_like(K)
-        valid = torch.zeros(B, L, dtype=torch.bool, device=q.device)
-        for b, c in enumerate(self.ctxs):
-            if lens[b]:
-                K[b, : lens[b]], V[b, : lens[b]] = c.keys(layer), c.values(layer)
-            K[b, lens[b]: lens[b] + n], V[b, lens[b]: lens[b] + n] = k[b], v[b]
-            valid[b, : lens[b] + n] = True
-        return padded_attention(q, K, V, valid)
+        outs = []
+        for b, ctx in enumerate(self.ctxs):
+            K, V = self._cache(ctx, layer, k[b], v[b])
+            outs.append(attention(q[b:b + 1], K[None], V[None], self.causal))
+        return outs[0] if len(outs) == 1 else torch.cat(outs)
 
 
 @dataclass
@@ -205,19 +205,13 @@ class Qwen2MoTForCausalLM(nn.Module):
                 update: bool, return_all_hidden: bool = False) -> LLMOutput:
         """x [B, n, D] in the model dtype, positions [B, n]; one context per batch row (None = empty)."""
         cfg = self.config
-        if update:
-            ctxs[0].reserve(x.shape[1], x, cfg.num_key_value_heads, cfg.head_dim)
         cos, sin = rope_cos_sin(positions, cfg.head_dim, cfg.rope_theta, x.dtype)
-        kv = KVAccess(ctxs, causal, update)
+        kv = KVAccess(ctxs, causal, update, x, cfg.num_key_value_heads, cfg.head_dim)
         hiddens = []
         for layer in self.model.layers:
             x = layer(x, cos, sin, kv, gen)
             if return_all_hidden:
                 hiddens.append(x)
         m = self.model
-        if gen:
-            und, lat = _split(x)
-            x = _merge(m.norm(und), m.norm_moe_gen(lat))
-        else:
-            x = m.norm(x)
+        x = _routed(x, m.norm, m.norm_moe_gen) if gen else m.norm(x)
         return LLMOutput(x, tuple(hiddens) if return_all_hidden else None)

@@ -34,7 +34,7 @@ class SiglipAttention(nn.Module):
     def forward(self, x):  # x [n, C], one image: full attention
         n = x.shape[0]
         q, k, v = (p(x).view(n, self.num_heads, self.head_dim) for p in (self.q_proj, self.k_proj, self.v_proj))
-        return self.out_proj(attention(q, k, v, causal=False).reshape(n, -1))
+        return self.out_proj(attention(q[None], k[None], v[None], causal=False).reshape(n, -1))
 
 
 class SiglipMLP(nn.Module):
