@@ -10,13 +10,13 @@
 #
 # OFFICIAL must hold scripts/, shim/, tok/ and bagel/ (see its README); OFFICIAL_PYTHONPATH a folder with
 # transformers 4.49.0 (+ tokenizers 0.21.x, huggingface_hub 0.36.x), put first on the official run's path.
-# TINY=1 runs both sides at tiny shapes on the CPU (smoke test).
+# DECODE_ARGS / OURS_ARGS add options to the two benches; TINY=1 runs ours at tiny shapes on the CPU (smoke).
 set -uo pipefail
 cd "$(dirname "$0")/.."
 OUT=${OUT:?set OUT}; mkdir -p "$OUT"
 WHAT=${1:-all}
 if [ "${TINY:-0}" = 1 ]; then DEV="--tiny --device cpu"; DEC="--tiny --device cpu --threads 2 --tokens 32 --prompt-len 64 --repeats 1"
-else DEV=""; DEC=""; fi
+else DEV="${OURS_ARGS:-}"; DEC="${DECODE_ARGS:-}"; fi
 rc=0
 if [ "$WHAT" = ours ] || [ "$WHAT" = all ]; then
   python3 -c "import torch; print('torch', torch.__version__, torch.cuda.get_device_name() if torch.cuda.is_available() else 'cpu')"
