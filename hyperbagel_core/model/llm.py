@@ -63,7 +63,10 @@ class MLP(nn.Module):
         self.down_proj = ops.Linear(hidden, dim, bias=False)
 
     def forward(self, x):
-        return self.down_proj(F.silu(self.gate_proj(x)) * self.up_proj(x))
+        g = self.gate_proj(x)
+        if torch.is_grad_enabled():  # distillation trains through this: no in-place ops
+            return self.down_proj(F.silu(g) * self.up_proj(x))
+        return self.down_proj(F.silu(g, inplace=True).mul_(self.up_proj(x)))  # no two block-sized temporaries
 
 
 class MoTAttention(nn.Module):
@@ -96,8 +99,14 @@ def _routed(x: torch.Tensor, und, gen) -> torch.Tensor:
     two wasted rows cost far less than splitting and re-concatenating the block in every sub-layer."""
     out = gen(x)
     ends = slice(None, None, x.shape[1] - 1)  # rows 0 and n-1
-    out[:, ends] = und(x[:, ends])
+    out[:, ends] = und(_rows(x, ends))
     return out
+
+
+def _rows(x: torch.Tensor, ends: slice) -> torch.Tensor:
+    """The marker rows as a contiguous block: a strided [B, 2, D] view would send each linear to a
+    batched matmul with the weight broadcast per branch."""
+    return x[:, ends].contiguous()
 
 
 class Qwen2MoTDecoderLayer(nn.Module):
@@ -126,7 +135,7 @@ class Qwen2MoTDecoderLayer(nn.Module):
         else:  # _routed, spelled out: qk-norm and RoPE in fp32 (spec 4.3)
             ends = slice(None, None, h.shape[1] - 1)
             q, k, v = a.qkv(h, "_moe_gen")
-            qu, ku, vu = a.qkv(h[:, ends], "")
+            qu, ku, vu = a.qkv(_rows(h, ends), "")
             q, k = a.qk_norm(q.float(), k.float(), "_moe_gen")
             q[:, ends], k[:, ends], v[:, ends] = (*a.qk_norm(qu.float(), ku.float(), ""), vu)
             q, k = apply_rope(q, cos.float(), sin.float()), apply_rope(k, cos.float(), sin.float())
