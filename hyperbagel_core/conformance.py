@@ -172,9 +172,7 @@ def run_interleave_case(pipe: BagelPipeline, case: dict, golden: Path, injected:
         out["vit/llm_input"] = record["vit"][0].llm_input.float().cpu()
     if record.get("vae_latents"):
         out["input/vae_latent"] = record["vae_latents"][0].float().cpu()
-        first_img = next(x for x in items if isinstance(x, Image.Image))
-        px = im.image_to_tensor(im.vae_resize(im.pil_to_rgb(first_img)))[None]
-        out["input/vae_moments"] = pipe.vae.encode_moments(px).float().cpu()
+        out["input/vae_moments"] = record["vae_moments"][0].float().cpu()
         out["input/vae_posterior_noise"] = vae_noise[0]
     max_len = int(hp.get("max_think_token_n", 1000))
     if und:

@@ -208,10 +208,12 @@ class BagelPipeline:
         img = im.vae_resize(im.pil_to_rgb(img))
         if vae:
             px = im.image_to_tensor(img)[None]
-            latent = self.vae.encode(px, noise=vae_noise, generator=generator)
+            moments = self.vae.encode_moments(px)
+            latent = self.vae.encode(px, noise=vae_noise, generator=generator, moments=moments)
             self.model.prefill_vae(ctx, latent.to(self.device))
             if record is not None:
                 record.setdefault("vae_latents", []).append(latent)
+                record.setdefault("vae_moments", []).append(moments)
         if vit:
             emb = self.model.prefill_vit(ctx, im.vit_transform(img))
             if record is not None:

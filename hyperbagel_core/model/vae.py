@@ -248,9 +248,11 @@ class FluxVAE(nn.Module):
         return self.model.encoder(self._place(pixels))
 
     def encode(self, pixels: torch.Tensor, noise: torch.Tensor | None = None,
-               generator: torch.Generator | None = None, sample: bool = True) -> torch.Tensor:
-        """BAGEL-normalised latent scale*(mean + std*eps - shift); BAGEL samples for context images."""
-        mean, logvar = self.encode_moments(pixels).chunk(2, dim=1)
+               generator: torch.Generator | None = None, sample: bool = True,
+               moments: torch.Tensor | None = None) -> torch.Tensor:
+        """BAGEL-normalised latent scale*(mean + std*eps - shift); BAGEL samples for context images.
+        ``moments``: ``encode_moments(pixels)`` when the caller already has them (no second encoder pass)."""
+        mean, logvar = (self.encode_moments(pixels) if moments is None else moments).chunk(2, dim=1)
         z = mean
         if sample:
             eps = noise if noise is not None else self._draw_noise(mean, generator)
