@@ -9,7 +9,8 @@ fp32 log-sum-exp ([B, H, n_q]); ``tests/test_attention_kernels.py`` proves every
 Measured (bf16, 1024x1024 edit: VAE block 64x64 latents, ViT block 70x70 patches, a 24-token prompt):
   * prefill of the image block (VAE latents, then ViT patches) into the LLM context;
   * one denoising pass with 3 CFG branches (main, text-free, image-free), and with 1 and 2;
-  * one decode step after the edit context (a VQA-style token).
+  * one decode step after the edit context (a VQA-style token), after the decode's one-off reservation
+    (``reserve_text``: a forked context copies its cache once per answer, reported apart).
 Each figure is the peak above what was alive before the call (weights + KV caches + inputs).
 
     python bench/memory_real_shapes.py [--out mem.json] [--tiny]
@@ -59,8 +60,9 @@ def _fused_sdpa(q, k, v, attn_mask=None, dropout_p=0.0, is_causal=False, scale=N
 def fused_attention_accounting():
     """Route every SDPA call (and flash-attn, absent here) through ``_fused_sdpa`` for the duration."""
     with mock.patch.object(torch.nn.functional, "scaled_dot_product_attention", _fused_sdpa), \
-            mock.patch.object(attn_mod.F, "scaled_dot_product_attention", _fused_sdpa):
-        yield
+            mock.patch.object(attn_mod.F, "scaled_dot_product_attention", _fused_sdpa), \
+            mock.patch.object(attn_mod, "causal_lower_right", lambda n_q, n_k: None):
+        yield  # the lower-right bias is a flag to the fused kernel (no tensor); fake mode cannot build it
 
 
 def storage_bytes(tensors) -> int:
@@ -165,10 +167,11 @@ def measure(spec: dict, size: int, vit_side: int, prompt_tokens: int, dtype=torc
             res[f"denoise_pass_{branches}_branches"] = dict(peak_above_GiB=steady / GiB,
                                                             first_pass_peak_above_GiB=first / GiB,
                                                             kv_GiB=kv_after / GiB)
-        dec = gen.fork()
-        model.forward_text(dec, tok)                                       # first step may copy the fork's cache
+        dec = gen.fork()                                                   # what answer() decodes on
+        first, _ = peak_above(lambda: (model.reserve_text(dec, 64), model.forward_text(dec, tok)))
         steady, _ = peak_above(lambda: model.forward_text(dec, tok))
-        res["decode_step"] = dict(peak_above_GiB=steady / GiB, kv_tokens=dec.kv_len)
+        res["decode_step"] = dict(peak_above_GiB=steady / GiB, kv_tokens=dec.kv_len,
+                                  first_step_with_reservation_GiB=first / GiB)  # the fork's one copy
         res["weights_GiB"] = weights / GiB
         res["kv_caches_GiB"] = kv / GiB
         res["kv_tokens"] = dict(gen=gen.kv_len, cfg_text=cfg_text.kv_len, cfg_img=cfg_img.kv_len)

@@ -31,8 +31,11 @@ class RMSNorm(nn.Module):
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         x32 = x.float()
-        y = x32 * torch.rsqrt(x32.pow(2).mean(-1, keepdim=True) + self.eps)
-        return self.weight.to(x.device) * y.to(x.dtype)
+        y = (x32 * torch.rsqrt(x32.pow(2).mean(-1, keepdim=True) + self.eps)).to(x.dtype)
+        w = self.weight.to(x.device)
+        if torch.is_grad_enabled() or w.dtype != y.dtype:
+            return w * y
+        return y.mul_(w)  # same product (elementwise multiplication commutes), one allocation fewer
 
 
 def rope_cos_sin(positions: torch.Tensor, head_dim: int, theta: float, dtype: torch.dtype):
