@@ -237,11 +237,11 @@ def main(argv=None) -> None:
                   date=time.strftime("%Y-%m-%d %H:%M UTC", time.gmtime()))
     if a.out:
         Path(a.out).write_text(json.dumps(result, indent=2))
-    print(f"\n| task | size | config | seconds |\n|---|---|---|---|")
+    print("\n| task | size | config | seconds |\n|---|---|---|---|")
     for r in rows:
         if r["kind"] == "end_to_end":
             print(f"| {r['task']} | {r['size']} | {r['config']} | {r['seconds']:.3f} |")
-    print(f"\n| CFG step | size | batched s | sequential s | speedup |\n|---|---|---|---|---|")
+    print("\n| CFG step | size | batched s | sequential s | speedup |\n|---|---|---|---|---|")
     for r in rows:
         if r["kind"] == "cfg_step":
             print(f"| {r['task']} | {r['size']}² | {r['batched']:.4f} | {r['sequential']:.4f} | {r['speedup']:.2f}x |")

@@ -76,7 +76,7 @@ def read_safetensors_header(path: str | Path) -> dict[str, tuple[tuple[int, ...]
         if name == "__metadata__":
             continue
         try:
-            shape, dt, (a, b) = tuple(info["shape"]), info["dtype"], info["data_offsets"]
+            shape, dt, (_, b) = tuple(info["shape"]), info["dtype"], info["data_offsets"]
         except (KeyError, TypeError, ValueError) as e:
             raise CheckpointError(f"{what} (entry {name!r} is malformed)") from e
         if dt not in _ST_DTYPES:
