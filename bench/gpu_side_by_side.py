@@ -27,7 +27,7 @@ from PIL import Image
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 
-from sampler import ByteTokenizer, build_pipeline  # noqa: E402
+from sampler import ByteTokenizer, build_pipeline, sync  # noqa: E402
 
 from hyperbagel_core.generation import CFGSettings, guided_velocity  # noqa: E402
 
@@ -55,11 +55,6 @@ class NoStopTokenizer(ByteTokenizer):
 def rand_img(h: int, w: int, seed: int) -> Image.Image:
     rs = np.random.RandomState(seed)
     return Image.fromarray(rs.randint(0, 256, size=(h, w, 3), dtype=np.uint8))
-
-
-def sync(dev) -> None:
-    if dev.type == "cuda":
-        torch.cuda.synchronize()
 
 
 def run(fn, dev, repeats: int, warm: bool = True) -> tuple[list[float], float, object]:

@@ -33,18 +33,15 @@ from torch.utils._pytree import tree_flatten
 from torch.utils.weak import WeakIdKeyDictionary
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
+sys.path.insert(0, str(Path(__file__).resolve().parent))
+
+from sampler import REAL, TINY  # noqa: E402  (the benches' shared real and tiny shapes)
 
 from hyperbagel_core.config import BagelConfig, LLMConfig, ViTConfig  # noqa: E402
 from hyperbagel_core.generation import CFGSettings, guided_velocity  # noqa: E402
 from hyperbagel_core.model import attention as attn_mod  # noqa: E402
 from hyperbagel_core.model.bagel import BagelModel  # noqa: E402
 
-REAL = dict(llm=dict(hidden_size=3584, intermediate_size=18944, num_hidden_layers=28, num_attention_heads=28,
-                     num_key_value_heads=4, vocab_size=152064),
-            vit=dict(hidden_size=1152, intermediate_size=4304, num_hidden_layers=26, num_attention_heads=16))
-TINY = dict(llm=dict(hidden_size=64, intermediate_size=128, num_hidden_layers=2, num_attention_heads=4,
-                     num_key_value_heads=2, vocab_size=1024),
-            vit=dict(hidden_size=32, intermediate_size=64, num_hidden_layers=1, num_attention_heads=2))
 GiB = 2 ** 30
 
 

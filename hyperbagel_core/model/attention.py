@@ -61,3 +61,20 @@ def attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, causal: bool) -
     out = F.scaled_dot_product_attention(q.transpose(1, 2), k.transpose(1, 2), v.transpose(1, 2),
                                          attn_mask=bias, is_causal=is_causal, enable_gqa=q.shape[2] != k.shape[2])
     return out.transpose(1, 2)
+
+
+def gqa_folded_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor,
+                         mask: torch.Tensor | None) -> torch.Tensor:
+    """Masked attention without repeating K/V: q [n, Hq, d], k/v [m, Hkv, d], ``mask`` [g*n, m] (bool or
+    additive, g = Hq/Hkv, rows in folded order) or None -> [n, Hq, d].
+
+    The g query heads that share a kv head are folded into the query axis (query head j uses kv head
+    j // g), so SDPA sees 4-D [1, Hkv, g*n, d] queries; with a mask this reaches the memory-efficient
+    kernel on CUDA (the static decode step and the draft head, whose masks are over a fixed capacity).
+    """
+    n, hq, d = q.shape
+    hkv = k.shape[1]
+    g = hq // hkv
+    qf = q.view(n, hkv, g, d).permute(1, 2, 0, 3).reshape(1, hkv, g * n, d)
+    out = F.scaled_dot_product_attention(qf, k.transpose(0, 1)[None], v.transpose(0, 1)[None], attn_mask=mask)
+    return out[0].view(hkv, g, n, d).permute(2, 0, 1, 3).reshape(n, hq, d)

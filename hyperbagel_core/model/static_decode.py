@@ -19,6 +19,7 @@ import logging
 import torch
 import torch.nn.functional as F
 
+from .attention import gqa_folded_attention
 from .bagel import TextStep
 from .llm import rope_cos_sin
 
@@ -71,20 +72,6 @@ def use_static_decoding(model, device: torch.device, enabled: bool = True) -> bo
     return enabled and torch.device(device).type == "cuda" and weights_resident(model, torch.device(device))
 
 
-def length_masked_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, bias: torch.Tensor) -> torch.Tensor:
-    """q [n, Hq, d], k/v [cap, Hkv, d], bias [g*n, cap] additive (0 / -inf) -> [n, Hq, d].
-
-    GQA without repeating K/V: the g = Hq/Hkv query heads of a kv head are folded into the query axis,
-    so SDPA sees 4-D [1, Hkv, g*n, d] queries, which on CUDA reaches the memory-efficient kernel.
-    """
-    n, hq, d = q.shape
-    hkv = k.shape[1]
-    g = hq // hkv
-    qf = q.view(n, hkv, g, d).permute(1, 2, 0, 3).reshape(1, hkv, g * n, d)
-    out = F.scaled_dot_product_attention(qf, k.transpose(0, 1)[None], v.transpose(0, 1)[None], attn_mask=bias)
-    return out[0].view(hkv, g, n, d).permute(2, 0, 1, 3).reshape(n, hq, d)
-
-
 class SlotKV:
     """Duck-typed ``KVAccess`` for one fixed-shape step: write K/V at ``slots``, attend over all storage."""
 
@@ -100,7 +87,7 @@ class SlotKV:
         i, self.layer = self.layer, self.layer + 1
         self.ks[i].index_copy_(0, self.slots, k[0])
         self.vs[i].index_copy_(0, self.slots, v[0])
-        return length_masked_attention(q[0], self.ks[i], self.vs[i], self.bias)[None]
+        return gqa_folded_attention(q[0], self.ks[i], self.vs[i], self.bias)[None]
 
 
 def _bucket(n: int) -> int | None:

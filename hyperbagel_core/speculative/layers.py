@@ -10,6 +10,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
+from ..model.attention import gqa_folded_attention
 from ..model.llm import RMSNorm  # noqa: F401  (re-exported for the draft head)
 
 
@@ -33,18 +34,10 @@ def apply_rope(x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> torch.T
 
 
 def attend(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, mask: torch.Tensor | None) -> torch.Tensor:
-    """q [n, Hq, d], k/v [m, Hkv, d], mask [n, m] bool (True = visible) -> [n, Hq, d].
-
-    GQA without copying K/V: the ``Hq // Hkv`` query heads that share a kv head are folded into the
-    query-length axis (query head j uses kv head j // group), so SDPA sees Hkv heads.
-    """
-    n, hq, d = q.shape
-    hkv = k.shape[1]
-    g = hq // hkv
-    qf = q.view(n, hkv, g, d).permute(1, 2, 0, 3).reshape(1, hkv, g * n, d)       # [1, Hkv, g*n, d]
-    mf = None if mask is None else mask.repeat(g, 1)                                # [g*n, m]
-    out = F.scaled_dot_product_attention(qf, k.transpose(0, 1)[None], v.transpose(0, 1)[None], attn_mask=mf)
-    return out[0].view(hkv, g, n, d).permute(2, 0, 1, 3).reshape(n, hq, d)
+    """q [n, Hq, d], k/v [m, Hkv, d], mask [n, m] bool (True = visible) -> [n, Hq, d] (GQA folded, no K/V
+    repeat: ``model.attention.gqa_folded_attention``)."""
+    g = q.shape[1] // k.shape[1]
+    return gqa_folded_attention(q, k, v, None if mask is None else mask.repeat(g, 1))
 
 
 class SelfAttention(nn.Module):
