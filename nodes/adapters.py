@@ -189,9 +189,11 @@ def parse_timesteps(text: str) -> list[float]:
 
 # ----------------------------------------------------------------------------------------- schedules
 
-SCHEDULE_CHOICES = ["hyper-6nfe", "hyper-6nfe-shift3", "hyper-1nfe", "training-free", "teacher-50", "custom"]
+SCHEDULE_CHOICES = ["auto", "training-free", "teacher-50", "hyper-6nfe", "hyper-6nfe-shift3", "hyper-1nfe", "custom"]
 SOLVER_CHOICES = ["unipc", "dpmpp_2m", "heun", "euler"]
 DISTILLED_SCHEDULES = ("hyper-6nfe", "hyper-6nfe-shift3", "hyper-1nfe")
+RENORM_CHOICES = ["global", "channel", "text_channel"]
+MAX_SIDE = 1024   # BAGEL-7B-MoT: 64 latent positions per side x 16 px
 
 
 @dataclass(frozen=True)
@@ -200,23 +202,36 @@ class SchedulePlan:
     kwargs: dict
     label: str
     steps: int            # denoising steps (network evaluations per branch)
-    wants_distilled: bool
+    wants_distilled: bool  # a Hyper-Bagel grid: meant for a distilled expert
 
 
 def plan_schedule(schedule: str, steps: int = 8, shift: float = 3.0, solver: str = "unipc",
-                  custom_timesteps: str = "") -> SchedulePlan:
+                  custom_timesteps: str = "", expert_grid: tuple | None = None) -> SchedulePlan:
     """Map the node's schedule widgets to ``pipe.generate/edit`` keyword arguments.
 
-    * ``hyper-6nfe`` / ``hyper-6nfe-shift3`` / ``hyper-1nfe``: the fixed Hyper-Bagel grids (uniform k/6,
-      shift-3 reading, one Euler step). Meant for a distilled expert (one pass per step, no CFG).
+    * ``auto``: the applied distilled expert's own grid (``expert_grid`` = its file's ``(schedule, timesteps)``),
+      else ``training-free``. So applying an expert is the one switch from stock to few-step.
     * ``training-free``: ``steps`` steps of a higher-order flow solver over the shifted teacher grid.
-    * ``teacher-50``: BAGEL's reference sampler, 50 grid points (49 Euler steps) with dual CFG.
+    * ``teacher-50``: BAGEL's reference sampler, 50 grid points (49 Euler steps).
+    * ``hyper-6nfe`` / ``hyper-6nfe-shift3`` / ``hyper-1nfe``: the fixed Hyper-Bagel grids (uniform k/6,
+      shift-3 reading, one Euler step), meant for a distilled expert.
     * ``custom``: user timesteps (``custom_timesteps``), shift applied on top when it is not 1.
     """
     if schedule not in SCHEDULE_CHOICES:
         raise NodeInputError(f"unknown schedule {schedule!r}; choose one of {', '.join(SCHEDULE_CHOICES)}.")
     if not (isinstance(shift, (int, float)) and shift > 0 and math.isfinite(shift)):
         raise NodeInputError(f"shift must be a positive number, got {shift!r}.")
+    if schedule == "auto" and expert_grid is not None:
+        name, grid = expert_grid
+        if name in DISTILLED_SCHEDULES:
+            plan = plan_schedule(name)
+            return SchedulePlan(plan.kwargs, f"auto: {plan.label}, the expert's grid", plan.steps, True)
+        grid = [float(t) for t in grid]
+        if len(grid) < 2:
+            raise NodeInputError(f"the distilled expert names no usable grid ({name!r}, {grid}); pick a schedule "
+                                 "other than 'auto'.")
+        return SchedulePlan({"schedule": "custom", "timesteps": grid, "timestep_shift": 1.0},
+                            f"auto: the expert's grid ({len(grid) - 1} steps)", len(grid) - 1, True)
     if schedule in DISTILLED_SCHEDULES:
         n = 1 if schedule == "hyper-1nfe" else 6
         return SchedulePlan({"schedule": schedule}, f"{schedule} ({n} step{'s' if n > 1 else ''})", n, True)
@@ -231,9 +246,22 @@ def plan_schedule(schedule: str, steps: int = 8, shift: float = 3.0, solver: str
         raise NodeInputError(f"steps must be an integer in 1..200, got {steps!r}.")
     if solver not in SOLVER_CHOICES:
         raise NodeInputError(f"unknown solver {solver!r}; choose one of {', '.join(SOLVER_CHOICES)}.")
+    prefix = "auto: " if schedule == "auto" else ""
     return SchedulePlan({"schedule": "teacher", "solver": solver, "num_timesteps": int(steps) + 1,
                          "timestep_shift": float(shift)},
-                        f"training-free {solver}, {int(steps)} steps", int(steps), False)
+                        f"{prefix}training-free {solver}, {int(steps)} steps", int(steps), False)
+
+
+def check_guidance(interval_start: float, interval_end: float, renorm_type: str, renorm_min: float) -> tuple:
+    """CFG interval and renorm widgets -> ``(cfg_interval, cfg_renorm_type, cfg_renorm_min)`` for the core."""
+    if not 0.0 <= interval_start < interval_end <= 1.0:
+        raise NodeInputError(f"cfg_interval_start ({interval_start}) must be below cfg_interval_end ({interval_end}), "
+                             "both in [0, 1]: guidance applies while start <= t <= end (t = 1 is noise).")
+    if renorm_type not in RENORM_CHOICES:
+        raise NodeInputError(f"unknown cfg_renorm_type {renorm_type!r}; choose one of {', '.join(RENORM_CHOICES)}.")
+    if not 0.0 <= renorm_min <= 1.0:
+        raise NodeInputError(f"cfg_renorm_min must be in [0, 1], got {renorm_min}.")
+    return (float(interval_start), float(interval_end)), renorm_type, float(renorm_min)
 
 
 # ----------------------------------------------------------------------------------------- dtypes

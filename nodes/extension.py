@@ -4,12 +4,14 @@ from __future__ import annotations
 from comfy_api.latest import ComfyExtension, io
 
 from . import paths
+from .apply import BagelApplyDistilledExpert, BagelApplyDraftHead
 from .edit import BagelCFGFreeEditor
 from .generate import BagelFewStepSampler
-from .loaders import BagelModelLoader
+from .loaders import BagelModelLoader, BagelVAELoader
 from .understand import BagelSpeculativeVQA
 
-NODES = [BagelModelLoader, BagelSpeculativeVQA, BagelFewStepSampler, BagelCFGFreeEditor]
+NODES = [BagelModelLoader, BagelApplyDraftHead, BagelApplyDistilledExpert, BagelVAELoader, BagelSpeculativeVQA,
+         BagelFewStepSampler, BagelCFGFreeEditor]
 
 
 class HyperBagelExtension(ComfyExtension):

@@ -15,23 +15,46 @@ log = logging.getLogger("hyperbagel")
 STAT_KEYS = ("schedule", "nfe", "passes", "cfg", "seconds")
 
 
-def schedule_inputs(default_schedule: str = "hyper-6nfe") -> list:
+SCHEDULE_TOOLTIP = (
+    "auto: the applied distilled expert's own grid (e.g. 6 steps), else training-free. training-free: a "
+    "higher-order solver in 'steps' steps on stock BAGEL. teacher-50: BAGEL's reference sampler (49 steps). "
+    "hyper-6nfe / hyper-6nfe-shift3 / hyper-1nfe: Hyper-Bagel's fixed grids, meant for a distilled expert. "
+    "custom: your own timesteps. With a distilled expert applied every schedule takes one pass per step.")
+
+
+def schedule_inputs(default_schedule: str = "auto") -> list:
     """The schedule widgets shared by the sampler and the editor (same order in both)."""
     return [
-        io.Combo.Input("schedule", options=A.SCHEDULE_CHOICES, default=default_schedule,
-                       tooltip="hyper-6nfe / hyper-6nfe-shift3 / hyper-1nfe: Hyper-Bagel's fixed grids for a "
-                               "distilled expert (one pass per step, no CFG). training-free: a higher-order "
-                               "solver in 'steps' steps on stock BAGEL. teacher-50: BAGEL's reference sampler. "
-                               "custom: your own timesteps."),
+        io.Combo.Input("schedule", options=A.SCHEDULE_CHOICES, default=default_schedule, tooltip=SCHEDULE_TOOLTIP),
         io.Int.Input("steps", default=8, min=1, max=200,
-                     tooltip="Steps for the training-free schedule (ignored by the others)."),
+                     tooltip="Steps of the training-free schedule (and of 'auto' without a distilled expert)."),
         io.Combo.Input("solver", options=A.SOLVER_CHOICES, default="unipc",
-                       tooltip="Flow-matching solver for the training-free schedule."),
+                       tooltip="Flow-matching solver of the training-free schedule (unipc: closest to the "
+                               "50-step teacher in few steps)."),
         io.String.Input("custom_timesteps", default="1.0, 0.75, 0.5, 0.25",
                         tooltip="For schedule=custom: decreasing times in [0, 1], 1 = noise; a final 0 is added."),
         io.Float.Input("shift", default=3.0, min=0.1, max=20.0, step=0.1,
-                       tooltip="Timestep shift t' = s t / (1 + (s - 1) t) for teacher, training-free and custom."),
+                       tooltip="Timestep shift t' = s t / (1 + (s - 1) t) for teacher-50, training-free and custom."),
     ]
+
+
+def guidance_inputs(interval: tuple, renorm: str) -> list:
+    """CFG interval and renorm widgets (teacher-style CFG only; a distilled expert takes the scales as inputs)."""
+    return [
+        io.Float.Input("cfg_interval_start", default=interval[0], min=0.0, max=1.0, step=0.05,
+                       tooltip="CFG applies for t in [start, end] (t = 1 is noise). Stock model only."),
+        io.Float.Input("cfg_interval_end", default=interval[1], min=0.0, max=1.0, step=0.05,
+                       tooltip="End of the CFG interval (1 = from the first step). Stock model only."),
+        io.Combo.Input("cfg_renorm_type", options=A.RENORM_CHOICES, default=renorm,
+                       tooltip="How the guided velocity's norm is capped: global (text-to-image default), channel, "
+                               "text_channel (editing default). Stock model only."),
+        io.Float.Input("cfg_renorm_min", default=0.0, min=0.0, max=1.0, step=0.05,
+                       tooltip="Lower bound of the renorm factor (0 = BAGEL's default). Stock model only."),
+    ]
+
+
+THINK_TOOLTIP = ("Let BAGEL write a plan before drawing (slower). The plan comes out of the 'thinking' output and "
+                 "is shown in the node's text box.")
 
 
 def run_images(bagel, method: str, plan: A.SchedulePlan, items: list, seeds: list[int], **kwargs):
@@ -63,7 +86,9 @@ def run_images(bagel, method: str, plan: A.SchedulePlan, items: list, seeds: lis
         bagel.release()
     merged = A.merge_stats(stats)
     if plan.wants_distilled and not bagel.distilled_expert:
-        notes.add("no distilled expert loaded: stock model with CFG on a few-step grid")
+        notes.add(f"no distilled expert applied: '{plan.label}' runs stock BAGEL with CFG on a grid made for a "
+                  "distilled expert (expect a rough image); apply one with 'BAGEL Apply Distilled Expert' or "
+                  "use schedule auto / training-free")
     if notes:
         merged["warning"] = "; ".join(sorted(notes))
         log.warning("hyperbagel: %s", merged["warning"])
@@ -83,13 +108,9 @@ def run_shape(method: str, items: list, kwargs: dict) -> dict:
 
 
 def distilled_flag(plan: A.SchedulePlan, bagel) -> dict:
-    """Hyper-Bagel grids use the distilled expert when one is loaded; teacher-50 and training-free always run
-    the stock model (the reference); custom leaves it to the core (distilled when loaded)."""
-    if plan.wants_distilled:
-        return {"distilled": bool(bagel.distilled_expert)}
-    if plan.kwargs.get("schedule") == "teacher":
-        return {"distilled": False}
-    return {}
+    """An applied distilled expert is used on every schedule (one pass per step, scales as model inputs); without
+    one the stock model runs with CFG. Bypassing the apply node is how to get the stock teacher back."""
+    return {"distilled": bagel.distilled_expert is not None}
 
 
 def pass_counts(plan: A.SchedulePlan, stats: dict, edit: bool) -> dict:
@@ -120,44 +141,46 @@ class BagelFewStepSampler(io.ComfyNode):
             node_id="HyperBagelFewStepSampler",
             display_name="BAGEL Few-Step Sampler (Hyper-Bagel)",
             category="BAGEL/generation",
-            description="Text to image with BAGEL in 1-6 network passes (Hyper-Bagel distilled expert) or a few "
-                        "training-free solver steps, or the 50-step teacher. Outputs the image and its latent "
-                        "(raw FLUX-AE latent, decodable by core VAEDecode with the FLUX ae).",
+            description="Text to image with BAGEL: a few training-free solver steps on stock BAGEL (default), "
+                        "1-6 network passes with a distilled expert applied, or the 50-step teacher. Outputs the "
+                        "image and its latent (raw FLUX-AE latent: decode it with core VAE Decode and the "
+                        "'BAGEL VAE Loader'). Settings, warnings and the thinking text are shown on the node.",
             inputs=[
-                BagelModelType.Input("model", tooltip="From 'BAGEL Model Loader (Hyper-Bagel)'."),
+                BagelModelType.Input("model", tooltip="From 'BAGEL Model Loader (Hyper-Bagel)' or an apply node."),
                 io.String.Input("prompt", multiline=True, default="A photo of a red fox in fresh snow.",
                                 tooltip="What to draw. Convert to an input to feed it from another node."),
-                io.Int.Input("width", default=1024, min=16, max=4096, step=16,
-                             tooltip="Multiple of 16; BAGEL-7B-MoT supports up to 1024."),
-                io.Int.Input("height", default=1024, min=16, max=4096, step=16,
-                             tooltip="Multiple of 16; BAGEL-7B-MoT supports up to 1024."),
-                *schedule_inputs("hyper-6nfe"),
+                io.Int.Input("width", default=1024, min=16, max=A.MAX_SIDE, step=16,
+                             tooltip="Multiple of 16, at most 1024 (BAGEL-7B-MoT's latent position table)."),
+                io.Int.Input("height", default=1024, min=16, max=A.MAX_SIDE, step=16,
+                             tooltip="Multiple of 16, at most 1024 (BAGEL-7B-MoT's latent position table)."),
+                *schedule_inputs("auto"),
                 io.Float.Input("text_guidance", default=4.0, min=0.0, max=10.0, step=0.1,
-                               tooltip="Text guidance scale. Teacher/training-free: classifier-free guidance. "
-                                       "Distilled expert: a conditioning input (trained on 1-5)."),
-                io.Float.Input("cfg_interval_start", default=0.4, min=0.0, max=1.0, step=0.05,
-                               tooltip="Teacher/training-free only: apply CFG for t in [start, 1]."),
+                               tooltip="Text guidance scale. Stock model: classifier-free guidance. Distilled "
+                                       "expert: a conditioning input (trained on 1-5)."),
+                *guidance_inputs((0.4, 1.0), "global"),
                 io.Int.Input("seed", default=0, min=0, max=A.MAX_SEED, control_after_generate=True,
                              tooltip="Noise seed; image i of the batch uses seed + i."),
                 io.Int.Input("batch_size", default=1, min=1, max=16, tooltip="Images to generate (seed, seed+1, ...)."),
-                io.Boolean.Input("think", default=False,
-                                 tooltip="Let BAGEL write a plan before drawing (slower; shown on the node)."),
+                io.Boolean.Input("think", default=False, tooltip=THINK_TOOLTIP),
             ],
             outputs=[io.Image.Output(display_name="image"), io.Latent.Output(display_name="latent"),
-                     io.String.Output(display_name="thinking", tooltip="The reasoning text when think is on.")],
+                     io.String.Output(display_name="thinking", tooltip="The plan BAGEL wrote when think is on.")],
         )
 
     @classmethod
     def execute(cls, model, prompt, width, height, schedule, steps, solver, custom_timesteps, shift,
-                text_guidance, cfg_interval_start, seed, batch_size, think) -> io.NodeOutput:
+                text_guidance, cfg_interval_start, cfg_interval_end, cfg_renorm_type, cfg_renorm_min, seed,
+                batch_size, think) -> io.NodeOutput:
         bagel = runtime.check_model(model)
         A.check_text(prompt, "prompt")
         A.check_size(width, height, max_side=max_side(bagel))
-        plan = A.plan_schedule(schedule, steps, shift, solver, custom_timesteps)
+        plan = A.plan_schedule(schedule, steps, shift, solver, custom_timesteps, bagel.expert_grid())
+        interval, renorm, renorm_min = A.check_guidance(cfg_interval_start, cfg_interval_end, cfg_renorm_type,
+                                                        cfg_renorm_min)
         seeds = A.batch_seeds(seed, batch_size)
         results, stats = run_images(bagel, "generate", plan, [(prompt,)] * batch_size, seeds,
-                                    height=height, width=width, cfg_text_scale=text_guidance,
-                                    cfg_interval=(cfg_interval_start, 1.0), think=think)
+                                    height=height, width=width, cfg_text_scale=text_guidance, cfg_interval=interval,
+                                    cfg_renorm_type=renorm, cfg_renorm_min=renorm_min, think=think)
         images = A.stack_images([A.result_to_image(r) for r in results])
         latent = A.concat_latents([latent_of(bagel, r) for r in results])
         thinking = "\n\n".join(r.thinking for r in results if getattr(r, "thinking", None))

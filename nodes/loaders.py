@@ -1,4 +1,5 @@
-"""BAGEL Model Loader: a checkpoint folder from models/bagel -> BAGEL_MODEL (ModelPatcher-backed)."""
+"""BAGEL loaders: a checkpoint folder from models/bagel -> HYPERBAGEL_MODEL (ModelPatcher-backed), and the
+checkpoint's own FLUX autoencoder (``ae.safetensors``) as a core VAE."""
 from __future__ import annotations
 
 from comfy_api.latest import io
@@ -6,7 +7,10 @@ from comfy_api.latest import io
 from . import paths, runtime
 from .adapters import DTYPE_CHOICES
 
-BagelModelType = io.Custom("BAGEL_MODEL")
+BagelModelType = io.Custom(runtime.MODEL_TYPE)
+
+CHECKPOINT_TOOLTIP = ("A folder in models/bagel (or a 'bagel:' path of extra_model_paths.yaml) holding "
+                      "llm_config.json, vit_config.json, ema.safetensors, ae.safetensors and the tokenizer files.")
 
 
 class BagelModelLoader(io.ComfyNode):
@@ -16,23 +20,18 @@ class BagelModelLoader(io.ComfyNode):
             node_id="HyperBagelModelLoader",
             display_name="BAGEL Model Loader (Hyper-Bagel)",
             category="BAGEL/loaders",
-            description="Loads a BAGEL-7B-MoT checkpoint folder from models/bagel. ComfyUI's model manager moves "
-                        "it between GPU and CPU like any other model. Nothing is ever downloaded.",
+            description="Loads a BAGEL-7B-MoT checkpoint folder from models/bagel (about 29 GB; it is built in CPU "
+                        "RAM first, then ComfyUI's model manager moves it between GPU and CPU like any other "
+                        "model). Add a draft head or a distilled expert with the apply nodes: no reload. "
+                        "Nothing is ever downloaded.",
             inputs=[
-                io.Combo.Input("checkpoint", options=paths.checkpoint_choices(),
-                               tooltip="A folder in models/bagel holding llm_config.json, vit_config.json, "
-                                       "ema.safetensors, ae.safetensors and the tokenizer files."),
+                io.Combo.Input("checkpoint", options=paths.checkpoint_choices(), tooltip=CHECKPOINT_TOOLTIP),
                 io.Combo.Input("dtype", options=DTYPE_CHOICES, default="auto",
-                               tooltip="Weight dtype. auto = bf16 where supported, else fp16, else fp32 (CPU)."),
+                               tooltip="Weight dtype. auto = bf16 (computed in fp32 on GPUs without native bf16); "
+                                       "fp16 risks overflow; fp32 doubles the memory."),
                 io.Combo.Input("attention", options=runtime.attention_backends(), default="sdpa",
                                tooltip="Attention kernel. sdpa works everywhere; flash_attn is listed only when "
                                        "the optional flash-attn package is installed."),
-                io.Combo.Input("draft_head", options=paths.draft_head_choices(), default="none",
-                               tooltip="Optional speculative-decoding draft head (models/bagel/draft_heads) for "
-                                       "faster answers. Output is identical with or without it."),
-                io.Combo.Input("distilled_expert", options=paths.distilled_choices(), default="none",
-                               tooltip="Optional distilled few-step generation expert (models/bagel/distilled), "
-                                       "needed by the hyper-6nfe / hyper-1nfe schedules for full quality."),
                 io.Combo.Input("memory", options=runtime.MEMORY_MODES, default="auto",
                                tooltip="auto: ComfyUI loads what fits and streams the rest. gpu_full: keep every "
                                        "weight on the GPU. offload_after_run: move the weights back to the CPU "
@@ -42,9 +41,25 @@ class BagelModelLoader(io.ComfyNode):
         )
 
     @classmethod
-    def execute(cls, checkpoint, dtype, attention, draft_head, distilled_expert, memory) -> io.NodeOutput:
+    def execute(cls, checkpoint, dtype, attention, memory) -> io.NodeOutput:
         folder = paths.resolve_checkpoint(checkpoint)
-        model = runtime.load_bagel(folder, dtype, attention, memory,
-                                   paths.resolve_file("bagel_draft_heads", draft_head),
-                                   paths.resolve_file("bagel_distilled", distilled_expert))
-        return io.NodeOutput(model)
+        return io.NodeOutput(runtime.load_bagel(folder, dtype, attention, memory))
+
+
+class BagelVAELoader(io.ComfyNode):
+    @classmethod
+    def define_schema(cls) -> io.Schema:
+        return io.Schema(
+            node_id="HyperBagelVAELoader",
+            display_name="BAGEL VAE Loader (FLUX ae, Hyper-Bagel)",
+            category="BAGEL/loaders",
+            description="Loads the FLUX autoencoder inside a BAGEL checkpoint folder (ae.safetensors) as a core "
+                        "VAE, the same object core 'Load VAE' makes from that file. Use it with core VAE Decode / "
+                        "VAE Encode on the LATENT outputs of the BAGEL sampler and editor.",
+            inputs=[io.Combo.Input("checkpoint", options=paths.checkpoint_choices(), tooltip=CHECKPOINT_TOOLTIP)],
+            outputs=[io.Vae.Output(display_name="vae", tooltip="The checkpoint's FLUX autoencoder.")],
+        )
+
+    @classmethod
+    def execute(cls, checkpoint) -> io.NodeOutput:
+        return io.NodeOutput(runtime.load_flux_vae(paths.resolve_checkpoint(checkpoint)))

@@ -3,8 +3,11 @@
 Keys (all may also be set in ``extra_model_paths.yaml``):
 
 * ``bagel``             -> ``models/bagel``: one sub-folder per checkpoint (official BAGEL-7B-MoT layout).
-* ``bagel_draft_heads`` -> ``models/bagel/draft_heads``: speculative-decoding draft heads (``.safetensors``).
-* ``bagel_distilled``   -> ``models/bagel/distilled``: distilled few-step generation experts (``.safetensors``).
+* ``bagel_draft_heads`` -> ``<each bagel folder>/draft_heads``: speculative-decoding draft heads (``.safetensors``).
+* ``bagel_distilled``   -> ``<each bagel folder>/distilled``: distilled few-step generation experts (``.safetensors``).
+
+The sub-folders follow every ``bagel`` folder, the user's own ``bagel:`` paths from extra_model_paths.yaml
+included (ComfyUI reads that file before it loads custom nodes).
 """
 from __future__ import annotations
 
@@ -13,11 +16,12 @@ from typing import MutableMapping
 
 from .adapters import NONE_CHOICE, checkpoint_dirs, files_with_ext
 
-FOLDERS = {
-    "bagel": ("bagel", set()),
-    "bagel_draft_heads": (os.path.join("bagel", "draft_heads"), {".safetensors"}),
-    "bagel_distilled": (os.path.join("bagel", "distilled"), {".safetensors"}),
+SUBFOLDERS = {  # key -> (sub-folder of each bagel folder, extensions)
+    "bagel_draft_heads": ("draft_heads", {".safetensors"}),
+    "bagel_distilled": ("distilled", {".safetensors"}),
 }
+NO_DRAFT_HEAD = "(put a draft head in models/bagel/draft_heads)"
+NO_DISTILLED = "(put a distilled expert in models/bagel/distilled)"
 
 
 def merge_folder(table: MutableMapping, key: str, path: str, extensions: set) -> None:
@@ -39,8 +43,11 @@ def merge_folder(table: MutableMapping, key: str, path: str, extensions: set) ->
 def register_folders() -> None:
     import folder_paths
 
-    for key, (rel, exts) in FOLDERS.items():
-        merge_folder(folder_paths.folder_names_and_paths, key, os.path.join(folder_paths.models_dir, rel), exts)
+    table = folder_paths.folder_names_and_paths
+    merge_folder(table, "bagel", os.path.join(folder_paths.models_dir, "bagel"), set())
+    for root in list(table["bagel"][0]):
+        for key, (sub, exts) in SUBFOLDERS.items():
+            merge_folder(table, key, os.path.join(root, sub), exts)
 
 
 def _listing(key: str) -> list[str]:
@@ -58,11 +65,11 @@ def checkpoint_choices() -> list[str]:
 
 
 def draft_head_choices() -> list[str]:
-    return [NONE_CHOICE] + files_with_ext(_listing("bagel_draft_heads"))
+    return files_with_ext(_listing("bagel_draft_heads")) or [NO_DRAFT_HEAD]
 
 
 def distilled_choices() -> list[str]:
-    return [NONE_CHOICE] + files_with_ext(_listing("bagel_distilled"))
+    return files_with_ext(_listing("bagel_distilled")) or [NO_DISTILLED]
 
 
 def resolve_checkpoint(name: str) -> str:
@@ -82,13 +89,16 @@ def resolve_checkpoint(name: str) -> str:
                             "there and press 'Refresh'; hyperbagel never downloads models.")
 
 
-def resolve_file(key: str, name: str) -> str | None:
-    if not name or name == NONE_CHOICE:
-        return None
+def resolve_file(key: str, name: str) -> str:
     import folder_paths
+
+    if not name or name in (NONE_CHOICE, NO_DRAFT_HEAD, NO_DISTILLED):
+        raise FileNotFoundError(f"no file chosen: put a .safetensors file in one of the {key} folders "
+                                f"({', '.join(folder_paths.get_folder_paths(key))}), press 'Refresh' and pick it, "
+                                "or bypass this node (Ctrl+B) to run without it.")
 
     path = folder_paths.get_full_path(key, name)
     if path is None:
         raise FileNotFoundError(f"{name!r} not found in the {key} folders ({', '.join(folder_paths.get_folder_paths(key))}); "
-                                "press 'Refresh' or pick another file.")
+                                "put it there and press 'Refresh', pick another file, or bypass this node.")
     return path

@@ -1,4 +1,4 @@
-"""ComfyUI runtime glue: the BAGEL_MODEL object, memory management, progress and interrupts.
+"""ComfyUI runtime glue: the HYPERBAGEL_MODEL object, memory management, progress and interrupts.
 
 ComfyUI modules are imported inside functions so that this file can be imported (and its logic tested)
 with ``comfy`` stubbed out.
@@ -8,7 +8,7 @@ from __future__ import annotations
 import logging
 import os
 import time
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from typing import Any, Callable
 
 from .adapters import NodeInputError, StepProgress
@@ -27,17 +27,57 @@ def import_core():
     return core
 
 
-@dataclass
+MODEL_TYPE = "HYPERBAGEL_MODEL"  # our socket type; not BAGEL_MODEL, which another BAGEL pack uses for its own object
+
+
+@dataclass(frozen=True)
+class Attachment:
+    """A draft head or distilled expert applied to a model: the core object and its own ModelPatcher."""
+    path: str
+    obj: Any        # speculative.DraftHead (an nn.Module) or distill.DistilledExpert
+    patcher: Any    # ModelPatcher over the weights it adds, loaded by ComfyUI beside the base model's
+
+
+@dataclass(frozen=True)
 class BagelModel:
-    """What flows through a ``BAGEL_MODEL`` socket: the pipeline and its ModelPatcher."""
+    """What flows through a ``HYPERBAGEL_MODEL`` socket: the shared pipeline, its ModelPatcher and what is applied.
+
+    Frozen: an apply node returns a new ``BagelModel`` sharing the pipeline and the base patcher (no reload), so
+    other branches of the graph keep the model they were given. The pipeline's ``distilled_expert`` and
+    ``draft_head`` are bound from this object at the start of every run (``prepare``).
+    """
     pipe: Any
     patcher: Any
     checkpoint: str
     dtype_name: str
     attn_backend: str
     memory_mode: str = "auto"
-    draft_head: str | None = None
-    distilled_expert: str | None = None
+    draft: Attachment | None = None
+    distilled: Attachment | None = None
+
+    @property
+    def draft_head(self) -> str | None:
+        return self.draft.path if self.draft else None
+
+    @property
+    def distilled_expert(self) -> str | None:
+        return self.distilled.path if self.distilled else None
+
+    def expert_grid(self) -> tuple | None:
+        """``(schedule, timesteps)`` the applied distilled expert was made for (its file's config), else None."""
+        if self.distilled is None:
+            return None
+        cfg = self.distilled.obj.config
+        return cfg.schedule, list(cfg.timesteps)
+
+    def patchers(self) -> list:
+        return [self.patcher] + [a.patcher for a in (self.draft, self.distilled) if a is not None]
+
+    def bind(self) -> Any:
+        """Point the shared pipeline at this branch's draft head and distilled expert (or none)."""
+        self.pipe.distilled_expert = self.distilled.obj if self.distilled else None
+        self.pipe.draft_head = self.draft.obj if self.draft else None
+        return self.pipe
 
     def prepare(self, task: str | None = None, **run) -> Any:
         """Ask ComfyUI to (re)load the weights for a run of ``task``; returns the pipeline.
@@ -45,15 +85,16 @@ class BagelModel:
         ComfyUI keeps the run's working memory free beside the weights (``pipe.memory_required(task, **run)``,
         an upper bound of caches + activations + VAE at that size) and streams the weights that do not fit.
         The compute device is ComfyUI's load device: a partial load leaves some weights on the offload device,
-        so no weight tells where inputs go. The distilled expert and the draft head ride in the patcher's
-        module, so ComfyUI places (and streams) them with the rest.
+        so no weight tells where inputs go. An applied draft head or distilled expert has its own patcher,
+        loaded in the same call, so ComfyUI places (and streams) it with the rest.
         """
         import comfy.model_management as mm
 
-        need = self.pipe.memory_required(task, **run) if task else 0
-        mm.load_models_gpu([self.patcher], memory_required=need, force_full_load=self.memory_mode == "gpu_full")
-        self.pipe.compute_device = self.patcher.load_device
-        return self.pipe
+        pipe = self.bind()
+        need = pipe.memory_required(task, **run) if task else 0
+        mm.load_models_gpu(self.patchers(), memory_required=need, force_full_load=self.memory_mode == "gpu_full")
+        pipe.compute_device = self.patcher.load_device
+        return pipe
 
     def release(self) -> None:
         """After a run in ``offload_after_run`` mode: move the weights back to the offload device."""
@@ -61,8 +102,9 @@ class BagelModel:
             return
         import comfy.model_management as mm
 
+        mine = self.patchers()
         for loaded in list(getattr(mm, "current_loaded_models", [])):
-            if getattr(loaded, "model", None) is self.patcher:
+            if any(getattr(loaded, "model", None) is p for p in mine):
                 loaded.model_unload()
                 mm.current_loaded_models.remove(loaded)
         mm.soft_empty_cache()
@@ -90,7 +132,8 @@ def bf16_native(device) -> bool:
 
 def check_model(model: Any) -> BagelModel:
     if not isinstance(model, BagelModel):
-        raise NodeInputError("model: connect the output of 'BAGEL Model Loader (Hyper-Bagel)' to this input.")
+        raise NodeInputError("model: connect the output of 'BAGEL Model Loader (Hyper-Bagel)' (or of an apply node "
+                             "after it) to this input.")
     return model
 
 
@@ -118,8 +161,7 @@ def make_progress(items: int, steps_hint: int, node_id: str | None = None) -> St
     return StepProgress(items, lambda v, t: bar.update_absolute(v, t), interrupt_check)
 
 
-def load_bagel(checkpoint_dir: str, dtype_choice: str, attn_backend: str, memory_mode: str,
-               draft_head: str | None, distilled_expert: str | None) -> BagelModel:
+def load_bagel(checkpoint_dir: str, dtype_choice: str, attn_backend: str, memory_mode: str) -> BagelModel:
     """Build the pipeline on the offload device with ``comfy.ops`` layers and wrap it in a ModelPatcher."""
     import comfy.model_management as mm
     import comfy.model_patcher
@@ -146,28 +188,67 @@ def load_bagel(checkpoint_dir: str, dtype_choice: str, attn_backend: str, memory
     pipe = core.BagelPipeline.from_pretrained(checkpoint_dir, device=offload_device, dtype=dtype, ops=ops,
                                               compute_dtype=compute_dtype, attn_backend=attn_backend)
     pipe.compute_device = load_device
-    if draft_head:
-        _attach(pipe, "load_draft_head", draft_head, "speculative decoding with a draft head")
-    if distilled_expert:
-        _attach(pipe, "load_distilled_expert", distilled_expert, "the distilled few-step expert")
     patcher = comfy.model_patcher.ModelPatcher(pipe.modules, load_device=load_device, offload_device=offload_device)
     names = {torch.bfloat16: "bf16", torch.float16: "fp16", torch.float32: "fp32"}
     dtype_name = names.get(dtype, str(dtype))
     if compute_dtype != dtype:
         dtype_name += f" (computed in {names.get(compute_dtype, str(compute_dtype))})"
     model = BagelModel(pipe=pipe, patcher=patcher, checkpoint=checkpoint_dir, dtype_name=dtype_name,
-                       attn_backend=attn_backend, memory_mode=memory_mode, draft_head=draft_head,
-                       distilled_expert=distilled_expert)
+                       attn_backend=attn_backend, memory_mode=memory_mode)
     log.info("hyperbagel: loaded %s in %.1f s", model.describe(), time.perf_counter() - t0)
     return model
 
 
-def _attach(pipe: Any, method: str, path: str, what: str) -> None:
-    fn: Callable | None = getattr(pipe, method, None)
-    if not callable(fn):
-        raise NodeInputError(f"this hyperbagel_core has no {method}() yet, so {what} cannot be loaded; "
-                             "update hyperbagel or set this option to 'none'.")
-    fn(path)
+def load_flux_vae(checkpoint_dir: str):
+    """The checkpoint's ``ae.safetensors`` as a core ``comfy.sd.VAE``, built exactly as core ``VAELoader`` does."""
+    import comfy.sd
+    import comfy.utils
+
+    path = os.path.join(checkpoint_dir, "ae.safetensors")
+    if not os.path.isfile(path):
+        raise FileNotFoundError(f"{path} is missing: the BAGEL-7B-MoT folder ships its FLUX autoencoder as "
+                                "ae.safetensors; copy it there (or use core 'Load VAE' with the FLUX ae file).")
+    vae = comfy.sd.VAE(sd=comfy.utils.load_torch_file(path))
+    vae.throw_exception_if_invalid()
+    return vae
+
+
+def core_module(name: str):
+    """A sub-module of the core (``distill``, ``speculative``, ``ops``), imported on first use."""
+    import importlib
+
+    core = import_core()
+    mod = getattr(core, name, None)
+    return mod if mod is not None else importlib.import_module(f"{core.__name__}.{name}")
+
+
+def apply_draft_head(model: BagelModel, path: str) -> BagelModel:
+    """A new BagelModel with the draft head at ``path``; ``model`` is left as it was (also on error)."""
+    import comfy.model_patcher
+
+    model = check_model(model)
+    pipe = model.pipe
+    head = core_module("speculative").load_draft_head(path, pipe.model, strict_fingerprint=True)
+    head = core_module("ops").adopt_ops(head, getattr(pipe, "ops", None))
+    head.compute_device = model.patcher.load_device
+    patcher = comfy.model_patcher.ModelPatcher(head, load_device=model.patcher.load_device,
+                                               offload_device=model.patcher.offload_device)
+    log.info("hyperbagel: draft head %s applied to %s", os.path.basename(path), model.describe())
+    return replace(model, draft=Attachment(path, head, patcher))
+
+
+def apply_distilled_expert(model: BagelModel, path: str) -> BagelModel:
+    """A new BagelModel with the distilled expert at ``path``; ``model`` is left as it was (also on error)."""
+    import comfy.model_patcher
+
+    model = check_model(model)
+    pipe = model.pipe
+    expert = core_module("distill").load_distilled_expert(path, pipe.model)
+    holder = core_module("ops").adopt_ops(expert.as_module(), getattr(pipe, "ops", None))
+    patcher = comfy.model_patcher.ModelPatcher(holder, load_device=model.patcher.load_device,
+                                               offload_device=model.patcher.offload_device)
+    log.info("hyperbagel: distilled expert %s applied to %s", os.path.basename(path), model.describe())
+    return replace(model, distilled=Attachment(path, expert, patcher))
 
 
 def call_core(fn: Callable, *args, **kwargs):

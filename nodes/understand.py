@@ -25,24 +25,27 @@ class BagelSpeculativeVQA(io.ComfyNode):
                         "proposes k tokens, BAGEL verifies them in one pass. Greedy answers are identical to plain "
                         "decoding, only faster. The answer and decoding stats are shown on the node.",
             inputs=[
-                BagelModelType.Input("model", tooltip="From 'BAGEL Model Loader (Hyper-Bagel)'."),
+                BagelModelType.Input("model", tooltip="From 'BAGEL Model Loader (Hyper-Bagel)' or an apply node."),
                 io.String.Input("question", multiline=True, default="Describe this image in detail.",
                                 tooltip="The question or instruction."),
                 io.Combo.Input("drafter", options=DRAFTERS, default="prompt_lookup",
                                tooltip="prompt_lookup: copies n-grams from the prompt/answer, no extra weights. "
-                                       "draft_head: the Hyper-Bagel draft head chosen in the loader. "
+                                       "draft_head: the Hyper-Bagel draft head added by 'BAGEL Apply Draft Head'. "
                                        "none: plain token-by-token decoding."),
                 io.Int.Input("k", default=0, min=0, max=16,
-                             tooltip="Draft tokens per round; 0 = the core's adaptive default."),
+                             tooltip="Longest draft chain per round; 0 = the default 10. Either way the length adapts each "
+                                     "round to the measured acceptance rate. Ignored by drafter 'none'."),
                 io.Int.Input("max_new_tokens", default=512, min=1, max=8192,
                              tooltip="Upper bound on the answer length in tokens."),
                 io.Float.Input("temperature", default=0.0, min=0.0, max=2.0, step=0.05,
                                tooltip="0 = greedy (deterministic). Above 0 samples with speculative sampling, "
                                        "which keeps the model's distribution exactly."),
-                io.Int.Input("seed", default=0, min=0, max=A.MAX_SEED, control_after_generate=True,
-                             tooltip="Sampling seed (only used when temperature > 0). Image i of a batch uses seed + i."),
+                io.Int.Input("seed", default=0, min=0, max=A.MAX_SEED, control_after_generate=False,
+                             tooltip="Sampling seed, used only when temperature > 0 (image i of a batch uses seed + i). "
+                                     "Fixed by default, so a greedy answer is cached and not re-run every queue."),
                 io.Boolean.Input("think", default=False,
-                                 tooltip="Let BAGEL reason in <think>...</think> before answering."),
+                                 tooltip="Let BAGEL reason in <think>...</think> before answering; the reasoning is "
+                                         "part of the answer text."),
                 io.Image.Input("image", optional=True,
                                tooltip="Optional image(s). Without one, BAGEL answers as a text model."),
                 io.Combo.Input("batch_mode", options=BATCH_MODES, default=BATCH_MODES[0], optional=True,
@@ -62,8 +65,8 @@ class BagelSpeculativeVQA(io.ComfyNode):
         if drafter not in DRAFTERS:
             raise A.NodeInputError(f"unknown drafter {drafter!r}; choose one of {', '.join(DRAFTERS)}.")
         if drafter == "draft_head" and not bagel.draft_head:
-            raise A.NodeInputError("drafter 'draft_head' needs a draft head: pick one in the loader's draft_head "
-                                   "input (files in models/bagel/draft_heads), or use 'prompt_lookup'.")
+            raise A.NodeInputError("drafter 'draft_head' needs a draft head: put 'BAGEL Apply Draft Head' between the "
+                                   "loader and this node (files in models/bagel/draft_heads), or use 'prompt_lookup'.")
         pils = A.image_to_pils(image) if image is not None else []
         groups = [[p] for p in pils] if batch_mode == BATCH_MODES[0] and pils else [pils]
         seeds = A.batch_seeds(seed, len(groups))

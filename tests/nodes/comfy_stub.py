@@ -22,6 +22,7 @@ class _State:
         self.checks = 0
         self.models_dir = None
         self.ops_picked = []      # (weight dtype, compute dtype, load device) passed to pick_operations
+        self.patchers = []        # every ModelPatcher made
 
 
 STATE = _State()
@@ -76,6 +77,7 @@ io.Combo = _comfytype("COMBO", True)
 io.Combo.Input = type("Input", (_ComboInput,), {"Parent": io.Combo})
 io.Image = _comfytype("IMAGE")
 io.Latent = _comfytype("LATENT")
+io.Vae = _comfytype("VAE")
 io.Mask = _comfytype("MASK")
 
 
@@ -122,6 +124,7 @@ def throw_exception_if_processing_interrupted():
 class ModelPatcher:
     def __init__(self, model, load_device, offload_device, size=0):
         self.model, self.load_device, self.offload_device = model, load_device, offload_device
+        STATE.patchers.append(self)
 
 
 class disable_weight_init:

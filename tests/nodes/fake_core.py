@@ -16,10 +16,12 @@ class FakeConfig:
 class FakePipe:
     def __init__(self, steps=4, rounds=3):
         self.modules = torch.nn.Linear(2, 2)
+        self.model = object()  # the base model the attachment loaders check files against
         self.config = FakeConfig()
         self.calls = []
         self.steps, self.rounds = steps, rounds
-        self.draft = self.distilled = None
+        self.draft_head = self.distilled_expert = None  # bound by BagelModel.prepare for each run
+        self.ops = None
         self.compute_device = None
         self.memory_asks = []     # (task, run parameters) of memory_required calls
 
@@ -27,11 +29,9 @@ class FakePipe:
         self.memory_asks.append((task, run))
         return 1000 + run.get("height", 0) * run.get("width", 0)
 
-    def load_draft_head(self, path):
-        self.draft = path
-
-    def load_distilled_expert(self, path):
-        self.distilled = path
+    def bound(self) -> dict:
+        """What the run sees: the attachments bound on the shared pipeline."""
+        return dict(expert=getattr(self.distilled_expert, "path", None), head=getattr(self.draft_head, "path", None))
 
     def _loop(self, n, callback):
         for i in range(n):
@@ -41,7 +41,7 @@ class FakePipe:
     def answer(self, image=None, question="", *, max_new_tokens=512, do_sample=False, temperature=0.3, seed=None,
                think=False, drafter="none", num_draft_tokens=None, callback=None):
         self.calls.append(("answer", dict(image=image, question=question, seed=seed, drafter=drafter,
-                                          do_sample=do_sample, k=num_draft_tokens)))
+                                          do_sample=do_sample, k=num_draft_tokens, **self.bound())))
         self._loop(self.rounds, callback)
         n = len(image) if isinstance(image, list) else (0 if image is None else 1)
         return types.SimpleNamespace(text=f"{n} image(s): {question}", token_ids=[1, 2, 3],
@@ -54,12 +54,12 @@ class FakePipe:
                                      thinking="plan" if thinking else None, stats={"nfe": self.steps, "passes": self.steps})
 
     def generate(self, prompt, *, height=1024, width=1024, seed=0, callback=None, think=False, **kw):
-        self.calls.append(("generate", dict(prompt=prompt, height=height, width=width, seed=seed, **kw)))
+        self.calls.append(("generate", dict(prompt=prompt, height=height, width=width, seed=seed, **kw, **self.bound())))
         self._loop(self.steps, callback)
         return self._image(height, width, seed, think)
 
     def edit(self, image, prompt, *, seed=0, callback=None, think=False, **kw):
-        self.calls.append(("edit", dict(image=image, prompt=prompt, seed=seed, **kw)))
+        self.calls.append(("edit", dict(image=image, prompt=prompt, seed=seed, **kw, **self.bound())))
         self._loop(self.steps, callback)
         w, h = image.size
         return self._image(max(16, h // 16 * 16), max(16, w // 16 * 16), seed, think)
@@ -69,9 +69,35 @@ class FakeCore(types.SimpleNamespace):
     pass
 
 
+class FakeExpert:
+    """Stands in for distill.DistilledExpert: its file's config and a module holding its weights."""
+
+    def __init__(self, path, schedule="hyper-6nfe", timesteps=(1.0, 5 / 6, 4 / 6, 0.5, 2 / 6, 1 / 6, 0.0)):
+        self.path = path
+        self.config = types.SimpleNamespace(schedule=schedule, timesteps=tuple(timesteps))
+        self.module = torch.nn.Linear(2, 2)
+
+    def as_module(self):
+        return self.module
+
+
+def _load_file(path, make):
+    with open(path, "rb") as f:
+        if f.read(3) == b"bad":
+            raise ValueError(f"{path}: not a file for this base model (fingerprint mismatch)")
+    return make(path)
+
+
+def _head(path):
+    head = torch.nn.Linear(2, 2)
+    head.path = path
+    return head
+
+
 def make_core(pipe=None):
     pipe = pipe or FakePipe()
     loads = []
+    attached = []   # (kind, path) of every attachment file read
 
     class BagelPipeline:
         @staticmethod
@@ -80,4 +106,15 @@ def make_core(pipe=None):
                               compute_dtype=compute_dtype))
             return pipe
 
-    return FakeCore(BagelPipeline=BagelPipeline, loads=loads, pipe=pipe)
+    def load_distilled_expert(path, model):
+        attached.append(("distilled", path))
+        return _load_file(path, FakeExpert)
+
+    def load_draft_head(path, model, strict_fingerprint=True):
+        attached.append(("draft", path))
+        return _load_file(path, _head)
+
+    return FakeCore(BagelPipeline=BagelPipeline, loads=loads, pipe=pipe, attached=attached,
+                    distill=types.SimpleNamespace(load_distilled_expert=load_distilled_expert),
+                    speculative=types.SimpleNamespace(load_draft_head=load_draft_head),
+                    ops=types.SimpleNamespace(adopt_ops=lambda module, ops=None: module))

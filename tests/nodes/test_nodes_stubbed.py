@@ -22,6 +22,7 @@ def env(tmp_path, monkeypatch):
     (models / "bagel" / "draft_heads" / "head.safetensors").write_bytes(b"x")
     (models / "bagel" / "distilled").mkdir()
     (models / "bagel" / "distilled" / "six.safetensors").write_bytes(b"x")
+    (models / "bagel" / "distilled" / "wrong-base.safetensors").write_bytes(b"bad")
     state = comfy_stub.install(str(models))
     for name in [n for n in sys.modules if n == "nodes" or n.startswith("nodes.")]:
         sys.modules.pop(name)
@@ -35,11 +36,16 @@ def env(tmp_path, monkeypatch):
     comfy_stub.uninstall()
 
 
-def load(ext, **kw):
-    args = dict(checkpoint="tiny", dtype="auto", attention="sdpa", draft_head="none", distilled_expert="none",
-                memory="auto")
+def load(ext, draft_head=None, distilled_expert=None, **kw):
+    """The loader, then the apply nodes for ``draft_head`` / ``distilled_expert`` when given."""
+    args = dict(checkpoint="tiny", dtype="auto", attention="sdpa", memory="auto")
     args.update(kw)
-    return ext.BagelModelLoader.execute(**args).args[0]
+    m = ext.BagelModelLoader.execute(**args).args[0]
+    if draft_head:
+        m = ext.BagelApplyDraftHead.execute(model=m, draft_head=draft_head).args[0]
+    if distilled_expert:
+        m = ext.BagelApplyDistilledExpert.execute(model=m, distilled_expert=distilled_expert).args[0]
+    return m
 
 
 def test_schemas_ids_categories_tooltips(env):
@@ -53,8 +59,9 @@ def test_schemas_ids_categories_tooltips(env):
         names = [i.id for i in s.inputs]
         assert len(names) == len(set(names))
         assert all(i.tooltip for i in s.inputs), s.node_id
-    seeds = [i for c in ext.NODES for i in c.define_schema().inputs if i.id == "seed"]
-    assert seeds and all(i.extra.get("control_after_generate") for i in seeds)
+    seeds = {c.define_schema().node_id: i for c in ext.NODES for i in c.define_schema().inputs if i.id == "seed"}
+    assert [n for n, i in seeds.items() if i.extra.get("control_after_generate")] == [
+        "HyperBagelFewStepSampler", "HyperBagelCFGFreeEditor"]
     sizes = [i for i in ext.BagelFewStepSampler.define_schema().inputs if i.id in ("width", "height")]
     assert all(i.extra["step"] == 16 for i in sizes)
 
@@ -76,15 +83,18 @@ def test_folders_are_merged_not_overwritten(env):
 def test_loader_lists_and_loads_through_model_patcher(env):
     state, ext, core = env
     opts = {i.id: i.options for i in ext.BagelModelLoader.define_schema().inputs if i.options}
-    assert opts["checkpoint"] == ["tiny"]
-    assert opts["draft_head"] == ["none", "head.safetensors"] and opts["distilled_expert"] == ["none", "six.safetensors"]
-    assert opts["attention"][0] == "sdpa"
+    assert opts["checkpoint"] == ["tiny"] and opts["attention"][0] == "sdpa"
+    assert set(opts) == {"checkpoint", "dtype", "attention", "memory"}  # attachments are apply nodes now
+    assert [i.options for i in ext.BagelApplyDraftHead.define_schema().inputs if i.options] == [["head.safetensors"]]
+    assert [i.options for i in ext.BagelApplyDistilledExpert.define_schema().inputs
+            if i.options] == [["six.safetensors", "wrong-base.safetensors"]]
     m = load(ext, draft_head="head.safetensors", distilled_expert="six.safetensors")
     assert core.loads[0]["dtype"] == core.loads[0]["compute_dtype"] == torch.bfloat16  # auto on a CPU
     assert core.loads[0]["ops"] is sys.modules["comfy.ops"].disable_weight_init  # no cast for resident weights
     assert state.ops_picked == [(torch.bfloat16, torch.bfloat16, torch.device("cpu"))]
     assert m.patcher.model is core.pipe.modules
-    assert core.pipe.draft.endswith("head.safetensors") and core.pipe.distilled.endswith("six.safetensors")
+    assert m.draft_head.endswith("head.safetensors") and m.distilled_expert.endswith("six.safetensors")
+    assert [p.model for p in m.patchers()] == [core.pipe.modules, m.draft.obj, m.distilled.obj.module]
 
 
 def test_loader_errors_say_what_to_do(env):
@@ -93,12 +103,10 @@ def test_loader_errors_say_what_to_do(env):
         load(ext, checkpoint="missing")
     with pytest.raises(ValueError, match="not available"):
         load(ext, attention="flash_attn_9")
-    del FakePipe.load_draft_head
-    try:
-        with pytest.raises(ValueError, match="load_draft_head"):
-            load(ext, draft_head="head.safetensors")
-    finally:
-        FakePipe.load_draft_head = lambda self, path: setattr(self, "draft", path)
+    with pytest.raises(FileNotFoundError, match="bypass this node"):
+        load(ext, draft_head="(put a draft head in models/bagel/draft_heads)")
+    with pytest.raises(FileNotFoundError, match="not found in the bagel_distilled folders"):
+        load(ext, distilled_expert="gone.safetensors")
 
 
 def test_vqa_one_answer_per_image_with_seeds_and_ui(env):
@@ -142,8 +150,8 @@ def test_vqa_validation(env):
 
 def sampler_kw(m, **kw):
     d = dict(model=m, prompt="a fox", width=32, height=48, schedule="training-free", steps=4, solver="unipc",
-             custom_timesteps="1, 0.5", shift=3.0, text_guidance=4.0, cfg_interval_start=0.4, seed=7, batch_size=2,
-             think=False)
+             custom_timesteps="1, 0.5", shift=3.0, text_guidance=4.0, cfg_interval_start=0.4, cfg_interval_end=1.0,
+             cfg_renorm_type="global", cfg_renorm_min=0.0, seed=7, batch_size=2, think=False)
     d.update(kw)
     return d
 
@@ -169,7 +177,7 @@ def test_sampler_distilled_schedule_without_expert_warns(env):
     m = load(ext)
     out = ext.BagelFewStepSampler.execute(**sampler_kw(m, schedule="hyper-6nfe", batch_size=1))
     assert core.pipe.calls[-1][1]["schedule"] == "hyper-6nfe" and "num_timesteps" not in core.pipe.calls[-1][1]
-    assert "no distilled expert" in out.ui["text"][0]
+    assert "no distilled expert applied" in out.ui["text"][0] and out.ui["bagel_stats"][0]["warning"]
 
 
 def test_sampler_size_validation_uses_checkpoint_limit(env):
@@ -197,14 +205,17 @@ def test_editor_batch_original_size(env):
     _, ext, core = env
     m = load(ext)
     kw = dict(model=m, image=torch.rand(2, 40, 50, 3), instruction="make it red", schedule="hyper-1nfe", steps=1,
-              solver="euler", custom_timesteps="", shift=3.0, text_guidance=4.0, image_guidance=1.5, seed=3,
-              original_size=True, think=False)
-    image, latent = ext.BagelCFGFreeEditor.execute(**kw).args
+              solver="euler", custom_timesteps="", shift=3.0, text_guidance=4.0, image_guidance=1.5,
+              cfg_interval_start=0.0, cfg_interval_end=1.0, cfg_renorm_type="text_channel", cfg_renorm_min=0.0,
+              seed=3, original_size=True, think=True)
+    image, latent, thinking = ext.BagelCFGFreeEditor.execute(**kw).args
+    assert thinking == "plan\n\nplan"
     assert image.shape == (2, 40, 50, 3) and latent["samples"].shape[0] == 2
     calls = [c[1] for c in core.pipe.calls]
     assert [c["seed"] for c in calls] == [3, 4] and calls[0]["cfg_img_scale"] == 1.5
     assert calls[0]["image"].size == (50, 40)
-    image, _ = ext.BagelCFGFreeEditor.execute(**dict(kw, original_size=False)).args
+    assert calls[0]["cfg_renorm_type"] == "text_channel" and calls[0]["cfg_interval"] == (0.0, 1.0)
+    image, _, _ = ext.BagelCFGFreeEditor.execute(**dict(kw, original_size=False)).args
     assert image.shape == (2, 32, 48, 3)
 
 
@@ -241,23 +252,134 @@ def test_root_package_entry_point_under_stub_imports_no_core(tmp_path):
             f"{os.path.join(REPO, '__init__.py')!r}, submodule_search_locations=[{REPO!r}]); "
             "m = importlib.util.module_from_spec(spec); sys.modules['hyperbagel'] = m; spec.loader.exec_module(m); "
             "import asyncio; ext = asyncio.run(m.comfy_entrypoint()); nodes = asyncio.run(ext.get_node_list()); "
-            "assert len(nodes) == 4; bad = [n for n in sys.modules if 'hyperbagel_core' in n or 'flash_attn' in n "
+            "assert len(nodes) == 7; bad = [n for n in sys.modules if 'hyperbagel_core' in n or 'flash_attn' in n "
             "or n.startswith(('transformers', 'diffusers'))]; assert not bad, bad")
     subprocess.run([sys.executable, "-c", code], check=True, cwd=tmp_path)
 
 
-def test_distilled_flag_follows_the_schedule(env):
+def test_an_applied_expert_is_used_on_every_schedule(env):
     _, ext, core = env
     plain = load(ext)
     with_expert = load(ext, distilled_expert="six.safetensors")
-    ext.BagelFewStepSampler.execute(**sampler_kw(with_expert, schedule="hyper-1nfe", batch_size=1))
-    assert core.pipe.calls[-1][1]["distilled"] is True
-    ext.BagelFewStepSampler.execute(**sampler_kw(with_expert, schedule="teacher-50", batch_size=1))
-    assert core.pipe.calls[-1][1]["distilled"] is False and core.pipe.calls[-1][1]["num_timesteps"] == 50
-    ext.BagelFewStepSampler.execute(**sampler_kw(plain, schedule="hyper-6nfe", batch_size=1))
-    assert core.pipe.calls[-1][1]["distilled"] is False
-    ext.BagelFewStepSampler.execute(**sampler_kw(with_expert, schedule="custom", batch_size=1))
-    assert "distilled" not in core.pipe.calls[-1][1]
+    for schedule in ("hyper-1nfe", "teacher-50", "training-free", "custom", "auto"):
+        ext.BagelFewStepSampler.execute(**sampler_kw(with_expert, schedule=schedule, batch_size=1))
+        call = core.pipe.calls[-1][1]
+        assert call["distilled"] is True and call["expert"].endswith("six.safetensors"), schedule
+        ext.BagelFewStepSampler.execute(**sampler_kw(plain, schedule=schedule, batch_size=1))
+        call = core.pipe.calls[-1][1]
+        assert call["distilled"] is False and call["expert"] is None, schedule
+
+
+def test_auto_schedule_is_the_experts_grid_or_training_free(env):
+    _, ext, core = env
+    out = ext.BagelFewStepSampler.execute(**sampler_kw(load(ext), schedule="auto", batch_size=1))
+    call = core.pipe.calls[-1][1]
+    assert call["schedule"] == "teacher" and call["solver"] == "unipc" and call["num_timesteps"] == 5
+    assert "warning" not in out.ui["bagel_stats"][0]
+    m = load(ext, distilled_expert="six.safetensors")
+    out = ext.BagelFewStepSampler.execute(**sampler_kw(m, schedule="auto", batch_size=1))
+    call = core.pipe.calls[-1][1]
+    assert call["schedule"] == "hyper-6nfe" and "num_timesteps" not in call and call["distilled"] is True
+    assert "expert's grid" in out.ui["bagel_stats"][0]["schedule"]
+    m.distilled.obj.config.schedule, m.distilled.obj.config.timesteps = "custom", (1.0, 0.6, 0.0)
+    ext.BagelFewStepSampler.execute(**sampler_kw(m, schedule="auto", batch_size=1))
+    call = core.pipe.calls[-1][1]
+    assert call["schedule"] == "custom" and call["timesteps"] == [1.0, 0.6, 0.0] and call["timestep_shift"] == 1.0
+
+
+def test_socket_type_is_our_own(env):
+    _, ext, _ = env
+    for cls in ext.NODES:
+        s = cls.define_schema()
+        types_ = {i.io_type for i in s.inputs} | {o.io_type for o in s.outputs}
+        assert "BAGEL_MODEL" not in types_, s.node_id
+    model_nodes = [c for c in ext.NODES if any(i.id == "model" for i in c.define_schema().inputs)]
+    assert len(model_nodes) == 5
+    for cls in model_nodes:
+        assert next(i for i in cls.define_schema().inputs if i.id == "model").io_type == "HYPERBAGEL_MODEL"
+    assert ext.BagelModelLoader.define_schema().outputs[0].io_type == "HYPERBAGEL_MODEL"
+    assert ext.BagelVAELoader.define_schema().outputs[0].io_type == "VAE"
+
+
+def test_apply_nodes_share_the_loaded_model_and_leave_the_input_alone(env):
+    state, ext, core = env
+    base = load(ext)
+    assert len(core.loads) == 1
+    head = ext.BagelApplyDraftHead.execute(model=base, draft_head="head.safetensors").args[0]
+    both = ext.BagelApplyDistilledExpert.execute(model=head, distilled_expert="six.safetensors").args[0]
+    assert len(core.loads) == 1  # from_pretrained never ran again
+    assert both.pipe is base.pipe and both.patcher is base.patcher
+    assert base.draft is None and base.distilled is None and head.distilled is None  # inputs unchanged
+    assert both.draft is head.draft and both.distilled_expert.endswith("six.safetensors")
+    # the branches run on one pipeline, each with its own attachments bound for its run only
+    ext.BagelSpeculativeVQA.execute(model=both, question="q", drafter="draft_head", k=0, max_new_tokens=8,
+                                    temperature=0.0, seed=0, think=False)
+    assert core.pipe.calls[-1][1]["head"].endswith("head.safetensors")
+    assert state.loaded[-1][0] == both.patchers() and len(both.patchers()) == 3
+    ext.BagelSpeculativeVQA.execute(model=base, question="q", drafter="prompt_lookup", k=0, max_new_tokens=8,
+                                    temperature=0.0, seed=0, think=False)
+    assert core.pipe.calls[-1][1]["head"] is None and state.loaded[-1][0] == [base.patcher]
+    with pytest.raises(ValueError, match="draft head"):
+        ext.BagelSpeculativeVQA.execute(model=base, question="q", drafter="draft_head", k=0, max_new_tokens=8,
+                                        temperature=0.0, seed=0, think=False)
+    assert len(core.loads) == 1
+
+
+def test_a_failed_apply_leaves_the_input_model_usable(env):
+    _, ext, core = env
+    base = load(ext)
+    with pytest.raises(ValueError, match="fingerprint"):
+        ext.BagelApplyDistilledExpert.execute(model=base, distilled_expert="wrong-base.safetensors")
+    assert base.distilled is None and core.pipe.distilled_expert is None
+    out = ext.BagelFewStepSampler.execute(**sampler_kw(base, batch_size=1))
+    assert out.args[0].shape == (1, 48, 32, 3) and core.pipe.calls[-1][1]["distilled"] is False
+    assert len(core.loads) == 1
+
+
+def test_subfolders_follow_the_users_bagel_paths(env, tmp_path):
+    import folder_paths
+    from nodes import paths
+    user = tmp_path / "elsewhere" / "bagel"
+    (user / "big").mkdir(parents=True)
+    (user / "big" / "llm_config.json").write_text("{}")
+    (user / "draft_heads").mkdir()
+    (user / "draft_heads" / "user-head.safetensors").write_bytes(b"x")
+    (user / "distilled").mkdir()
+    (user / "distilled" / "user-six.safetensors").write_bytes(b"x")
+    table = folder_paths.folder_names_and_paths
+    for key in ("bagel", "bagel_draft_heads", "bagel_distilled"):
+        table.pop(key, None)
+    table["bagel"] = ([str(user)], set())  # what extra_model_paths.yaml's "bagel:" line makes, before the pack loads
+    paths.register_folders()
+    assert table["bagel_draft_heads"][0][0] == os.path.join(str(user), "draft_heads")
+    assert table["bagel_distilled"][0][0] == os.path.join(str(user), "distilled")
+    assert os.path.join(folder_paths.models_dir, "bagel", "distilled") in table["bagel_distilled"][0]
+    assert paths.checkpoint_choices() == ["big", "tiny"]
+    assert paths.draft_head_choices() == ["head.safetensors", "user-head.safetensors"]
+    assert "user-six.safetensors" in paths.distilled_choices()
+    assert paths.resolve_file("bagel_distilled", "user-six.safetensors") == str(user / "distilled" / "user-six.safetensors")
+
+
+def test_widget_rules(env):
+    _, ext, _ = env
+    by_node = {c.define_schema().node_id: {i.id: i for i in c.define_schema().inputs} for c in ext.NODES}
+    for node in ("HyperBagelFewStepSampler",):
+        for side in ("width", "height"):
+            assert by_node[node][side].extra["max"] == 1024  # what BAGEL-7B-MoT's position table covers
+    vqa = by_node["HyperBagelSpeculativeVQA"]
+    assert vqa["seed"].extra["control_after_generate"] is False  # greedy answers stay cached
+    assert "0 = " in vqa["k"].tooltip and vqa["k"].extra["default"] == 0
+    for node in ("HyperBagelFewStepSampler", "HyperBagelCFGFreeEditor"):
+        ins = by_node[node]
+        assert ins["schedule"].extra["default"] == "auto"  # works on stock BAGEL
+        assert {"cfg_interval_start", "cfg_interval_end", "cfg_renorm_type", "cfg_renorm_min"} <= set(ins)
+        assert ins["seed"].extra["control_after_generate"] is True
+        assert "thinking" in ins["think"].tooltip and "shown" in ins["think"].tooltip
+    for cls in (ext.BagelFewStepSampler, ext.BagelCFGFreeEditor):
+        assert [o.display_name for o in cls.define_schema().outputs][-1] == "thinking"
+    with pytest.raises(ValueError, match="cfg_interval_start"):
+        m = load(ext)
+        ext.BagelFewStepSampler.execute(**sampler_kw(m, cfg_interval_start=0.9, cfg_interval_end=0.5))
 
 
 def test_core_warnings_reach_the_node_ui(env):
@@ -295,9 +417,8 @@ def test_prepare_reserves_the_runs_memory_and_computes_on_the_load_device(env):
     state, ext, core = env
     m = load(ext)
     m.patcher.load_device = torch.device("meta")       # what ComfyUI says, whatever the weights' device
-    ext.BagelFewStepSampler.execute(model=m, prompt="a cat", width=64, height=48, schedule="teacher-50", steps=4,
-                                    solver="euler", custom_timesteps="", shift=3.0, text_guidance=4.0,
-                                    cfg_interval_start=0.4, seed=1, batch_size=1, think=False)
+    ext.BagelFewStepSampler.execute(**sampler_kw(m, prompt="a cat", width=64, height=48, schedule="teacher-50",
+                                                 seed=1, batch_size=1))
     assert core.pipe.memory_asks[-1] == ("generate", dict(height=48, width=64, think=False, distilled=False))
     assert state.loaded[-1][1]["memory_required"] == 1000 + 48 * 64
     assert core.pipe.compute_device == torch.device("meta")
