@@ -12,55 +12,70 @@ import uuid
 HERE = os.path.dirname(os.path.abspath(__file__))
 
 # widget order of each node type as ComfyUI's frontend serialises it (control_after_generate / upload extras)
+GUIDANCE = ["cfg_interval_start", "cfg_interval_end", "cfg_renorm_type", "cfg_renorm_min"]
 WIDGETS = {
-    "HyperBagelModelLoader": ["checkpoint", "dtype", "attention", "draft_head", "distilled_expert", "memory"],
-    "HyperBagelSpeculativeVQA": ["question", "drafter", "k", "max_new_tokens", "temperature", "seed", "+control",
-                                 "think", "batch_mode"],
+    "HyperBagelModelLoader": ["checkpoint", "dtype", "attention", "memory"],
+    "HyperBagelApplyDraftHead": ["draft_head"],
+    "HyperBagelApplyDistilledExpert": ["distilled_expert"],
+    "HyperBagelVAELoader": ["checkpoint"],
+    "HyperBagelSpeculativeVQA": ["question", "drafter", "k", "max_new_tokens", "temperature", "seed", "think",
+                                 "batch_mode"],
     "HyperBagelFewStepSampler": ["prompt", "width", "height", "schedule", "steps", "solver", "custom_timesteps",
-                                 "shift", "text_guidance", "cfg_interval_start", "seed", "+control", "batch_size",
-                                 "think"],
+                                 "shift", "text_guidance", *GUIDANCE, "seed", "+control", "batch_size", "think"],
     "HyperBagelCFGFreeEditor": ["instruction", "schedule", "steps", "solver", "custom_timesteps", "shift",
-                                "text_guidance", "image_guidance", "seed", "+control", "original_size", "think"],
+                                "text_guidance", "image_guidance", *GUIDANCE, "seed", "+control", "original_size",
+                                "think"],
     "LoadImage": ["image", "+upload"],
     "SaveImage": ["filename_prefix"],
     "ImageScale": ["upscale_method", "width", "height", "crop"],
     "MarkdownNote": ["text"],
 }
+MODEL = "HYPERBAGEL_MODEL"
 SOCKETS_IN = {
-    "HyperBagelSpeculativeVQA": [("model", "BAGEL_MODEL"), ("image", "IMAGE")],
-    "HyperBagelFewStepSampler": [("model", "BAGEL_MODEL")],
-    "HyperBagelCFGFreeEditor": [("model", "BAGEL_MODEL"), ("image", "IMAGE")],
+    "HyperBagelApplyDraftHead": [("model", MODEL)],
+    "HyperBagelApplyDistilledExpert": [("model", MODEL)],
+    "HyperBagelSpeculativeVQA": [("model", MODEL), ("image", "IMAGE")],
+    "HyperBagelFewStepSampler": [("model", MODEL)],
+    "HyperBagelCFGFreeEditor": [("model", MODEL), ("image", "IMAGE")],
     "SaveImage": [("images", "IMAGE")],
     "ImageScale": [("image", "IMAGE")],
+    "VAEDecode": [("samples", "LATENT"), ("vae", "VAE")],
 }
 SOCKETS_OUT = {
-    "HyperBagelModelLoader": [("model", "BAGEL_MODEL")],
+    "HyperBagelModelLoader": [("model", MODEL)],
+    "HyperBagelApplyDraftHead": [("model", MODEL)],
+    "HyperBagelApplyDistilledExpert": [("model", MODEL)],
+    "HyperBagelVAELoader": [("vae", "VAE")],
     "HyperBagelSpeculativeVQA": [("answer", "STRING"), ("stats", "STRING")],
     "HyperBagelFewStepSampler": [("image", "IMAGE"), ("latent", "LATENT"), ("thinking", "STRING")],
-    "HyperBagelCFGFreeEditor": [("image", "IMAGE"), ("latent", "LATENT")],
+    "HyperBagelCFGFreeEditor": [("image", "IMAGE"), ("latent", "LATENT"), ("thinking", "STRING")],
     "LoadImage": [("IMAGE", "IMAGE"), ("MASK", "MASK")],
     "ImageScale": [("IMAGE", "IMAGE")],
+    "VAEDecode": [("IMAGE", "IMAGE")],
 }
-TYPES = {"prompt": "STRING"}
+TYPES = {"prompt": "STRING", "instruction": "STRING"}
 PACK = {"cnr_id": "hyperbagel", "ver": "0.1.0"}
+BYPASSED = 4  # LiteGraph node mode: bypass (inputs pass through to outputs of the same type)
 
-LOADER = dict(checkpoint="BAGEL-7B-MoT", dtype="auto", attention="sdpa", draft_head="none",
-              distilled_expert="none", memory="auto")
+NO_EXPERT = "(put a distilled expert in models/bagel/distilled)"
+NO_HEAD = "(put a draft head in models/bagel/draft_heads)"
+LOADER = dict(checkpoint="BAGEL-7B-MoT", dtype="auto", attention="sdpa", memory="auto")
+GUIDE_T2I = dict(cfg_interval_start=0.4, cfg_interval_end=1.0, cfg_renorm_type="global", cfg_renorm_min=0.0)
+GUIDE_EDIT = dict(cfg_interval_start=0.0, cfg_interval_end=1.0, cfg_renorm_type="text_channel", cfg_renorm_min=0.0)
 SAMPLER = dict(prompt="A photo of a red fox in fresh snow, golden hour, shallow depth of field.", width=1024,
-               height=1024, schedule="hyper-6nfe", steps=8, solver="unipc", custom_timesteps="1.0, 0.75, 0.5, 0.25",
-               shift=3.0, text_guidance=4.0, cfg_interval_start=0.4, seed=42, batch_size=1, think=False)
-EDITOR = dict(instruction="Turn it into a watercolor painting.", schedule="hyper-6nfe", steps=8, solver="unipc",
-              custom_timesteps="1.0, 0.75, 0.5, 0.25", shift=3.0, text_guidance=4.0, image_guidance=2.0, seed=42,
-              original_size=True, think=False)
+               height=1024, schedule="auto", steps=8, solver="unipc", custom_timesteps="1.0, 0.75, 0.5, 0.25",
+               shift=3.0, text_guidance=4.0, **GUIDE_T2I, seed=42, batch_size=1, think=False)
+EDITOR = dict(instruction="Turn it into a watercolor painting.", schedule="auto", steps=8, solver="unipc",
+              custom_timesteps="1.0, 0.75, 0.5, 0.25", shift=3.0, text_guidance=4.0, image_guidance=2.0,
+              **GUIDE_EDIT, seed=42, original_size=True, think=False)
 VQA = dict(question="Describe this image in detail.", drafter="prompt_lookup", k=0, max_new_tokens=512,
            temperature=0.0, seed=0, think=False, batch_mode="one answer per image")
-
 
 class Graph:
     def __init__(self):
         self.nodes, self.links = [], []
 
-    def add(self, type_, pos, values, size=(340, 260), title=None, converted=()):
+    def add(self, type_, pos, values, size=(340, 260), title=None, converted=(), mode=0):
         nid = len(self.nodes) + 1
         widgets = []
         for name in WIDGETS.get(type_, []):
@@ -71,7 +86,7 @@ class Graph:
             else:
                 widgets.append(values[name])
         node = {
-            "id": nid, "type": type_, "pos": list(pos), "size": list(size), "flags": {}, "order": nid - 1, "mode": 0,
+            "id": nid, "type": type_, "pos": list(pos), "size": list(size), "flags": {}, "order": nid - 1, "mode": mode,
             "inputs": [{"name": n, "type": t, "link": None} for n, t in SOCKETS_IN.get(type_, [])],
             "outputs": [{"name": n, "type": t, "links": []} for n, t in SOCKETS_OUT.get(type_, [])],
             "properties": {"Node name for S&R": type_, **(PACK if type_.startswith("HyperBagel") else {})},
@@ -102,59 +117,90 @@ class Graph:
             f.write("\n")
 
 
-NOTE_DISTILLED = ("**Hyper-Bagel few-step**\n\nPut the BAGEL-7B-MoT folder in `models/bagel/` and a distilled "
-                  "expert (`.safetensors`) in `models/bagel/distilled/`, then pick it in the loader. Without one, "
-                  "choose schedule `training-free` (stock BAGEL, ~8 steps).")
+FILES = ("**Files:** only the stock `BAGEL-7B-MoT` folder in `ComfyUI/models/bagel/` (`huggingface-cli download "
+         "ByteDance-Seed/BAGEL-7B-MoT --local-dir ComfyUI/models/bagel/BAGEL-7B-MoT`, 29 GB).")
+MEMORY = ("**Memory:** the loader builds the model in CPU RAM first: 27.6 GiB of weights, so have about 32 GB of RAM "
+          "(or a large page file). Whole runs measured on one GPU (docs/PERFORMANCE.md): weights + 5.0 GiB for a "
+          "1024² image, + 6.7 GiB for a 1024² edit, + 1.4 GiB for an answer. With less VRAM ComfyUI loads what "
+          "fits and streams the rest (slower); see the low-memory workflow.")
+EXPERT_SWITCH = ("**Few-step (Hyper-Bagel):** select the bypassed *Apply Distilled Expert* node and press Ctrl+B, then "
+                 "pick your expert file (`models/bagel/distilled/`, made with `python -m hyperbagel_core.distill.train`; "
+                 "no official file was published). Schedule `auto` then runs the expert's own grid (e.g. 6 passes, no "
+                 "CFG). Bypassed, `auto` runs 8 training-free UniPC steps on stock BAGEL.")
 
 
-def text_to_image_6nfe():
+def note(title, *parts):
+    return {"text": "\n\n".join([f"## {title}", *parts])}
+
+
+def loader_with_expert(g, x=40, y=80):
+    """Loader -> Apply Distilled Expert (bypassed: stock BAGEL as shipped); returns the expert node's id."""
+    m = g.add("HyperBagelModelLoader", (x, y), LOADER, size=(340, 160))
+    d = g.add("HyperBagelApplyDistilledExpert", (x, y + 200), {"distilled_expert": NO_EXPERT}, size=(340, 90),
+              mode=BYPASSED)
+    g.link(m, 0, d, "model")
+    return d
+
+
+def text_to_image():
     g = Graph()
-    g.add("MarkdownNote", (40, 420), {"text": NOTE_DISTILLED}, size=(340, 180))
-    m = g.add("HyperBagelModelLoader", (40, 80), dict(LOADER, distilled_expert="hyper-bagel-6nfe.safetensors"),
-              size=(340, 200))
-    s = g.add("HyperBagelFewStepSampler", (420, 80), SAMPLER, size=(360, 520))
-    out = g.add("SaveImage", (820, 80), {"filename_prefix": "hyperbagel/t2i_6nfe"}, size=(520, 560))
-    g.link(m, 0, s, "model")
+    g.add("MarkdownNote", (40, 340), note("BAGEL text to image", FILES, EXPERT_SWITCH, MEMORY), size=(340, 420))
+    d = loader_with_expert(g)
+    s = g.add("HyperBagelFewStepSampler", (420, 80), SAMPLER, size=(380, 760))
+    out = g.add("SaveImage", (840, 80), {"filename_prefix": "hyperbagel/t2i"}, size=(520, 560))
+    g.link(d, 0, s, "model")
     g.link(s, 0, out, "images")
-    g.dump("hyperbagel_text_to_image_6nfe")
+    g.dump("hyperbagel_text_to_image")
 
 
-def edit_cfg_free():
+def edit():
     g = Graph()
-    g.add("MarkdownNote", (40, 420), {"text": NOTE_DISTILLED}, size=(340, 180))
-    m = g.add("HyperBagelModelLoader", (40, 80), dict(LOADER, distilled_expert="hyper-bagel-6nfe.safetensors"),
-              size=(340, 200))
-    img = g.add("LoadImage", (40, 640), {"image": "example.png"}, size=(340, 320))
-    e = g.add("HyperBagelCFGFreeEditor", (420, 80), EDITOR, size=(360, 480))
-    out = g.add("SaveImage", (820, 80), {"filename_prefix": "hyperbagel/edit"}, size=(520, 560))
-    g.link(m, 0, e, "model")
+    g.add("MarkdownNote", (40, 700), note("BAGEL image editing", FILES + " Load your image in *Load Image*.",
+                                          EXPERT_SWITCH, MEMORY), size=(340, 420))
+    d = loader_with_expert(g)
+    img = g.add("LoadImage", (40, 340), {"image": "example.png"}, size=(340, 320))
+    e = g.add("HyperBagelCFGFreeEditor", (420, 80), EDITOR, size=(380, 760))
+    out = g.add("SaveImage", (840, 80), {"filename_prefix": "hyperbagel/edit"}, size=(520, 560))
+    g.link(d, 0, e, "model")
     g.link(img, 0, e, "image")
     g.link(e, 0, out, "images")
-    g.dump("hyperbagel_edit_cfg_free")
+    g.dump("hyperbagel_edit")
 
 
 def speculative_vqa():
     g = Graph()
-    m = g.add("HyperBagelModelLoader", (40, 80), LOADER, size=(340, 200))
-    img = g.add("LoadImage", (40, 320), {"image": "example.png"}, size=(340, 320))
-    q = g.add("HyperBagelSpeculativeVQA", (420, 80), VQA, size=(420, 560))
-    g.link(m, 0, q, "model")
+    g.add("MarkdownNote", (40, 700), note(
+        "BAGEL image question answering", FILES + " Load your image in *Load Image*.",
+        "**Speculative decoding:** `prompt_lookup` needs no extra file. For `draft_head`, un-bypass *Apply Draft "
+        "Head* (Ctrl+B) and pick a head from `models/bagel/draft_heads/` (made with `python -m "
+        "hyperbagel_core.speculative.train`). Greedy answers are identical with every drafter.", MEMORY),
+        size=(340, 420))
+    m = g.add("HyperBagelModelLoader", (40, 80), LOADER, size=(340, 160))
+    h = g.add("HyperBagelApplyDraftHead", (40, 280), {"draft_head": NO_HEAD}, size=(340, 90), mode=BYPASSED)
+    img = g.add("LoadImage", (40, 400), {"image": "example.png"}, size=(340, 280))
+    q = g.add("HyperBagelSpeculativeVQA", (420, 80), VQA, size=(440, 620))
+    g.link(m, 0, h, "model")
+    g.link(h, 0, q, "model")
     g.link(img, 0, q, "image")
     g.dump("hyperbagel_speculative_vqa")
 
 
 def chain_vqa_to_image():
     g = Graph()
-    m = g.add("HyperBagelModelLoader", (40, 80), LOADER, size=(340, 200))
+    g.add("MarkdownNote", (40, 680), note(
+        "Describe an image, then draw it anew", FILES + " Load your image in *Load Image*.",
+        "The answer of the VQA node is the sampler's prompt (its `prompt` widget is an input here).", MEMORY),
+        size=(340, 420))
+    m = g.add("HyperBagelModelLoader", (40, 80), LOADER, size=(340, 160))
     img = g.add("LoadImage", (40, 320), {"image": "example.png"}, size=(340, 320))
     q = g.add("HyperBagelSpeculativeVQA", (420, 80), dict(
         VQA, question="Write a one-sentence prompt for an image generator that recreates this picture as an oil "
                       "painting. Reply with the prompt only.", max_new_tokens=96), size=(400, 560))
-    s = g.add("HyperBagelFewStepSampler", (860, 80), dict(SAMPLER, schedule="training-free", prompt=""),
-              size=(360, 520), converted=("prompt",))
-    sc = g.add("ImageScale", (1260, 80), {"upscale_method": "lanczos", "width": 1536, "height": 1536,
+    s = g.add("HyperBagelFewStepSampler", (860, 80), dict(SAMPLER, prompt=""), size=(380, 760),
+              converted=("prompt",))
+    sc = g.add("ImageScale", (1280, 80), {"upscale_method": "lanczos", "width": 1536, "height": 1536,
                                             "crop": "disabled"}, size=(300, 160))
-    out = g.add("SaveImage", (1600, 80), {"filename_prefix": "hyperbagel/chain"}, size=(520, 560))
+    out = g.add("SaveImage", (1620, 80), {"filename_prefix": "hyperbagel/chain"}, size=(520, 560))
     g.link(m, 0, q, "model")
     g.link(img, 0, q, "image")
     g.link(m, 0, s, "model")
@@ -164,8 +210,77 @@ def chain_vqa_to_image():
     g.dump("hyperbagel_chain_vqa_to_image")
 
 
+def describe_then_edit():
+    g = Graph()
+    g.add("MarkdownNote", (40, 680), note(
+        "Describe, then edit", FILES + " Load your image in *Load Image*.",
+        "BAGEL looks at the image and writes the edit instruction (shown on the VQA node); the editor applies it "
+        "to the same image. Change the question to steer the edit, or type an instruction yourself by "
+        "disconnecting the editor's `instruction` input.", MEMORY), size=(340, 420))
+    m = g.add("HyperBagelModelLoader", (40, 80), LOADER, size=(340, 160))
+    img = g.add("LoadImage", (40, 320), {"image": "example.png"}, size=(340, 320))
+    q = g.add("HyperBagelSpeculativeVQA", (420, 80), dict(
+        VQA, question="Look at this image and write one short instruction for an image editor that turns it into a "
+                      "winter scene while keeping its composition. Reply with the instruction only.",
+        max_new_tokens=64), size=(400, 560))
+    e = g.add("HyperBagelCFGFreeEditor", (860, 80), dict(EDITOR, instruction=""), size=(380, 760),
+              converted=("instruction",))
+    out = g.add("SaveImage", (1280, 80), {"filename_prefix": "hyperbagel/describe_edit"}, size=(520, 560))
+    g.link(m, 0, q, "model")
+    g.link(img, 0, q, "image")
+    g.link(m, 0, e, "model")
+    g.link(img, 0, e, "image")
+    g.link(q, 0, e, "instruction")
+    g.link(e, 0, out, "images")
+    g.dump("hyperbagel_describe_then_edit")
+
+
+def low_memory():
+    g = Graph()
+    g.add("MarkdownNote", (40, 300), note(
+        "BAGEL with little VRAM", FILES,
+        "**What makes it lighter:** memory `offload_after_run` moves the weights back to CPU RAM after each run "
+        "(VRAM is free for other models between runs); while running, ComfyUI loads what fits and streams the rest "
+        "(slow on small GPUs: every step reads the streamed weights over PCIe). 768² needs less working memory than "
+        "1024² (the estimate grows with the pixel count). RAM is not reduced: the 27.6 GiB of weights stay in CPU "
+        "RAM, so have about 32 GB.", EXPERT_SWITCH.replace("bypassed *Apply Distilled Expert* node", "loader, add "
+                                                           "*BAGEL Apply Distilled Expert* after it")),
+        size=(340, 460))
+    m = g.add("HyperBagelModelLoader", (40, 80), dict(LOADER, memory="offload_after_run"), size=(340, 160))
+    s = g.add("HyperBagelFewStepSampler", (420, 80), dict(SAMPLER, width=768, height=768), size=(380, 760))
+    out = g.add("SaveImage", (840, 80), {"filename_prefix": "hyperbagel/low_memory"}, size=(520, 560))
+    g.link(m, 0, s, "model")
+    g.link(s, 0, out, "images")
+    g.dump("hyperbagel_low_memory")
+
+
+def decode_latent_core_vae():
+    g = Graph()
+    g.add("MarkdownNote", (40, 520), note(
+        "Decode BAGEL's LATENT with core nodes", FILES,
+        "The sampler's `latent` output is a raw FLUX-autoencoder latent, the convention of core *VAE Decode*. "
+        "*BAGEL VAE Loader* gives core nodes the FLUX autoencoder inside the BAGEL folder (`ae.safetensors`): "
+        "core *Load VAE* only lists `models/vae`. Both images below come out the same up to VAE dtype rounding; "
+        "use the latent with any core latent node (upscale, composite) before decoding.", MEMORY),
+        size=(340, 460))
+    m = g.add("HyperBagelModelLoader", (40, 80), LOADER, size=(340, 160))
+    v = g.add("HyperBagelVAELoader", (40, 320), {"checkpoint": "BAGEL-7B-MoT"}, size=(340, 90))
+    s = g.add("HyperBagelFewStepSampler", (420, 80), SAMPLER, size=(380, 760))
+    dec = g.add("VAEDecode", (840, 80), {}, size=(220, 60))
+    out = g.add("SaveImage", (1100, 80), {"filename_prefix": "hyperbagel/core_vae_decode"}, size=(480, 520))
+    ref = g.add("SaveImage", (1100, 640), {"filename_prefix": "hyperbagel/bagel_decode"}, size=(480, 520))
+    g.link(m, 0, s, "model")
+    g.link(s, 1, dec, "samples")
+    g.link(v, 0, dec, "vae")
+    g.link(dec, 0, out, "images")
+    g.link(s, 0, ref, "images")
+    g.dump("hyperbagel_decode_latent_core_vae")
+
+
+BUILDERS = [text_to_image, edit, speculative_vqa, chain_vqa_to_image, describe_then_edit, low_memory,
+            decode_latent_core_vae]
+
+
 if __name__ == "__main__":
-    text_to_image_6nfe()
-    edit_cfg_free()
-    speculative_vqa()
-    chain_vqa_to_image()
+    for build in BUILDERS:
+        build()

@@ -16,9 +16,10 @@ VIRTUAL_NODES = {"Note": ["text"], "MarkdownNote": ["text"]}  # frontend-only, n
 HERE = os.path.dirname(os.path.abspath(__file__))
 REPO = os.path.dirname(os.path.dirname(HERE))
 WORKFLOW_DIR = os.path.join(REPO, "workflows")
-DYNAMIC_COMBOS = {("HyperBagelModelLoader", "checkpoint"), ("HyperBagelModelLoader", "draft_head"),
-                  ("HyperBagelModelLoader", "distilled_expert"), ("HyperBagelModelLoader", "attention"),
-                  ("LoadImage", "image")}
+DYNAMIC_COMBOS = {("HyperBagelModelLoader", "checkpoint"), ("HyperBagelVAELoader", "checkpoint"),
+                  ("HyperBagelApplyDraftHead", "draft_head"), ("HyperBagelApplyDistilledExpert", "distilled_expert"),
+                  ("HyperBagelModelLoader", "attention"), ("LoadImage", "image")}
+MUTED, BYPASSED = 2, 4  # LiteGraph node modes the frontend leaves out of the prompt
 
 
 @dataclass
@@ -176,13 +177,26 @@ def check_workflow(wf: dict, specs: dict, check_dynamic: bool = False) -> list[s
     return problems
 
 
+def _source(nodes: dict, links: dict, link_id: int):
+    """``(node id, slot)`` feeding a link, followed through bypassed nodes as the frontend does: a bypassed
+    node passes on its first connected input of the output's type; None when nothing is connected there."""
+    _, src, sslot, _, _, ltype = links[link_id]
+    node = nodes[src]
+    if node.get("mode", 0) != BYPASSED:
+        return str(src), sslot
+    for inp in node.get("inputs", []):
+        if inp.get("type") == ltype and inp.get("link") is not None:
+            return _source(nodes, links, inp["link"])
+    return None
+
+
 def ui_to_api(wf: dict, specs: dict) -> dict:
     """Convert a UI-format workflow to the API ``prompt`` format using the node specs' widget order."""
     nodes = {n["id"]: n for n in wf["nodes"]}
     links = {lk[0]: lk for lk in wf.get("links", [])}
     prompt = {}
     for n in nodes.values():
-        if n["type"] in VIRTUAL_NODES or n.get("mode", 0) in (2, 4):
+        if n["type"] in VIRTUAL_NODES or n.get("mode", 0) in (MUTED, BYPASSED):
             continue
         inputs = {}
         values = list(n.get("widgets_values", []))
@@ -194,8 +208,9 @@ def ui_to_api(wf: dict, specs: dict) -> dict:
             pos += 1 + len(i.extras)
         for inp in n.get("inputs", []):
             if inp.get("link") is not None:
-                _, src, sslot, _, _, _ = links[inp["link"]]
-                inputs[inp["name"]] = [str(src), sslot]
+                src = _source(nodes, links, inp["link"])
+                if src is not None:
+                    inputs[inp["name"]] = [src[0], src[1]]
         prompt[str(n["id"])] = {"class_type": n["type"], "inputs": inputs, "_meta": {"title": n.get("title", n["type"])}}
     return prompt
 
