@@ -21,13 +21,17 @@ sys.path.insert(0, REPO)
 
 import workflow_contract as wc  # noqa: E402,F401 - re-exported for the tests
 
-OUR_NODES = {"HyperBagelModelLoader", "HyperBagelSpeculativeVQA", "HyperBagelFewStepSampler",
-             "HyperBagelCFGFreeEditor"}
-DISTILLED_FILE = "hyper-bagel-6nfe.safetensors"
+OUR_NODES = {"HyperBagelModelLoader", "HyperBagelApplyDraftHead", "HyperBagelApplyDistilledExpert",
+             "HyperBagelVAELoader", "HyperBagelSpeculativeVQA", "HyperBagelFewStepSampler", "HyperBagelCFGFreeEditor"}
+DISTILLED_FILE = "tiny-expert.safetensors"
 DRAFT_FILE = "tiny-head.safetensors"
+# the FLUX autoencoder's real architecture (core's VAE class assumes it), tiny everything else
+FLUX_AE = dict(resolution=256, in_channels=3, downsample=8, ch=128, out_ch=3, ch_mult=[1, 2, 4, 4], num_res_blocks=2,
+               z_channels=16, scale_factor=0.3611, shift_factor=0.1159)
 # small sizes and short loops so the whole module stays within a few minutes on 2 CPU cores
 OVERRIDES = {
     "HyperBagelModelLoader": {"checkpoint": "tiny"},
+    "HyperBagelVAELoader": {"checkpoint": "tiny"},
     "HyperBagelFewStepSampler": {"width": 64, "height": 64, "steps": 3, "batch_size": 1},
     "HyperBagelSpeculativeVQA": {"max_new_tokens": 16},
     "HyperBagelCFGFreeEditor": {"steps": 3},
@@ -42,7 +46,7 @@ def _free_port() -> int:
 
 
 class Server:
-    def __init__(self, base: str):
+    def __init__(self, base: str, extra_paths: str | None = None):
         import requests
 
         self.requests = requests
@@ -53,6 +57,8 @@ class Server:
         python = os.environ.get("COMFYUI_PYTHON", sys.executable)
         cmd = [python, os.path.join(COMFYUI_DIR, "main.py"), "--cpu", "--listen", "127.0.0.1", "--port",
                str(self.port), "--base-directory", base, "--disable-auto-launch"]
+        if extra_paths:
+            cmd += ["--extra-model-paths-config", extra_paths]
         self.log = open(self.log_path, "w")
         self.proc = subprocess.Popen(cmd, cwd=COMFYUI_DIR, stdout=self.log, stderr=subprocess.STDOUT)
         deadline = time.time() + 180
@@ -141,49 +147,82 @@ class Server:
         self.log.close()
 
 
-def _core_features():
-    from hyperbagel_core import BagelPipeline
-    return {"distilled": hasattr(BagelPipeline, "load_distilled_expert"),
-            "draft": hasattr(BagelPipeline, "load_draft_head")}
+def _flux_sized_ae(folder: str) -> None:
+    """Replace a tiny checkpoint's autoencoder by a random one of the real FLUX ae's architecture, so that
+    core's VAE class (which assumes it) can load ``ae.safetensors`` from the folder as it does for BAGEL."""
+    import torch
+    from safetensors.torch import save_file
+
+    from hyperbagel_core.model.vae import FluxVAE
+
+    torch.manual_seed(0)
+    vae = FluxVAE.from_config(FLUX_AE)
+    with torch.no_grad():
+        for name, p in vae.named_parameters():
+            if name == "model.encoder.conv_out.bias":
+                p[FLUX_AE["z_channels"]:] = -8.0   # a low log-variance, as a trained VAE's
+    save_file({k: v.float().contiguous() for k, v in vae.official_state_dict().items()},
+              os.path.join(folder, "ae.safetensors"), metadata={"format": "pt"})
+    with open(os.path.join(folder, "ae_config.json"), "w") as f:
+        json.dump(FLUX_AE, f, indent=1)
 
 
 def start(base: str) -> "Server":
-    """Build the base folder (tiny checkpoints, optional distilled expert and draft head, input image) and start
-    ComfyUI on it."""
+    """Build the base folder (tiny checkpoints and an input image, no other model file) and start ComfyUI on it.
+
+    A second ``bagel`` folder comes from an extra_model_paths.yaml, as a user's would; the draft head and the
+    distilled expert are written into its sub-folders only when a test asks for them (``attachments``), so that
+    the shipped workflows first run with nothing but checkpoint folders present.
+    """
     import numpy as np
     from PIL import Image
 
     from hyperbagel_core.testing import make_tiny_checkpoint
 
-    for d in ("custom_nodes", "input", "output", "models/bagel/distilled", "models/bagel/draft_heads"):
+    for d in ("custom_nodes", "input", "output", "models/bagel", "extra/bagel/draft_heads", "extra/bagel/distilled"):
         os.makedirs(os.path.join(base, d), exist_ok=True)
     os.symlink(REPO, os.path.join(base, "custom_nodes", "hyperbagel"))
     ckpt = make_tiny_checkpoint(os.path.join(base, "models", "bagel", "tiny"))
+    _flux_sized_ae(str(ckpt))
     # wider/deeper (~15 ms per decoded token on 2 cores) so that "stopped within one round" is measurable
     make_tiny_checkpoint(os.path.join(base, "models", "bagel", "tiny-slow"), hidden=768, layers=8, heads=12,
                          kv_heads=4, intermediate=3072)
-    feats = _core_features()
-    if feats["distilled"]:
-        import torch
-
-        from hyperbagel_core import BagelPipeline
-        from hyperbagel_core.distill.expert import DistilledExpert
-
-        pipe = BagelPipeline.from_pretrained(ckpt, device="cpu", dtype=torch.float32)
-        DistilledExpert.from_model(pipe.model).save(os.path.join(base, "models", "bagel", "distilled", DISTILLED_FILE))
-    if feats["draft"]:
-        import torch
-
-        from hyperbagel_core import BagelPipeline
-        from hyperbagel_core.speculative.draft_head import DraftHead
-        from hyperbagel_core.speculative.draft_io import save_draft_head
-
-        pipe = BagelPipeline.from_pretrained(ckpt, device="cpu", dtype=torch.float32)
-        save_draft_head(DraftHead.from_target(pipe.model), os.path.join(base, "models", "bagel", "draft_heads",
-                                                                         DRAFT_FILE), pipe.model)
+    extra = os.path.join(base, "extra_model_paths.yaml")
+    with open(extra, "w") as f:
+        f.write(f"hyperbagel_test:\n    base_path: {os.path.join(base, 'extra')}\n    bagel: bagel\n")
     rng = np.random.default_rng(0)
     Image.fromarray(rng.integers(0, 256, (48, 64, 3), dtype=np.uint8)).save(os.path.join(base, "input", "example.png"))
-    srv = Server(base)
-    srv.features = feats
+    srv = Server(base, extra)
+    srv.checkpoint = str(ckpt)
     return srv
-__all__ = ["COMFYUI_DIR", "DRAFT_FILE", "OUR_NODES", "OVERRIDES", "Server", "start", "wc"]
+
+
+def model_files(base: str) -> list[str]:
+    """Every file under the server's model folders (models/ and the extra bagel path), relative to base."""
+    out = []
+    for top in ("models", "extra"):
+        for d, _, files in os.walk(os.path.join(base, top)):
+            out += [os.path.relpath(os.path.join(d, f), base).replace(os.sep, "/") for f in files]
+    return sorted(out)
+
+
+def attachments(server: "Server") -> dict:
+    """Write a draft head and a distilled expert for the tiny checkpoint into the extra bagel path (once)."""
+    import torch
+
+    from hyperbagel_core import BagelPipeline
+    from hyperbagel_core.distill.expert import DistilledExpert
+    from hyperbagel_core.speculative.draft_head import DraftHead
+    from hyperbagel_core.speculative.draft_io import save_draft_head
+
+    root = os.path.join(server.base, "extra", "bagel")
+    head, expert = os.path.join(root, "draft_heads", DRAFT_FILE), os.path.join(root, "distilled", DISTILLED_FILE)
+    if not (os.path.isfile(head) and os.path.isfile(expert)):
+        pipe = BagelPipeline.from_pretrained(server.checkpoint, device="cpu", dtype=torch.float32)
+        DistilledExpert.from_model(pipe.model).save(expert)
+        save_draft_head(DraftHead.from_target(pipe.model), head, pipe.model)
+    return {"draft_head": DRAFT_FILE, "distilled_expert": DISTILLED_FILE}
+
+
+__all__ = ["COMFYUI_DIR", "DISTILLED_FILE", "DRAFT_FILE", "OUR_NODES", "OVERRIDES", "Server", "attachments",
+           "model_files", "start", "wc"]

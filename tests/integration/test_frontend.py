@@ -4,7 +4,11 @@ Optional: runs when COMFYUI_DIR is set, a Chromium binary exists (CHROMIUM, defa
 ``node`` can import ``playwright-core`` (PLAYWRIGHT_DIR = a folder whose node_modules has it); skipped
 otherwise. Loads the shipped VQA and text-to-image workflows, runs them from the UI and checks that our
 extension loaded, the answer box and the speed badges are filled, and that the answer box is neither saved
-in ``widgets_values`` nor sent to the server. Screenshots go to $HYPERBAGEL_SCREENSHOTS when set.
+in ``widgets_values`` nor sent to the server. Runs every shipped workflow (tiny checkpoint, small sizes) from the UI
+and checks that our extension loaded, that the VQA answer box and the badges are filled, that a sampler warning
+is visible as text on the node, that the widgets the schedule ignores are hidden, and that our text boxes are
+neither saved in ``widgets_values`` nor sent to the server. Screenshots go to $HYPERBAGEL_SCREENSHOTS when set
+(``workflows/<name>.jpg``, the template browser's thumbnails, are made from them).
 """
 from __future__ import annotations
 
@@ -49,7 +53,7 @@ for (const [name, wf] of Object.entries(workflows)) {
   for (const t0 = Date.now(); Date.now() - t0 < 180000; ) {
     const state = await page.evaluate(async () => {
       const ours = window.app.graph._nodes.filter((n) =>
-        /^HyperBagel(SpeculativeVQA|FewStepSampler|CFGFreeEditor)$/.test(n.type));
+        /^HyperBagel(SpeculativeVQA|FewStepSampler|CFGFreeEditor)$/.test(n.type) && n.mode === 0);
       const q = await (await fetch("/queue")).json();
       return { done: ours.every((n) => n.hyperbagelBadge), idle: !q.queue_running.length && !q.queue_pending.length };
     });
@@ -61,16 +65,29 @@ for (const [name, wf] of Object.entries(workflows)) {
   await page.waitForTimeout(300);
   if (shots) await page.screenshot({ path: `${shots}/${name}.png` });
   results[name] = await page.evaluate(async () => {
+    const IMAGE = /^HyperBagel(FewStepSampler|CFGFreeEditor)$/;
     const ser = window.app.graph.serialize();
     const prompt = await window.app.graphToPrompt();
     const nodes = window.app.graph._nodes.filter((n) => String(n.type).startsWith("HyperBagel"));
-    return {
+    const widget = (type, name) => nodes.find((n) => n.type === type)?.widgets?.find((w) => w.name === name);
+    const hidden = (n) => n.widgets.filter((w) => w.hidden).map((w) => w.name).sort();
+    const out = {
       badges: Object.fromEntries(nodes.map((n) => [n.type, n.hyperbagelBadge || ""])),
-      answer: nodes.find((n) => n.type === "HyperBagelSpeculativeVQA")?.widgets
-        ?.find((w) => w.name === "bagel_answer")?.value ?? null,
+      answer: widget("HyperBagelSpeculativeVQA", "bagel_answer")?.value ?? null,
+      info: widget("HyperBagelFewStepSampler", "bagel_info")?.value ?? widget("HyperBagelCFGFreeEditor", "bagel_info")?.value ?? null,
+      hidden: Object.fromEntries(nodes.filter((n) => IMAGE.test(n.type)).map((n) => [n.type, hidden(n)])),
       widgets_values: Object.fromEntries(ser.nodes.map((n) => [n.type, n.widgets_values])),
       prompt_inputs: Object.fromEntries(Object.values(prompt.output).map((n) => [n.class_type, Object.keys(n.inputs)])),
     };
+    // the schedule widget's callback (what a click in the UI calls) re-applies the rule
+    const sampler = nodes.find((n) => IMAGE.test(n.type));
+    if (sampler) {
+      const w = sampler.widgets.find((x) => x.name === "schedule");
+      w.value = "custom";
+      w.callback?.(w.value);
+      out.hidden_custom = hidden(sampler);
+    }
+    return out;
   });
 }
 console.log("RESULT " + JSON.stringify({ results, logs }));
@@ -78,19 +95,32 @@ await browser.close();
 """
 
 
-def test_extension_renders_answer_and_badges(server, object_info, tmp_path):
+def _patched(name: str, object_info: dict, overrides: dict) -> dict:
+    """A shipped UI workflow with widget values replaced by name (positions from the live node specs)."""
     import comfy_server as t
 
-    wfs = {}
-    for name, patch in (("hyperbagel_speculative_vqa.json", {"HyperBagelSpeculativeVQA": {3: 24}}),
-                        ("hyperbagel_text_to_image_6nfe.json", {"HyperBagelFewStepSampler": {1: 64, 2: 64}})):
-        wf = t.wc.load_workflows()[name]
-        for n in wf["nodes"]:
-            if n["type"] == "HyperBagelModelLoader":
-                n["widgets_values"][0] = "tiny"
-            for i, v in patch.get(n["type"], {}).items():
-                n["widgets_values"][i] = v
-        wfs[name.removesuffix(".json")] = wf
+    wf = t.wc.load_workflows()[name]
+    for n in wf["nodes"]:
+        values = {**t.OVERRIDES.get(n["type"], {}), **overrides.get(n["type"], {})}
+        if n["type"] not in object_info or not values:
+            continue
+        pos = 0
+        for spec in t.wc.node_inputs(object_info[n["type"]]):
+            if not spec.widget:
+                continue
+            if spec.name in values:
+                n["widgets_values"][pos] = values[spec.name]
+            pos += 1 + len(spec.extras)
+    return wf
+
+
+def test_extension_renders_answer_badges_warnings_and_hides_inert_widgets(server, object_info, tmp_path):
+    import comfy_server as t
+
+    # the text-to-image run asks for a Hyper-Bagel grid without an expert: the node must say so in text
+    special = {"hyperbagel_text_to_image.json": {"HyperBagelFewStepSampler": {"schedule": "hyper-6nfe"}}}
+    wfs = {name.removesuffix(".json"): _patched(name, object_info, special.get(name, {}))
+           for name in sorted(t.wc.load_workflows())}
     script = tmp_path / "ui.mjs"
     script.write_text(SCRIPT)
     shots = os.environ.get("HYPERBAGEL_SCREENSHOTS", "")
@@ -99,17 +129,33 @@ def test_extension_renders_answer_and_badges(server, object_info, tmp_path):
     shutil.copy(script, os.path.join(PW_DIR, "_hyperbagel_ui_test.mjs"))
     try:
         out = subprocess.run(["node", os.path.join(PW_DIR, "_hyperbagel_ui_test.mjs"), server.url, CHROMIUM, shots,
-                              json.dumps(wfs)], capture_output=True, text=True, timeout=300, env=env)
+                              json.dumps(wfs)], capture_output=True, text=True, timeout=900, env=env)
     finally:
         os.remove(os.path.join(PW_DIR, "_hyperbagel_ui_test.mjs"))
     line = next((ln for ln in out.stdout.splitlines() if ln.startswith("RESULT ")), None)
     assert line, out.stdout[-2000:] + out.stderr[-2000:]
     data = json.loads(line[len("RESULT "):])
     assert not [ln for ln in data["logs"] if "Error loading extension" in ln and "hyperbagel" in ln], data["logs"]
-    vqa = data["results"]["hyperbagel_speculative_vqa"]
+    res = data["results"]
+    vqa = res["hyperbagel_speculative_vqa"]
     assert vqa["answer"] and "drafter:" in vqa["answer"], (data["logs"], server.read_log()[-3000:])
     assert "tok/s" in vqa["badges"]["HyperBagelSpeculativeVQA"]
-    assert len(vqa["widgets_values"]["HyperBagelSpeculativeVQA"]) == 9  # the answer box is not saved
+    assert len(vqa["widgets_values"]["HyperBagelSpeculativeVQA"]) == 8  # the answer box is not saved
     assert "bagel_answer" not in vqa["prompt_inputs"]["HyperBagelSpeculativeVQA"]  # nor sent to the server
-    t2i = data["results"]["hyperbagel_text_to_image_6nfe"]
-    assert "NFE" in t2i["badges"]["HyperBagelFewStepSampler"] and "passes" in t2i["badges"]["HyperBagelFewStepSampler"]
+    t2i = res["hyperbagel_text_to_image"]
+    badge = t2i["badges"]["HyperBagelFewStepSampler"]
+    assert "NFE" in badge and "passes" in badge and "⚠" in badge
+    assert "no distilled expert applied" in t2i["info"]  # the warning, as text on the sampler node
+    assert "hyper-6nfe" in t2i["info"] and "seconds" in t2i["info"]
+    assert t2i["hidden"]["HyperBagelFewStepSampler"] == ["custom_timesteps", "shift", "solver", "steps"]
+    assert t2i["hidden_custom"] == ["solver", "steps"]
+    assert len(t2i["widgets_values"]["HyperBagelFewStepSampler"]) == 18  # the info box is not saved
+    assert "bagel_info" not in t2i["prompt_inputs"]["HyperBagelFewStepSampler"]  # nor sent to the server
+    for name, r in res.items():
+        if name == "hyperbagel_text_to_image":
+            continue
+        for node_type, hidden in r["hidden"].items():
+            assert hidden == ["custom_timesteps"], (name, node_type, hidden)  # schedule auto
+        assert r["info"] is None or "expert" not in r["info"], (name, r["info"])
+        assert all(r["badges"][n] for n in r["badges"] if not n.startswith(("HyperBagelApply", "HyperBagelModel",
+                                                                              "HyperBagelVAE"))), (name, r["badges"])

@@ -1,12 +1,23 @@
-// hyperbagel frontend extension: shows the VQA answer + decoding stats on the node, and a speed badge
-// (schedule, NFE, network passes, seconds) on the sampler and editor. Reads the `text` and `bagel_stats`
-// entries the nodes return in their UI payload; nothing here is needed for the nodes to work.
+// hyperbagel frontend extension. On the VQA node: a read-only box with the answer and decoding stats. On the
+// sampler and editor: a read-only box with the settings used, any warning and the thinking text, and the
+// widgets the chosen schedule ignores hidden. On all three: a badge under the node (the frontend draws its own
+// node badges in and above the title bar). Reads the `text` and `bagel_stats` entries of the nodes' UI
+// payload; nothing here is needed for the nodes to work.
 import { app } from "../../../scripts/app.js";
 import { ComfyWidgets } from "../../../scripts/widgets.js";
 
 const VQA = "HyperBagelSpeculativeVQA";
 const IMAGE_NODES = new Set(["HyperBagelFewStepSampler", "HyperBagelCFGFreeEditor"]);
 const ANSWER_WIDGET = "bagel_answer";
+const INFO_WIDGET = "bagel_info";
+
+// widget -> schedules that read it (nodes/adapters.py plan_schedule); other schedules ignore it
+const USED_BY = {
+  steps: ["auto", "training-free"],
+  solver: ["auto", "training-free"],
+  custom_timesteps: ["custom"],
+  shift: ["auto", "training-free", "teacher-50", "custom"],
+};
 
 function fmt(v, digits = 2) {
   if (typeof v !== "number" || !isFinite(v)) return String(v);
@@ -31,22 +42,47 @@ export function imageBadge(s) {
   if (s.passes != null) parts.push(`${s.passes} passes`);
   if (s.cfg) parts.push(s.cfg);
   if (s.seconds != null) parts.push(`${fmt(s.seconds, 1)} s`);
+  if (s.warning) parts.push("⚠ see the text box");
   return parts.join(" · ");
 }
 
-function answerWidget(node) {
-  let w = node.widgets?.find((x) => x.name === ANSWER_WIDGET);
+export function hiddenWidgets(schedule) {
+  return Object.entries(USED_BY).filter(([, used]) => !used.includes(schedule)).map(([name]) => name);
+}
+
+function textWidget(node, name, placeholder) {
+  let w = node.widgets?.find((x) => x.name === name);
   if (!w) {
-    w = ComfyWidgets.STRING(node, ANSWER_WIDGET, ["STRING", { multiline: true }], app).widget;
+    w = ComfyWidgets.STRING(node, name, ["STRING", { multiline: true }], app).widget;
     w.serialize = false; // never stored in widgets_values (keeps saved workflows positional)
     w.options = { ...(w.options || {}), serialize: false }; // never sent to the server
     if (w.inputEl) {
       w.inputEl.readOnly = true;
       w.inputEl.style.opacity = 0.85;
-      w.inputEl.placeholder = "The answer appears here after a run.";
+      w.inputEl.placeholder = placeholder;
     }
   }
   return w;
+}
+
+function applySchedule(node) {
+  const schedule = node.widgets?.find((w) => w.name === "schedule")?.value;
+  if (!schedule) return;
+  const hide = new Set(hiddenWidgets(schedule));
+  let changed = false;
+  for (const w of node.widgets) {
+    if (!(w.name in USED_BY)) continue;
+    const hidden = hide.has(w.name);
+    if (!!w.hidden !== hidden) {
+      w.hidden = hidden;
+      changed = true;
+    }
+  }
+  if (changed) {
+    const min = node.computeSize?.();
+    if (min) node.setSize?.([Math.max(node.size[0], min[0]), min[1] > node.size[1] ? min[1] : node.size[1]]);
+    node.setDirtyCanvas?.(true, true);
+  }
 }
 
 function drawBadge(node, ctx) {
@@ -57,9 +93,8 @@ function drawBadge(node, ctx) {
   const pad = 5;
   const w = ctx.measureText(text).width + 2 * pad;
   const h = 16;
-  const x = Math.max(0, node.size[0] - w - 4);
-  const title = globalThis.LiteGraph?.NODE_TITLE_HEIGHT ?? 30;
-  const y = -title - h - 4;
+  const x = 0;
+  const y = node.size[1] + 6; // under the node body, away from the title-bar badges
   ctx.fillStyle = "#2d6a4f";
   ctx.beginPath();
   if (ctx.roundRect) ctx.roundRect(x, y, w, h, 6);
@@ -81,14 +116,14 @@ app.registerExtension({
     nodeType.prototype.onExecuted = function (message) {
       onExecuted?.apply(this, arguments);
       const stats = message?.bagel_stats?.[0];
+      const text = message?.text?.[0] ?? "";
       if (name === VQA) {
-        const answer = message?.text?.[0] ?? "";
         const line = stats?.summary ? `\n\n— ${stats.summary}` : "";
-        answerWidget(this).value = answer + line;
+        textWidget(this, ANSWER_WIDGET).value = text + line;
         this.hyperbagelBadge = vqaBadge(stats);
       } else {
+        textWidget(this, INFO_WIDGET).value = text;
         this.hyperbagelBadge = imageBadge(stats);
-        if (stats?.warning) this.hyperbagelBadge += " · ⚠";
       }
       this.setDirtyCanvas?.(true, true);
     };
@@ -100,11 +135,32 @@ app.registerExtension({
       return r;
     };
 
-    if (name === VQA) {
-      const onNodeCreated = nodeType.prototype.onNodeCreated;
-      nodeType.prototype.onNodeCreated = function () {
-        const r = onNodeCreated?.apply(this, arguments);
-        answerWidget(this);
+    const onNodeCreated = nodeType.prototype.onNodeCreated;
+    nodeType.prototype.onNodeCreated = function () {
+      const r = onNodeCreated?.apply(this, arguments);
+      if (name === VQA) {
+        textWidget(this, ANSWER_WIDGET, "The answer appears here after a run.");
+      } else {
+        textWidget(this, INFO_WIDGET, "Settings used, warnings and BAGEL's thinking appear here after a run.");
+        const schedule = this.widgets?.find((w) => w.name === "schedule");
+        if (schedule) {
+          const callback = schedule.callback;
+          schedule.callback = (...args) => {
+            const out = callback?.apply(schedule, args);
+            applySchedule(this);
+            return out;
+          };
+        }
+        applySchedule(this);
+      }
+      return r;
+    };
+
+    if (IMAGE_NODES.has(name)) {
+      const onConfigure = nodeType.prototype.onConfigure;
+      nodeType.prototype.onConfigure = function () {
+        const r = onConfigure?.apply(this, arguments);
+        applySchedule(this); // a loaded workflow sets the schedule after onNodeCreated
         return r;
       };
     }
