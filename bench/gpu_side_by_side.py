@@ -23,6 +23,7 @@ from pathlib import Path
 import numpy as np
 import torch
 from PIL import Image
+from tqdm.auto import tqdm
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 sys.path.insert(0, str(Path(__file__).resolve().parent))
@@ -100,13 +101,13 @@ def workloads(pipe, dev, tiny: bool, repeats: int, ntok: int) -> dict:
                                         timestep_shift=3.0, cfg_renorm_type="text_channel"), max(1, repeats - 1)),
         "und_980": (lambda: pipe.answer(rand_img(s980, s980, 2), PROMPT_UND, max_new_tokens=ntok), repeats),
     }
-    for name, (fn, n) in cases.items():
+    for name, (fn, n) in tqdm(cases.items(), desc="workloads", unit="workload", dynamic_ncols=True):
         times, peak, res = run(fn, dev, n)
         rec = dict(total_s=statistics.median(times), runs=times, peak_above_GiB=peak)
         if name == "und_980":
             rec.update(tokens=res.stats.get("new_tokens"), decode_tokens_per_s=res.stats.get("tokens_per_second"))
         out[name] = rec
-        print(f"{name}: {rec}", flush=True)
+        tqdm.write(f"{name}: {rec}")
     return out
 
 

@@ -19,6 +19,7 @@ from pathlib import Path
 
 import torch
 from PIL import Image
+from tqdm.auto import tqdm
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
@@ -119,12 +120,13 @@ def end_to_end(pipe, expert, size: int, steps: int, device: str, repeats: int) -
             ("edit", "distilled 1-NFE", lambda: pipe.edit(img, EDIT, schedule="hyper-1nfe", **edit)),
         ]
     rows = []
-    for task, label, fn in cases:
+    # progress between timed runs only (rate and ETA on stderr), never inside one
+    for task, label, fn in tqdm(cases, desc=f"end to end {size}^2", unit="case", dynamic_ncols=True):
         s, res = timed(fn, device, repeats, with_result=True)
         W, H = res.image.size  # edits run at the VAE-resized input size (at least 512 on the short side)
         rows.append(dict(kind="end_to_end", task=task, size=f"{W}x{H}", config=label, seconds=s,
                          steps=res.stats.get("steps")))
-        print(f"  {task:4s} {W}x{H}  {label:45s} {s:8.3f} s", flush=True)
+        tqdm.write(f"  {task:4s} {W}x{H}  {label:45s} {s:8.3f} s")
     return rows
 
 
@@ -135,18 +137,18 @@ def cfg_step(pipe, size: int, device: str, repeats: int) -> list[dict]:
     x = torch.randn(h * w, pipe.config.patch_latent_dim, device=m.device)
     img = Image.new("RGB", (size, size), (120, 90, 60))
     rows = []
-    for task, ctxs, cfg in (
+    for task, ctxs, cfg in tqdm((
         ("t2i", pipe.build_contexts([PROMPT]), CFGSettings(4.0, 1.0, (0.0, 1.0), "global", 0.0)),
         ("edit", pipe.build_contexts([img, EDIT]), CFGSettings(4.0, 1.5, (0.0, 1.0), "text_channel", 0.0)),
-    ):
+    ), desc=f"cfg step {size}^2", unit="task", total=2, dynamic_ncols=True):
         res = {}
         for batched in (True, False):
             res[batched] = timed(lambda: guided_velocity(m, ctxs.gen, ctxs.cfg_text, ctxs.cfg_img, x, 0.5, h, w, cfg,
                                                          batch_cfg=batched), device, repeats)
         rows.append(dict(kind="cfg_step", task=task, size=size, batched=res[True], sequential=res[False],
                          speedup=res[False] / res[True]))
-        print(f"  cfg step {task:4s} {size}^2 batched {res[True]:.4f} s sequential {res[False]:.4f} s "
-              f"speedup {res[False] / res[True]:.2f}x", flush=True)
+        tqdm.write(f"  cfg step {task:4s} {size}^2 batched {res[True]:.4f} s sequential {res[False]:.4f} s "
+                   f"speedup {res[False] / res[True]:.2f}x")
     return rows
 
 

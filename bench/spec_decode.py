@@ -27,6 +27,7 @@ import time
 from pathlib import Path
 
 import torch
+from tqdm.auto import tqdm
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
@@ -240,7 +241,8 @@ def main(argv=None) -> int:
         shadow = None if b.head is None else DraftHeadDrafter(b.head, capacity=args.tokens + 64, static=graphs)
         # eager: one speculative point (the tau 3.77 when asked, adaptive); graphs: the whole grid
         todo = configs if graphs else sorted(configs, key=lambda c: (c[0] == 3.77, c[2], -c[1]))[-1:]
-        for tau, k, adaptive in todo:
+        # progress between timed runs only (rate and ETA on stderr)
+        for tau, k, adaptive in tqdm(todo, desc=f"speculative configs ({path})", unit="config", dynamic_ncols=True):
             a = alpha_for(tau, k)
             oracle = OracleDrafter(ref, a, b.V, seed=args.seed, shadow=shadow, resync=b.resync)
             res, secs = b.median(lambda: b.spec(oracle, k, adaptive))

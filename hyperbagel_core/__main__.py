@@ -16,6 +16,7 @@ from pathlib import Path
 import torch
 
 from .errors import HyperbagelError
+from .progress import ProgressBar
 
 
 def _add_common(p: argparse.ArgumentParser) -> None:
@@ -31,7 +32,11 @@ def _add_common(p: argparse.ArgumentParser) -> None:
 def _add_image_args(p: argparse.ArgumentParser, text_scale: float, img_scale: float, interval, renorm: str) -> None:
     p.add_argument("--steps", type=int, default=50, help="num_timesteps of the teacher grid (50 = 49 passes)")
     p.add_argument("--shift", type=float, default=3.0)
-    p.add_argument("--schedule", default="teacher")
+    p.add_argument("--schedule", default="teacher",
+                   help="teacher | hyper-6nfe | hyper-6nfe-shift3 | hyper-1nfe (grid; see sampling/schedules.py)")
+    p.add_argument("--solver", default="euler", help="euler | heun | unipc | dpmpp_2m (e.g. --solver unipc --steps 9)")
+    p.add_argument("--distilled-expert", type=Path,
+                   help="a distilled-expert file: one pass per step, on any schedule (docs/distilled_expert.md)")
     p.add_argument("--cfg-text", type=float, default=text_scale)
     p.add_argument("--cfg-img", type=float, default=img_scale)
     p.add_argument("--cfg-interval", type=float, nargs=2, default=interval)
@@ -74,14 +79,16 @@ def run_demo(pipe, args) -> None:
     real = args.model is not None
     size = 512 if real else 64
     steps = 50 if real else 8
-    gen = pipe.generate("A red circle and a blue square on a white background.", height=size, width=size,
-                        seed=args.seed, num_timesteps=steps, callback=_progress("generate"))
+    with ProgressBar("generate") as bar:
+        gen = pipe.generate("A red circle and a blue square on a white background.", height=size, width=size,
+                            seed=args.seed, num_timesteps=steps, callback=bar)
     gen.image.save(args.out / "demo_generate.png")
-    ed = pipe.edit(gen.image, "Change the color of the circle to purple.", seed=args.seed, num_timesteps=steps,
-                   callback=_progress("edit"))
+    with ProgressBar("edit") as bar:
+        ed = pipe.edit(gen.image, "Change the color of the circle to purple.", seed=args.seed, num_timesteps=steps,
+                       callback=bar)
     ed.image.save(args.out / "demo_edit.png")
-    ans = pipe.answer(gen.image, "What is in this picture?", max_new_tokens=64 if real else 16,
-                      callback=_progress("answer"))
+    with ProgressBar("answer", unit="tok") as bar:
+        ans = pipe.answer(gen.image, "What is in this picture?", max_new_tokens=64 if real else 16, callback=bar)
     (args.out / "demo_answer.txt").write_text(ans.text, encoding="utf-8")
     print(f"wrote {args.out}/demo_generate.png {gen.image.size}, {args.out}/demo_edit.png {ed.image.size}")
     print(f"answer: {ans.text!r}  ({ans.stats.get('tokens_per_second', 0):.1f} tokens/s)")
@@ -104,12 +111,6 @@ def _pipeline(args):
                                          cuda_graphs=not args.no_cuda_graphs)
 
 
-def _progress(label):
-    def cb(step, total):
-        print(f"\r{label} {step}/{total}", end="" if step < total else "\n", flush=True)
-    return cb
-
-
 def main(argv=None) -> int:
     logging.basicConfig(level=logging.WARNING)
     args = build_parser().parse_args(argv)
@@ -128,21 +129,25 @@ def main(argv=None) -> int:
                 if args.draft_head is None:
                     raise HyperbagelError("--drafter draft_head needs --draft-head FILE")
                 pipe.load_draft_head(args.draft_head)
-            res = pipe.answer(images or None, args.question, max_new_tokens=args.max_new_tokens,
-                              do_sample=args.sample, temperature=args.temperature, seed=args.seed,
-                              think=args.think, drafter=args.drafter, callback=_progress("decoding"))
+            with ProgressBar("decoding", unit="tok") as bar:
+                res = pipe.answer(images or None, args.question, max_new_tokens=args.max_new_tokens,
+                                  do_sample=args.sample, temperature=args.temperature, seed=args.seed,
+                                  think=args.think, drafter=args.drafter, callback=bar)
             (args.out / "answer.txt").write_text(res.text, encoding="utf-8")
             print(res.text)
             print(json.dumps(res.stats, default=float))
             return 0
+        if args.distilled_expert is not None:
+            pipe.load_distilled_expert(args.distilled_expert)
         kw = dict(seed=args.seed, num_timesteps=args.steps, timestep_shift=args.shift, schedule=args.schedule,
-                  cfg_text_scale=args.cfg_text, cfg_img_scale=args.cfg_img, cfg_interval=tuple(args.cfg_interval),
-                  cfg_renorm_type=args.renorm, think=args.think, callback=_progress("denoising"))
-        if args.cmd == "generate":
-            res = pipe.generate(args.prompt, height=args.height, width=args.width, **kw)
-        else:
-            from PIL import Image
-            res = pipe.edit(Image.open(args.image), args.prompt, **kw)
+                  solver=args.solver, cfg_text_scale=args.cfg_text, cfg_img_scale=args.cfg_img,
+                  cfg_interval=tuple(args.cfg_interval), cfg_renorm_type=args.renorm, think=args.think)
+        with ProgressBar("denoising") as bar:
+            if args.cmd == "generate":
+                res = pipe.generate(args.prompt, height=args.height, width=args.width, callback=bar, **kw)
+            else:
+                from PIL import Image
+                res = pipe.edit(Image.open(args.image), args.prompt, callback=bar, **kw)
         path = args.out / f"{args.cmd}_{args.seed}.png"
         res.image.save(path)
         if res.thinking:

@@ -136,7 +136,7 @@ def note(title, *parts):
 def loader_with_expert(g, x=40, y=80):
     """Loader -> Apply Distilled Expert (bypassed: stock BAGEL as shipped); returns the expert node's id."""
     m = g.add("HyperBagelModelLoader", (x, y), LOADER, size=(340, 160))
-    d = g.add("HyperBagelApplyDistilledExpert", (x, y + 200), {"distilled_expert": NO_EXPERT}, size=(340, 90),
+    d = g.add("HyperBagelApplyDistilledExpert", (x, y + 220), {"distilled_expert": NO_EXPERT}, size=(340, 80),
               mode=BYPASSED)
     g.link(m, 0, d, "model")
     return d
@@ -144,7 +144,7 @@ def loader_with_expert(g, x=40, y=80):
 
 def text_to_image():
     g = Graph()
-    g.add("MarkdownNote", (40, 340), note("BAGEL text to image", FILES, EXPERT_SWITCH, MEMORY), size=(340, 420))
+    g.add("MarkdownNote", (40, 440), note("BAGEL text to image", FILES, EXPERT_SWITCH, MEMORY), size=(340, 420))
     d = loader_with_expert(g)
     s = g.add("HyperBagelFewStepSampler", (420, 80), SAMPLER, size=(380, 760))
     out = g.add("SaveImage", (840, 80), {"filename_prefix": "hyperbagel/t2i"}, size=(520, 560))
@@ -155,10 +155,10 @@ def text_to_image():
 
 def edit():
     g = Graph()
-    g.add("MarkdownNote", (40, 700), note("BAGEL image editing", FILES + " Load your image in *Load Image*.",
+    g.add("MarkdownNote", (40, 820), note("BAGEL image editing", FILES + " Load your image in *Load Image*.",
                                           EXPERT_SWITCH, MEMORY), size=(340, 420))
     d = loader_with_expert(g)
-    img = g.add("LoadImage", (40, 340), {"image": "example.png"}, size=(340, 320))
+    img = g.add("LoadImage", (40, 440), {"image": "example.png"}, size=(340, 320))
     e = g.add("HyperBagelCFGFreeEditor", (420, 80), EDITOR, size=(380, 760))
     out = g.add("SaveImage", (840, 80), {"filename_prefix": "hyperbagel/edit"}, size=(520, 560))
     g.link(d, 0, e, "model")
@@ -169,15 +169,15 @@ def edit():
 
 def speculative_vqa():
     g = Graph()
-    g.add("MarkdownNote", (40, 700), note(
+    g.add("MarkdownNote", (40, 800), note(
         "BAGEL image question answering", FILES + " Load your image in *Load Image*.",
         "**Speculative decoding:** `prompt_lookup` needs no extra file. For `draft_head`, un-bypass *Apply Draft "
         "Head* (Ctrl+B) and pick a head from `models/bagel/draft_heads/` (made with `python -m "
         "hyperbagel_core.speculative.train`). Greedy answers are identical with every drafter.", MEMORY),
         size=(340, 420))
     m = g.add("HyperBagelModelLoader", (40, 80), LOADER, size=(340, 160))
-    h = g.add("HyperBagelApplyDraftHead", (40, 280), {"draft_head": NO_HEAD}, size=(340, 90), mode=BYPASSED)
-    img = g.add("LoadImage", (40, 400), {"image": "example.png"}, size=(340, 280))
+    h = g.add("HyperBagelApplyDraftHead", (40, 300), {"draft_head": NO_HEAD}, size=(340, 80), mode=BYPASSED)
+    img = g.add("LoadImage", (40, 440), {"image": "example.png"}, size=(340, 300))
     q = g.add("HyperBagelSpeculativeVQA", (420, 80), VQA, size=(440, 620))
     g.link(m, 0, h, "model")
     g.link(h, 0, q, "model")

@@ -117,10 +117,11 @@ def _patched(name: str, object_info: dict, overrides: dict) -> dict:
 def test_extension_renders_answer_badges_warnings_and_hides_inert_widgets(server, object_info, tmp_path):
     import comfy_server as t
 
-    # the text-to-image run asks for a Hyper-Bagel grid without an expert: the node must say so in text
-    special = {"hyperbagel_text_to_image.json": {"HyperBagelFewStepSampler": {"schedule": "hyper-6nfe"}}}
-    wfs = {name.removesuffix(".json"): _patched(name, object_info, special.get(name, {}))
-           for name in sorted(t.wc.load_workflows())}
+    # every workflow as shipped, then text to image asking for a Hyper-Bagel grid without an expert: the node
+    # must say so in text
+    wfs = {name.removesuffix(".json"): _patched(name, object_info, {}) for name in sorted(t.wc.load_workflows())}
+    wfs["warning_text_to_image"] = _patched("hyperbagel_text_to_image.json", object_info,
+                                            {"HyperBagelFewStepSampler": {"schedule": "hyper-6nfe"}})
     script = tmp_path / "ui.mjs"
     script.write_text(SCRIPT)
     shots = os.environ.get("HYPERBAGEL_SCREENSHOTS", "")
@@ -142,18 +143,16 @@ def test_extension_renders_answer_badges_warnings_and_hides_inert_widgets(server
     assert "tok/s" in vqa["badges"]["HyperBagelSpeculativeVQA"]
     assert len(vqa["widgets_values"]["HyperBagelSpeculativeVQA"]) == 8  # the answer box is not saved
     assert "bagel_answer" not in vqa["prompt_inputs"]["HyperBagelSpeculativeVQA"]  # nor sent to the server
-    t2i = res["hyperbagel_text_to_image"]
+    t2i = res.pop("warning_text_to_image")
     badge = t2i["badges"]["HyperBagelFewStepSampler"]
     assert "NFE" in badge and "passes" in badge and "⚠" in badge
     assert "no distilled expert applied" in t2i["info"]  # the warning, as text on the sampler node
     assert "hyper-6nfe" in t2i["info"] and "seconds" in t2i["info"]
     assert t2i["hidden"]["HyperBagelFewStepSampler"] == ["custom_timesteps", "shift", "solver", "steps"]
     assert t2i["hidden_custom"] == ["solver", "steps"]
-    assert len(t2i["widgets_values"]["HyperBagelFewStepSampler"]) == 18  # the info box is not saved
+    assert len(t2i["widgets_values"]["HyperBagelFewStepSampler"]) == 17  # the info box is not saved
     assert "bagel_info" not in t2i["prompt_inputs"]["HyperBagelFewStepSampler"]  # nor sent to the server
     for name, r in res.items():
-        if name == "hyperbagel_text_to_image":
-            continue
         for node_type, hidden in r["hidden"].items():
             assert hidden == ["custom_timesteps"], (name, node_type, hidden)  # schedule auto
         assert r["info"] is None or "expert" not in r["info"], (name, r["info"])

@@ -65,24 +65,27 @@ function textWidget(node, name, placeholder) {
   return w;
 }
 
+// Hidden widgets: `hidden` stops drawing and input slots, a zero height closes the gap in the layout.
+function setHidden(w, hidden) {
+  if (hidden && !w.hyperbagelSize) {
+    w.hyperbagelSize = { own: Object.prototype.hasOwnProperty.call(w, "computeSize"), fn: w.computeSize };
+    w.computeSize = () => [0, -4];
+  } else if (!hidden && w.hyperbagelSize) {
+    if (w.hyperbagelSize.own) w.computeSize = w.hyperbagelSize.fn;
+    else delete w.computeSize;
+    delete w.hyperbagelSize;
+  }
+  w.hidden = hidden;
+}
+
 function applySchedule(node) {
   const schedule = node.widgets?.find((w) => w.name === "schedule")?.value;
   if (!schedule) return;
   const hide = new Set(hiddenWidgets(schedule));
-  let changed = false;
   for (const w of node.widgets) {
-    if (!(w.name in USED_BY)) continue;
-    const hidden = hide.has(w.name);
-    if (!!w.hidden !== hidden) {
-      w.hidden = hidden;
-      changed = true;
-    }
+    if (w.name in USED_BY && !!w.hidden !== hide.has(w.name)) setHidden(w, hide.has(w.name));
   }
-  if (changed) {
-    const min = node.computeSize?.();
-    if (min) node.setSize?.([Math.max(node.size[0], min[0]), min[1] > node.size[1] ? min[1] : node.size[1]]);
-    node.setDirtyCanvas?.(true, true);
-  }
+  node.setDirtyCanvas?.(true, true);
 }
 
 function drawBadge(node, ctx) {
