@@ -57,7 +57,8 @@ SCRIPT = textwrap.dedent("""
     expert.save(folder + "/expert.safetensors")
 
     def load():
-        return runtime.load_bagel(path, "fp32", "sdpa", "auto", head, folder + "/expert.safetensors")
+        model = runtime.apply_draft_head(runtime.load_bagel(path, "fp32", "sdpa", "auto"), head)
+        return runtime.apply_distilled_expert(model, folder + "/expert.safetensors")
 
     def left_behind(patcher):
         # what partial loading placed (ComfyUI's own list) that is neither loaded nor streamed per call, except
@@ -77,30 +78,35 @@ SCRIPT = textwrap.dedent("""
 
     full = load()
     full.prepare("generate", height=64, width=48)     # ComfyUI's load_models_gpu with the run's memory
-    assert not full.patcher.model.model_lowvram
+    assert len(full.patchers()) == 3 and not any(p.model.model_lowvram for p in full.patchers())
     want = runs(full.pipe)
 
     part = load()
+    part.bind()                                       # what prepare does before loading
     cpu = torch.device("cpu")
-    size = part.patcher.model_size()
-    part.patcher.patch_model(device_to=cpu, lowvram_model_memory=size // 8)
-    assert part.patcher.model.model_lowvram, "expected a partial (low-VRAM) load"
-    assert not left_behind(part.patcher), left_behind(part.patcher)
-    listed = part.patcher._load_list()
-    streamed = [n for _, n, m, _ in listed if not getattr(m, "comfy_patched_weights", False)]
+    listed, streamed, unlisted = [], [], set()
+    # base model, draft head, distilled expert: each patcher partially loaded with 1/8 of its size
+    for prefix, patcher in zip(("", "draft_head.", "distilled_expert."), part.patchers()):
+        patcher.patch_model(device_to=cpu, lowvram_model_memory=patcher.model_size() // 8)
+        assert patcher.model.model_lowvram, f"expected a partial (low-VRAM) load of {prefix or 'the base'}"
+        assert not left_behind(patcher), left_behind(patcher)
+        mine = patcher._load_list()
+        listed += mine
+        streamed += [prefix + n for _, n, m, _ in mine if not getattr(m, "comfy_patched_weights", False)]
+        # modules holding tensors outside ComfyUI's list stay put; their forwards move those tensors to the input
+        names = {n for _, n, _, _ in mine}
+        unlisted |= {type(m).__name__ for n, m in patcher.model.named_modules() if n not in names
+                     and (list(m.parameters(recurse=False)) or list(m.buffers(recurse=False)))}
     for prefix in ("bagel.", "vae.", "draft_head.", "distilled_expert."):
         assert any(n.startswith(prefix) for n in streamed), f"nothing under {prefix} streamed"
-    # modules holding tensors outside ComfyUI's list stay put; their forwards move those tensors to the input
-    names = {n for _, n, _, _ in listed}
-    unlisted = {type(m).__name__ for n, m in part.pipe.modules.named_modules() if n not in names
-                and (list(m.parameters(recurse=False)) or list(m.buffers(recurse=False)))}
     assert unlisted <= {"DraftHead", "MetaQueryCA", "Module"}, unlisted
     assert part.pipe.compute_device == part.patcher.load_device
     got = runs(part.pipe)
     for k in want:
         a, b = want[k], got[k]
         assert (torch.equal(a, b) if torch.is_tensor(a) else a == b), k
-    part.patcher.detach()
+    for patcher in part.patchers():
+        patcher.detach()
     assert torch.equal(runs(part.pipe)["gen"], want["gen"])
 
     # the check catches the old layout: a VAE of plain diffusers layers is left behind when it does not fit
