@@ -57,7 +57,7 @@ for (const [name, wf] of Object.entries(workflows)) {
       const q = await (await fetch("/queue")).json();
       return { done: ours.every((n) => n.hyperbagelBadge), idle: !q.queue_running.length && !q.queue_pending.length };
     });
-    if (state.done) break;
+    if (state.done && state.idle) break;  // ours reported and the rest (core nodes) finished too
     idleSince = state.idle ? idleSince || Date.now() : 0;
     if (idleSince && Date.now() - idleSince > 10000) break;
     await page.waitForTimeout(500);

@@ -8,7 +8,7 @@ import pytest
 import torch
 
 import comfy_stub
-from fake_core import FakePipe, make_core
+from fake_core import make_core
 
 REPO = os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 
