@@ -170,6 +170,15 @@ def test_every_node_has_a_help_page_and_the_web_extension_exists(specs):
 
 
 @pytest.mark.parametrize("name", sorted(WORKFLOWS))
+def test_every_workflow_has_a_template_thumbnail(name):
+    """ComfyUI's template browser shows a custom node's template with ``<name>.jpg`` beside its json."""
+    from PIL import Image
+    thumb = os.path.join(wc.WORKFLOW_DIR, name.replace(".json", ".jpg"))
+    with Image.open(thumb) as im:
+        assert im.format == "JPEG" and im.width >= 320
+
+
+@pytest.mark.parametrize("name", sorted(WORKFLOWS))
 def test_workflow_id_is_a_uuid(name):
     import uuid
     assert str(uuid.UUID(WORKFLOWS[name]["id"])) == WORKFLOWS[name]["id"]  # the frontend's schema requires it
