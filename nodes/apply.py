@@ -45,7 +45,7 @@ class BagelApplyDistilledExpert(io.ComfyNode):
                 BagelModelType.Input("model", tooltip="From 'BAGEL Model Loader (Hyper-Bagel)'."),
                 io.Combo.Input("distilled_expert", options=paths.distilled_choices(),
                                tooltip="A distilled-expert file made for this checkpoint (docs/distilled_expert.md), "
-                                       "e.g. by python -m hyperbagel_core.distill.train."),
+                                       "e.g. by this pack's trainer."),
             ],
             outputs=[BagelModelType.Output(display_name="model", tooltip="The model with the distilled expert.")],
         )

@@ -124,7 +124,7 @@ MEMORY = ("**Memory:** the loader builds the model in CPU RAM first: 27.6 GiB of
           "1024² image, + 6.7 GiB for a 1024² edit, + 1.4 GiB for an answer. With less VRAM ComfyUI loads what "
           "fits and streams the rest (slower); see the low-memory workflow.")
 EXPERT_SWITCH = ("**Few-step (Hyper-Bagel):** select the bypassed *Apply Distilled Expert* node and press Ctrl+B, then "
-                 "pick your expert file (`models/bagel/distilled/`, made with `python -m hyperbagel_core.distill.train`; "
+                 "pick your expert file (`models/bagel/distilled/`, made with this pack's trainer, `docs/distilled_expert.md`; "
                  "no official file was published). Schedule `auto` then runs the expert's own grid (e.g. 6 passes, no "
                  "CFG). Bypassed, `auto` runs 8 training-free UniPC steps on stock BAGEL.")
 
@@ -172,8 +172,8 @@ def speculative_vqa():
     g.add("MarkdownNote", (40, 800), note(
         "BAGEL image question answering", FILES + " Load your image in *Load Image*.",
         "**Speculative decoding:** `prompt_lookup` needs no extra file. For `draft_head`, un-bypass *Apply Draft "
-        "Head* (Ctrl+B) and pick a head from `models/bagel/draft_heads/` (made with `python -m "
-        "hyperbagel_core.speculative.train`). Greedy answers are identical with every drafter.", MEMORY),
+        "Head* (Ctrl+B) and pick a head from `models/bagel/draft_heads/` (made with this pack's trainer, "
+        "`docs/draft_head.md`). Greedy answers are identical with every drafter.", MEMORY),
         size=(340, 420))
     m = g.add("HyperBagelModelLoader", (40, 80), LOADER, size=(340, 160))
     h = g.add("HyperBagelApplyDraftHead", (40, 300), {"draft_head": NO_HEAD}, size=(340, 80), mode=BYPASSED)
