@@ -207,9 +207,9 @@ class BagelPipeline:
         ids = self.tokenizer.text_block(text)
         limit = self.config.llm.max_position_embeddings
         if ctx.rope + len(ids) > limit:
-            raise InputError(f"the text is {len(ids)} tokens ({len(text)} characters); after the {ctx.rope} "
-                             f"positions before it that exceeds the model's context of {limit} positions; "
-                             "shorten it")
+            before = f" after the {ctx.rope} positions before it" if ctx.rope else ""
+            raise InputError(f"the text is {len(ids)} tokens ({len(text)} characters){before}, more than the "
+                             f"model's context of {limit} positions; shorten it")
         self.model.prefill_text(ctx, torch.tensor(ids))
 
     def append_image(self, ctx: Context, img: Image.Image, *, vae: bool, vit: bool, vae_noise=None,

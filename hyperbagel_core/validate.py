@@ -94,8 +94,8 @@ def text(name: str, value, *, allow_empty: bool = False) -> str:
 def image(name: str, value) -> Image.Image:
     """A PIL image with at least one pixel. A path is refused, never read as text or opened silently."""
     if isinstance(value, (str, bytes, PurePath)):
-        raise InputError(f"{name} must be a PIL image, got the {type(value).__name__} {_show(value)}; open the file "
-                         "first (PIL.Image.open(path)); text belongs in the question/prompt argument")
+        raise InputError(f"{name} must be a PIL image, got {_show(str(value))} (a {type(value).__name__}); open the "
+                         "file first (PIL.Image.open(path)); text belongs in the question/prompt argument")
     if isinstance(value, torch.Tensor) or type(value).__name__ == "ndarray":
         raise InputError(f"{name} must be a PIL image, got a {type(value).__name__} of shape {tuple(value.shape)}; "
                          "convert it (PIL.Image.fromarray(uint8 [H, W, 3] array))")
@@ -205,13 +205,16 @@ def _callable(pipe, value, args):
 
 
 def _inputs(pipe, value, args):
+    example = "e.g. ['a red fox'] or [image, 'make it green']"
     if not isinstance(value, (list, tuple)) or not value:
-        raise _fail("inputs", "a non-empty list of str and PIL images", value)
+        raise _fail("inputs", "a non-empty list of str and PIL images", value, example)
     for i, item in enumerate(value):
         if isinstance(item, str):
             text(f"inputs[{i}]", item, allow_empty=True)
-        else:
+        elif isinstance(item, Image.Image):
             image(f"inputs[{i}]", item)
+        else:
+            raise _fail(f"inputs[{i}]", "a str or a PIL image", item, example)
 
 
 def _image_shapes(pipe, value, args):

@@ -279,7 +279,8 @@ def read_distilled_file(path: str | Path) -> tuple[DistillConfig, dict]:
 
     p = Path(path)
     if not p.is_file():
-        raise CheckpointError(f"{p}: distilled-expert file not found")
+        raise CheckpointError(f"{p}: distilled-expert file not found; check the path (the nodes list the "
+                              "files in models/bagel/distilled)")
     read_safetensors_header(p)  # framing + truncation, one clear message
     try:
         with safe_open(str(p), framework="pt", device="cpu") as f:
@@ -309,7 +310,7 @@ def _check_against(model: nn.Module, cfg: DistillConfig, tensors: dict, where: s
     fp = base_fingerprint(model)
     if cfg.base_fingerprint != fp:
         raise CheckpointError(
-            f"{where}: made for base checkpoint {cfg.base_name or '?'} with fingerprint {cfg.base_fingerprint}, "
+            f"{where}: made for base checkpoint {cfg.base_name or '(unnamed)'} with fingerprint {cfg.base_fingerprint}, "
             f"but the loaded model's fingerprint is {fp}; load the BAGEL weights this expert was distilled from")
     params = dict(model.named_parameters())
     gen = {k[len(GEN_PREFIX):] for k in tensors if k.startswith(GEN_PREFIX)}
