@@ -123,6 +123,10 @@ class ModelPatcher:
     def __init__(self, model, load_device, offload_device, size=0):
         self.model, self.load_device, self.offload_device = model, load_device, offload_device
 
+    def model_size(self):
+        """As ComfyUI's (``comfy.model_management.module_size``): the bytes of the module's state dict."""
+        return sum(t.nelement() * t.element_size() for t in self.model.state_dict().values())
+
 
 class disable_weight_init:
     Linear = torch.nn.Linear
