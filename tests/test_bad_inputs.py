@@ -7,9 +7,7 @@ The rows' outcomes fill the table of docs/RELIABILITY.md (``tests/reliability_ta
 """
 from __future__ import annotations
 
-import math
 import os
-import pickle
 import re
 import shutil
 from dataclasses import dataclass
