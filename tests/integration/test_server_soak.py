@@ -62,14 +62,16 @@ BAD = [
 
 
 def _plan(n: int, names: list[str], seed: int = 0) -> list[dict]:
-    """Round 1 runs every workflow once (warm-up); then random workflows, seeds, bad inputs, interrupts."""
+    """Round 1 runs every workflow once (warm-up); then one bad input and one interrupt for sure, then random
+    workflows, seeds, bad inputs (20 %) and interrupts (15 %)."""
     rng = random.Random(seed)
     out = [dict(name=name, kind="ok", seed=0) for name in names]
     while len(out) < n:
-        name = rng.choice(names)
-        u = rng.random()
-        kind = "bad" if u < 0.2 else "interrupt" if u < 0.35 else "ok"
-        out.append(dict(name=name, kind=kind, seed=rng.randrange(2 ** 31), bad=rng.randrange(len(BAD))))
+        kind = {len(names): "bad", len(names) + 1: "interrupt"}.get(len(out))
+        if kind is None:
+            u = rng.random()
+            kind = "bad" if u < 0.2 else "interrupt" if u < 0.35 else "ok"
+        out.append(dict(name=rng.choice(names), kind=kind, seed=rng.randrange(2 ** 31), bad=rng.randrange(len(BAD))))
     return out[:max(n, len(names))]
 
 
