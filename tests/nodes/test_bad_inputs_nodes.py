@@ -29,7 +29,7 @@ from tests import reliability_table  # noqa: E402
 
 NAN, INF = float("nan"), float("inf")
 RECORDED: dict = {}
-SMALL = dict(width=32, height=32, schedule="custom", custom_timesteps="1.0, 0.5", batch_size=1)
+SMALL = dict(width=16, height=16, schedule="custom", custom_timesteps="1.0, 0.5", batch_size=1)
 
 
 @dataclass
