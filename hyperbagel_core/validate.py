@@ -153,8 +153,7 @@ def _tokens(pipe, name, value) -> int:
 
 def _temperature(name):
     def rule(pipe, value, args):
-        sampling = args.get("do_sample") is True
-        if sampling:
+        if args.get("do_sample") == True:  # noqa: E712 - numpy bools too; a non-bool is refused by its own rule
             return number(name, value, 0, None, lo_open=True,
                           hint="e.g. 0.3, or do_sample=False for greedy decoding")
         return number(name, value, 0, None, hint="it is used only with do_sample=True")
