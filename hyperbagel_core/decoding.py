@@ -6,14 +6,16 @@ import time
 import torch
 
 from .context import Context
+from .errors import InputError
 
 
 def next_token(logits: torch.Tensor, do_sample: bool, temperature: float, generator=None) -> int:
     """Greedy argmax (ties -> lowest id) or one multinomial draw from softmax(logits / T) in fp32."""
     if not do_sample:
         return int(torch.argmax(logits))
-    if temperature <= 0:
-        raise ValueError("temperature must be > 0 when sampling; use do_sample=False for greedy decoding")
+    if not 0 < temperature < float("inf"):    # also refuses NaN, which multinomial would choke on
+        raise InputError(f"temperature must be a finite number > 0 when sampling, got {temperature!r}; use "
+                         "do_sample=False for greedy decoding")
     probs = torch.softmax(logits.float() / temperature, dim=-1)
     return int(torch.multinomial(probs, 1, generator=generator))
 

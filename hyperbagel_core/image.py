@@ -11,6 +11,8 @@ import numpy as np
 import torch
 from PIL import Image
 
+from .errors import InputError
+
 __all__ = [
     "VAE_RESIZE", "VIT_RESIZE", "MAX_PIXELS", "VIT_PATCH", "VIT_MAX_PER_SIDE", "LATENT_PATCH",
     "MAX_LATENT_SIZE", "pil_to_rgb", "resize_size", "resize_image", "vae_resize", "vit_resize",
@@ -28,14 +30,29 @@ LATENT_PATCH = 2
 MAX_LATENT_SIZE = 64
 
 
+ALPHA_MODES = ("RGBA", "LA", "PA", "RGBa")
+
+
 def pil_to_rgb(img: Image.Image) -> Image.Image:
-    """RGB copy of ``img``; transparent pixels go onto white (not black) as in the reference."""
-    if img.mode == "RGBA" or img.info.get("transparency") is not None:
+    """RGB copy of ``img``; transparent pixels go onto white (not black) as in the reference.
+
+    Beyond the reference (which handles RGBA and palette transparency only): every mode with an alpha band
+    goes onto white too, and 16-bit greyscale (``I;16*``, and ``I``, which Pillow uses for 16-bit PNG/TIFF
+    samples) is scaled to 8 bits (``round(v / 257)``) where PIL's own conversion would clip it to 255 (white).
+    """
+    if img.mode.startswith("I"):
+        wide = np.asarray(img).astype(np.float64)
+        img = Image.fromarray(np.rint(np.clip(wide, 0, 65535) / 257).astype(np.uint8), "L")
+    if img.mode in ALPHA_MODES or img.info.get("transparency") is not None:
         rgba = img.convert("RGBA")
         canvas = Image.new("RGB", rgba.size, (255, 255, 255))
         canvas.paste(rgba, mask=rgba.split()[3])
         return canvas
-    return img.convert("RGB")
+    try:
+        return img.convert("RGB")
+    except ValueError as e:  # a mode PIL cannot convert (e.g. premultiplied "La")
+        raise InputError(f"image mode {img.mode!r} cannot be converted to RGB ({e}); convert the image to RGB "
+                         "or RGBA first") from None
 
 
 def _apply_scale(width: int, height: int, scale: float, stride: int) -> tuple[int, int]:

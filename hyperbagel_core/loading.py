@@ -24,6 +24,9 @@ REQUIRED_FILES = ("llm_config.json", "vit_config.json", "ema.safetensors", "ae.s
 DTYPES = {"float32": torch.float32, "fp32": torch.float32, "bfloat16": torch.bfloat16, "bf16": torch.bfloat16,
           "float16": torch.float16, "fp16": torch.float16, "float64": torch.float64}
 _ST_DTYPES = {"F64", "F32", "F16", "BF16", "I64", "I32", "I16", "I8", "U8", "BOOL", "F8_E4M3", "F8_E5M2"}
+_FLOAT_DTYPES = {"F64", "F32", "F16", "BF16"}
+PICKLE_SUFFIXES = (".bin", ".pt", ".pth", ".ckpt", ".pkl")
+_PICKLE_MAGIC = (b"PK\x03\x04", b"\x80\x02", b"\x80\x03", b"\x80\x04", b"\x80\x05")  # torch.save zip / pickle
 
 
 ALIGNMENT = 64  # bytes; what PyTorch's CPU allocator gives every fresh tensor
@@ -59,6 +62,10 @@ def read_safetensors_header(path: str | Path) -> dict[str, tuple[tuple[int, ...]
     what = f"{path}: not a valid safetensors file"
     with open(path, "rb") as f:
         head = f.read(8)
+        if head.startswith(_PICKLE_MAGIC):
+            raise CheckpointError(f"{what}: it is a PyTorch pickle (torch.save / .bin / .pt); "
+                                  "hyperbagel never unpickles (loading a pickle can run code): use the "
+                                  ".safetensors file of the release, or convert it with safetensors.torch.save_file")
         if len(head) < 8:
             raise CheckpointError(f"{what} (only {size} bytes); re-download it")
         (n,) = struct.unpack("<Q", head)
@@ -107,12 +114,26 @@ def check_against(path: Path, header: dict, expected: dict[str, tuple[int, ...]]
                           ". The folder mixes files of different models or a file is corrupt; re-download it.")
 
 
+def check_dtypes(path: Path, header: dict) -> None:
+    """Every BAGEL / VAE tensor is floating point; an integer tensor would load and then fail at first use."""
+    bad = [f"{k}: {dt}" for k, (_, dt) in sorted(header.items()) if dt not in _FLOAT_DTYPES]
+    if bad:
+        raise CheckpointError(f"{path}: {len(bad)} tensors are not floating point ({'; '.join(bad[:4])}"
+                              f"{' ...' if len(bad) > 4 else ''}); this is not a BAGEL bf16/fp32 checkpoint file: "
+                              "re-download it")
+
+
 def check_folder(folder: str | Path) -> Path:
     folder = Path(folder)
     if not folder.is_dir():
         raise CheckpointError(f"{folder}: not a folder; point to the BAGEL-7B-MoT checkpoint folder "
                               "(with llm_config.json, vit_config.json, ema.safetensors, ae.safetensors)")
     missing = [f for f in REQUIRED_FILES if not (folder / f).exists()]
+    pickles = sorted(p.name for p in folder.iterdir() if p.suffix in PICKLE_SUFFIXES)
+    if missing and pickles:
+        raise CheckpointError(f"{folder}: missing {', '.join(missing)}; found {', '.join(pickles)}, PyTorch pickle "
+                              "files that hyperbagel never loads (unpickling can run code): download the "
+                              "release's .safetensors files")
     if missing:
         raise CheckpointError(f"{folder}: missing {', '.join(missing)}; an official BAGEL folder has "
                               + ", ".join(REQUIRED_FILES) + " and the tokenizer files")
@@ -153,6 +174,7 @@ def load_bagel_model(folder: Path, config: BagelConfig, *, device, dtype, ops=No
         model = BagelModel(config, ops=ops)
     expected = {k: tuple(v.shape) for k, v in model.state_dict().items()}
     check_against(path, header, expected)
+    check_dtypes(path, header)
     sd = _load_tensors(path, expected, device, dtype)
     model.load_state_dict(sd, strict=True, assign=True)
     return model.requires_grad_(False).eval()
@@ -162,6 +184,7 @@ def load_vae(folder: Path, config: BagelConfig, *, device, dtype, ops=None):
     from .model.vae import FluxVAE
     path = folder / "ae.safetensors"
     header = read_safetensors_header(path)
+    check_dtypes(path, header)
     with torch.device("meta"):
         vae = FluxVAE.from_config(config.vae, ops=ops)
     converted = FluxVAE.convert_official_state_dict({k: torch.empty(s, device="meta") for k, (s, _) in

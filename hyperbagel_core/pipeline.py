@@ -16,6 +16,7 @@ from PIL import Image
 from torch import nn
 
 from . import image as im
+from . import validate
 from .config import BagelConfig
 from .context import Context
 from .decoding import generate_text
@@ -39,7 +40,6 @@ GEN_THINK_SYSTEM_PROMPT = (
     "You should first think about the planning process in the mind and then generate the image. \n"
     "The planning process is enclosed within <think> </think> tags, i.e. <think> planning process here </think> "
     "image here")
-DRAFTERS = ("none", "prompt_lookup", "draft_head")
 
 
 class BagelModules(nn.Module):
@@ -95,12 +95,17 @@ class BagelPipeline:
 
     # -- distilled generation expert (Hyper-Bagel) -------------------------------------------------------------
     def load_distilled_expert(self, path) -> None:
-        """Attach a distilled-expert file (docs/distilled_expert.md); generate/edit then use it by default."""
+        """Attach a distilled-expert file (docs/distilled_expert.md); generate/edit then use it by default.
+
+        All or nothing: a file that fails to load leaves the expert loaded before (if any) in place. The new
+        one is read before the old one is dropped; call ``unload_distilled_expert()`` first to avoid holding
+        both for that moment."""
         from .distill import load_distilled_expert
+        expert = load_distilled_expert(path, self.model)
+        # moved, counted and streamed with the weights (ComfyUI's ModelPatcher): see DistilledExpert.as_module
+        module = adopt_ops(expert.as_module(self.model), self.ops)
         self.unload_distilled_expert()
-        self.distilled_expert = load_distilled_expert(path, self.model)
-        # moved/counted with the weights; its embedders stream like the model's layers
-        self.modules.distilled_expert = adopt_ops(self.distilled_expert.as_module(), self.ops)
+        self.distilled_expert, self.modules.distilled_expert = expert, module
 
     def unload_distilled_expert(self) -> None:
         self.modules._modules.pop("distilled_expert", None)
@@ -199,7 +204,13 @@ class BagelPipeline:
 
     # -- context building --------------------------------------------------------------------------------------
     def append_text(self, ctx: Context, text: str) -> None:
-        self.model.prefill_text(ctx, torch.tensor(self.tokenizer.text_block(text)))
+        ids = self.tokenizer.text_block(text)
+        limit = self.config.llm.max_position_embeddings
+        if ctx.rope + len(ids) > limit:
+            before = f" after the {ctx.rope} positions before it" if ctx.rope else ""
+            raise InputError(f"the text is {len(ids)} tokens ({len(text)} characters){before}, more than the "
+                             f"model's context of {limit} positions; shorten it")
+        self.model.prefill_text(ctx, torch.tensor(ids))
 
     def append_image(self, ctx: Context, img: Image.Image, *, vae: bool, vit: bool, vae_noise=None,
                      generator=None, record: dict | None = None) -> tuple[int, int]:
@@ -262,10 +273,6 @@ class BagelPipeline:
 
     def _decode(self, ctx: Context, max_new_tokens: int, do_sample: bool, temperature: float, seed,
                 callback, drafter: str = "none", num_draft_tokens=None) -> tuple[list[int], dict]:
-        if drafter not in DRAFTERS:
-            raise InputError(f"unknown drafter {drafter!r}; choose one of {DRAFTERS}")
-        if max_new_tokens < 1:
-            raise InputError(f"max_new_tokens must be >= 1, got {max_new_tokens}")
         gen = None
         if do_sample:
             gen = torch.Generator(self.device).manual_seed(int(seed if seed is not None else 0))
@@ -291,9 +298,8 @@ class BagelPipeline:
                temperature: float = 0.3, seed=None, think: bool = False, drafter: str = "none",
                num_draft_tokens=None, callback=None) -> AnswerResult:
         """VQA / chat: images (ViT blocks) then the question, then decode (spec 11c)."""
+        validate.check(self, "answer", locals())
         images = [] if image is None else (list(image) if isinstance(image, (list, tuple)) else [image])
-        if not question.strip() and not images:
-            raise InputError("answer() needs a question or an image")
         ctxs = self.build_contexts(images + ([question] if question else []), understanding_output=True,
                                    think=think)
         ids, stats = self._decode(ctxs.gen, max_new_tokens, do_sample, temperature, seed, callback,
@@ -387,9 +393,7 @@ class BagelPipeline:
         step is one pass with the scales as inputs and no CFG contexts are built; otherwise the teacher's CFG.
         """
         t0 = time.perf_counter()
-        if not isinstance(prompt, str) or not prompt.strip():
-            raise InputError("generate() needs a non-empty prompt")
-        self._check_size(height, width)
+        validate.check(self, "generate", locals())
         use_distilled = self._use_distilled(distilled)
         ctxs = self.build_contexts([prompt], think=think, cfg_branches=not use_distilled)
         thinking = (self._think(ctxs, max_think_tokens, do_sample, text_temperature, seed, callback)
@@ -414,8 +418,7 @@ class BagelPipeline:
         inputs (clamped to the trained ranges); the source image is prefilled with the ORIGINAL weights.
         """
         t0 = time.perf_counter()
-        if not isinstance(image, Image.Image):
-            raise InputError("edit() needs a PIL image")
+        validate.check(self, "edit", locals())
         use_distilled = self._use_distilled(distilled)
         gen = torch.Generator("cpu").manual_seed(int(seed))
         ctxs = self.build_contexts([image, prompt], think=think, vae_noise=vae_noise, generator=gen,
@@ -441,6 +444,7 @@ class BagelPipeline:
         ``max_think_token_n`` keeps the official meaning (it counts the start token). Defaults are
         ``InterleaveInferencer.interleave_inference``'s.
         """
+        validate.check(self, "interleave", locals())
         gen = torch.Generator("cpu").manual_seed(int(seed))
         ctxs = self.build_contexts(list(inputs), understanding_output=understanding_output, think=think,
                                    vae_noise=vae_noise, generator=gen, record=trace)

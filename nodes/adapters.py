@@ -43,7 +43,13 @@ def check_image_batch(image: Any, name: str = "image") -> torch.Tensor:
                              f"got {tuple(image.shape)}. Is a MASK or LATENT connected by mistake?")
     if image.shape[0] == 0 or image.shape[1] < 1 or image.shape[2] < 1:
         raise NodeInputError(f"{name}: the image batch is empty ({tuple(image.shape)}).")
+    if not image.is_floating_point():
+        raise NodeInputError(f"{name}: expected IMAGE values as floats in 0..1, got {image.dtype}; the node "
+                             "feeding it is not producing a ComfyUI IMAGE (convert with image.float() / 255).")
     image = image.detach().to(device="cpu", dtype=torch.float32)
+    if not torch.isfinite(image).all():
+        raise NodeInputError(f"{name}: the image contains NaN or inf values; check the node that produced it "
+                             "(e.g. a VAE decode in fp16 that overflowed) and feed a finite image.")
     if image.shape[-1] == 1:
         image = image.expand(-1, -1, -1, 3)
     elif image.shape[-1] == 4:
@@ -120,7 +126,9 @@ def concat_latents(latents: Sequence[dict]) -> dict:
 def batch_seeds(seed: int, count: int) -> list[int]:
     """Seeds for a batch: ``seed, seed + 1, ...`` wrapped to unsigned 64 bits."""
     seed = check_seed(seed)
-    return [(seed + i) & MAX_SEED for i in range(count)]
+    if isinstance(count, bool) or not isinstance(count, (int, np.integer)) or count < 1:
+        raise NodeInputError(f"batch size must be a whole number >= 1, got {count!r}.")
+    return [(seed + i) & MAX_SEED for i in range(int(count))]
 
 
 def check_seed(seed: Any) -> int:
@@ -136,9 +144,15 @@ def check_seed(seed: Any) -> int:
 
 def check_text(text: Any, name: str) -> str:
     if not isinstance(text, str):
-        raise NodeInputError(f"{name} must be text, got {type(text).__name__}")
+        raise NodeInputError(f"{name} must be text, got {type(text).__name__}; connect a STRING to it.")
     if not text.strip():
-        raise NodeInputError(f"{name} is empty: type a {name} or connect a STRING to it.")
+        raise NodeInputError(f"{name} is empty: type {'an' if name[0] in 'aeiou' else 'a'} {name} or connect a "
+                             "STRING to it.")
+    try:
+        text.encode("utf-8")
+    except UnicodeEncodeError as e:
+        raise NodeInputError(f"{name} contains {text[e.start]!r} at character {e.start}, an unpaired surrogate that "
+                             "is not valid Unicode text; delete that character.") from None
     return text
 
 

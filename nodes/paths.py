@@ -14,7 +14,7 @@ from __future__ import annotations
 import os
 from typing import MutableMapping
 
-from .adapters import NONE_CHOICE, checkpoint_dirs, files_with_ext
+from .adapters import NONE_CHOICE, NodeInputError, checkpoint_dirs, files_with_ext
 
 SUBFOLDERS = {  # key -> (sub-folder of each bagel folder, extensions)
     "bagel_draft_heads": ("draft_heads", {".safetensors"}),
@@ -72,13 +72,24 @@ def distilled_choices() -> list[str]:
     return files_with_ext(_listing("bagel_distilled")) or [NO_DISTILLED]
 
 
+def relative_name(name, what: str) -> str:
+    """``name`` as a relative path that stays inside the folder it is looked up in (no ``..``, no absolute path,
+    no drive, no NUL); the model names come from the UI but a queued prompt can hold any string."""
+    if not isinstance(name, str) or not name.strip() or "\x00" in name:
+        raise NodeInputError(f"{what} {name!r} is not a model name; pick one from the list.")
+    rel = os.path.normpath(name.replace("\\", "/").replace("/", os.sep))
+    if os.path.isabs(rel) or os.path.splitdrive(rel)[0] or rel == os.pardir or rel.startswith(os.pardir + os.sep) \
+            or name.replace("\\", "/").startswith("/"):
+        raise NodeInputError(f"{what} {name!r} points outside the model folders; pick a name from the list "
+                             "(a path relative to models/bagel).")
+    return rel
+
+
 def resolve_checkpoint(name: str) -> str:
     """Absolute folder of a checkpoint listed by ``checkpoint_choices``; a clear error otherwise."""
     import folder_paths
 
-    rel = os.path.normpath(name.replace("/", os.sep))
-    if rel.startswith("..") or os.path.isabs(rel):
-        raise ValueError(f"checkpoint {name!r} must be a folder inside models/bagel.")
+    rel = relative_name(name, "checkpoint")
     for root in folder_paths.get_folder_paths("bagel"):
         cand = os.path.join(root, rel)
         if os.path.isfile(os.path.join(cand, "llm_config.json")):
@@ -96,8 +107,8 @@ def resolve_file(key: str, name: str) -> str:
         raise FileNotFoundError(f"no file chosen: put a .safetensors file in one of the {key} folders "
                                 f"({', '.join(folder_paths.get_folder_paths(key))}), press 'Refresh' and pick it, "
                                 "or bypass this node (Ctrl+B) to run without it.")
-
-    path = folder_paths.get_full_path(key, name)
+    what = {"bagel_draft_heads": "draft_head", "bagel_distilled": "distilled_expert"}.get(key, key)
+    path = folder_paths.get_full_path(key, relative_name(name, what).replace(os.sep, "/"))
     if path is None:
         raise FileNotFoundError(f"{name!r} not found in the {key} folders ({', '.join(folder_paths.get_folder_paths(key))}); "
                                 "put it there and press 'Refresh', pick another file, or bypass this node.")

@@ -244,7 +244,7 @@ def apply_distilled_expert(model: BagelModel, path: str) -> BagelModel:
     model = check_model(model)
     pipe = model.pipe
     expert = core_module("distill").load_distilled_expert(path, pipe.model)
-    holder = core_module("ops").adopt_ops(expert.as_module(), getattr(pipe, "ops", None))
+    holder = core_module("ops").adopt_ops(expert.as_module(pipe.model), getattr(pipe, "ops", None))
     patcher = comfy.model_patcher.ModelPatcher(holder, load_device=model.patcher.load_device,
                                                offload_device=model.patcher.offload_device)
     log.info("hyperbagel: distilled expert %s applied to %s", os.path.basename(path), model.describe())

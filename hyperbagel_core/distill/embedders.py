@@ -11,11 +11,13 @@ Text-to-image uses image scale 1.0. Scales outside the trained ranges are clampe
 from __future__ import annotations
 
 import logging
+import math
 import warnings
 
 import torch
 from torch import nn
 
+from ..errors import InputError
 from ..model.embeddings import TimestepEmbedder
 
 logger = logging.getLogger(__name__)
@@ -32,8 +34,9 @@ class ScaleOutOfRangeWarning(UserWarning):
 def clamp_scale(value: float, lo: float, hi: float, what: str) -> float:
     """Clamp ``value`` into [lo, hi]; warn (``ScaleOutOfRangeWarning``) when it had to move."""
     v = float(value)
-    if v != v:
-        raise ValueError(f"{what} is NaN")
+    if not math.isfinite(v):
+        raise InputError(f"{what} must be a finite number, got {v}; the distilled expert was trained on "
+                         f"[{lo:g}, {hi:g}]")
     c = min(max(v, lo), hi)
     if c != v:
         warnings.warn(f"{what} {v:g} is outside the distilled expert's trained range [{lo:g}, {hi:g}]; "

@@ -112,15 +112,25 @@ class DistilledExpert:
     tensors: dict = field(default_factory=dict)     # official key -> replacement tensor (or nn.Parameter)
     _module: nn.Module | None = field(default=None, repr=False)
 
-    def as_module(self) -> nn.Module:
-        """An nn.Module owning the replacement tensors (buffers) and the embedders, to attach beside the model
-        so that a model manager which moves and counts ``pipe.modules`` (ComfyUI) moves and counts them too."""
+    def as_module(self, model: nn.Module) -> nn.Module:
+        """An nn.Module owning the embedders and the replacement weights, to attach beside ``model`` so that a
+        model manager which moves, counts and streams ``pipe.modules`` (ComfyUI's ModelPatcher: ``model_size``
+        sums the state dict, partial loading walks the modules holding parameters) does so with them too.
+
+        The replacements become parameters (requires_grad False, sharing the loaded tensors) of stand-ins at
+        the model's module paths under ``weights``: each stand-in is an empty module of the class of the layer
+        whose parameter it replaces, so a model manager sizes, loads or streams it like that layer.
+        """
         if self._module is None:
             m = nn.Module()
             m.guidance = self.guidance
-            for k, v in self.tensors.items():
-                m.register_buffer(k.replace(".", "__"), v.detach(), persistent=False)
+            m.weights = nn.Module()
+            for key, t in self.tensors.items():
+                path, _, name = key.rpartition(".")
+                _stand_in_at(m.weights, model, path).register_parameter(
+                    name, nn.Parameter(t.detach(), requires_grad=False))
             self._module = m
+            self.tensors = {k: m.weights.get_parameter(k) for k in self.tensors}
         return self._module
 
     # -- construction ---------------------------------------------------------------------------------------
@@ -158,16 +168,16 @@ class DistilledExpert:
         """
         params = dict(model.named_parameters())
         if self._module is not None:
-            reps = {k: getattr(self._module, k.replace(".", "__")) for k in self.tensors}
+            reps = {k: self._module.weights.get_parameter(k) for k in self.tensors}
         else:
-            reps = self.tensors
+            reps = dict(self.tensors)
             ref = params.get("vae2llm.weight")
             if ref is not None and next(self.guidance.parameters()).device != ref.device:
                 self.guidance.to(ref.device)
         for k, v in list(reps.items()):
             p = params.get(k)
-            if p is not None and v.device != p.device and not isinstance(v, nn.Parameter):
-                reps[k] = v.to(p.device)
+            if p is not None and v.device != p.device and not v.requires_grad:  # trained ones stay put
+                reps[k] = v.detach().to(p.device)
         with swap_parameters(model, reps):
             yield model
 
@@ -175,14 +185,15 @@ class DistilledExpert:
         self.guidance.to(device=device, dtype=dtype)
         if self._module is not None:
             self._module.to(device=device, dtype=dtype)
-            self.tensors = {k: getattr(self._module, k.replace(".", "__")) for k in self.tensors}
+            self.tensors = {k: self._module.weights.get_parameter(k) for k in self.tensors}
         else:
             self.tensors = {k: v.to(device=device, dtype=dtype) for k, v in self.tensors.items()}
         return self
 
     def parameters(self):
-        """Trainable tensors: replacements that are Parameters, plus the embedders."""
-        return [t for t in self.tensors.values() if isinstance(t, nn.Parameter)] + list(self.guidance.parameters())
+        """Trainable tensors: replacements that are Parameters requiring grad, plus the embedders."""
+        return [t for t in self.tensors.values() if isinstance(t, nn.Parameter) and t.requires_grad] + \
+            list(self.guidance.parameters())
 
     def nbytes(self) -> int:
         """Extra memory this expert holds on top of the base model."""
@@ -202,6 +213,28 @@ class DistilledExpert:
         meta = {"format": FORMAT, "format_version": FORMAT_VERSION, "config": cfg.to_json()}
         Path(path).parent.mkdir(parents=True, exist_ok=True)
         save_file(out, str(path), metadata=meta)
+
+
+def _stand_in_at(root: nn.Module, model: nn.Module, path: str) -> nn.Module:
+    """The module at ``path`` under ``root``, created on the way: plain containers, and at the end a stand-in
+    for ``model``'s module there (its class and plain settings such as sizes, no tensors; never called)."""
+    mod = root
+    parts = path.split(".")
+    for i, part in enumerate(parts):
+        if part not in mod._modules:
+            if i < len(parts) - 1:
+                child = nn.Module()
+            else:
+                owner = model.get_submodule(path)
+                child = type(owner).__new__(type(owner))
+                nn.Module.__init__(child)
+                child.__dict__.update({k: v for k, v in vars(owner).items() if k != "training" and
+                                       not k.startswith("_") and isinstance(v, (bool, int, float, str, tuple))})
+                for name in owner._parameters:
+                    child.register_parameter(name, None)   # filled by the caller or left empty
+            mod.add_module(part, child)
+        mod = mod._modules[part]
+    return mod
 
 
 def _num_layers(model: nn.Module) -> int:
@@ -246,7 +279,8 @@ def read_distilled_file(path: str | Path) -> tuple[DistillConfig, dict]:
 
     p = Path(path)
     if not p.is_file():
-        raise CheckpointError(f"{p}: distilled-expert file not found")
+        raise CheckpointError(f"{p}: distilled-expert file not found; check the path (the nodes list the "
+                              "files in models/bagel/distilled)")
     read_safetensors_header(p)  # framing + truncation, one clear message
     try:
         with safe_open(str(p), framework="pt", device="cpu") as f:
@@ -276,7 +310,7 @@ def _check_against(model: nn.Module, cfg: DistillConfig, tensors: dict, where: s
     fp = base_fingerprint(model)
     if cfg.base_fingerprint != fp:
         raise CheckpointError(
-            f"{where}: made for base checkpoint {cfg.base_name or '?'} with fingerprint {cfg.base_fingerprint}, "
+            f"{where}: made for base checkpoint {cfg.base_name or '(unnamed)'} with fingerprint {cfg.base_fingerprint}, "
             f"but the loaded model's fingerprint is {fp}; load the BAGEL weights this expert was distilled from")
     params = dict(model.named_parameters())
     gen = {k[len(GEN_PREFIX):] for k in tensors if k.startswith(GEN_PREFIX)}

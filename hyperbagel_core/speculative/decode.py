@@ -12,6 +12,7 @@ from dataclasses import dataclass, field
 
 import torch
 
+from ..errors import InputError
 from .accept import greedy_accept, greedy_pick, probs, speculative_accept
 
 DEFAULT_DRAFT_TOKENS = 10     # the paper's chain length (Table 1: 10 draft steps)
@@ -167,8 +168,9 @@ def speculative_generate(model, ctx, drafter, *, bos_id: int, eos_id: int, max_n
     k_max = 0 if drafter is None else (DEFAULT_DRAFT_TOKENS if num_draft_tokens is None else int(num_draft_tokens))
     if k_max < 0:
         raise ValueError(f"num_draft_tokens must be >= 0, got {num_draft_tokens}")
-    if do_sample and temperature <= 0:
-        raise ValueError("temperature must be > 0 when sampling; use do_sample=False for greedy decoding")
+    if do_sample and not 0 < temperature < float("inf"):   # also refuses NaN
+        raise InputError(f"temperature must be a finite number > 0 when sampling, got {temperature!r}; use "
+                         "do_sample=False for greedy decoding")
     ctrl = AdaptiveDraftLength(k_max, enabled=adaptive, step_cost=getattr(drafter, "step_cost", 0.15),
                                round_cost=getattr(drafter, "round_cost", 0.05),
                                verify_cost=0.02 if dev.type == "cuda" else 0.1)

@@ -126,6 +126,10 @@ class ModelPatcher:
         self.model, self.load_device, self.offload_device = model, load_device, offload_device
         STATE.patchers.append(self)
 
+    def model_size(self):
+        """As ComfyUI's (``comfy.model_management.module_size``): the bytes of the module's state dict."""
+        return sum(t.nelement() * t.element_size() for t in self.model.state_dict().values())
+
 
 class disable_weight_init:
     Linear = torch.nn.Linear

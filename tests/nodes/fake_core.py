@@ -77,7 +77,7 @@ class FakeExpert:
         self.config = types.SimpleNamespace(schedule=schedule, timesteps=tuple(timesteps))
         self.module = torch.nn.Linear(2, 2)
 
-    def as_module(self):
+    def as_module(self, model=None):
         return self.module
 
 
