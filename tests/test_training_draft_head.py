@@ -6,7 +6,7 @@ import pytest
 import torch
 
 from hyperbagel_core.speculative import DraftHead, DraftHeadDrafter
-from hyperbagel_core.speculative.train import TrainConfig, main, regenerate, train_draft_head, unrolled_logits
+from hyperbagel_core.training.draft_head import TrainConfig, main, regenerate, train_draft_head, unrolled_logits
 from hyperbagel_core.speculative import speculative_generate
 from tests.speculative_helpers import BOS, one_thread, tiny_target
 

@@ -9,8 +9,8 @@ the root, then the chain's own entries). Only the head's own weights train; the 
 embedding / LM head) stays frozen.
 
 CLI:
-    python -m hyperbagel_core.speculative.train --model DIR --data prompts.jsonl --out head.safetensors
-    python -m hyperbagel_core.speculative.train --tiny --out /tmp/head.safetensors      # CPU smoke run
+    python -m hyperbagel_core.training.draft_head --model DIR --data prompts.jsonl --out head.safetensors
+    python -m hyperbagel_core.training.draft_head --tiny --out /tmp/head.safetensors      # CPU smoke run
 """
 from __future__ import annotations
 
@@ -23,9 +23,9 @@ from dataclasses import dataclass
 import torch
 import torch.nn.functional as F
 
-from .decode import speculative_generate
-from .draft_head import DraftHead
-from .layers import attend, rope_cos_sin
+from ..speculative.decode import speculative_generate
+from ..speculative.draft_head import DraftHead
+from ..speculative.layers import attend, rope_cos_sin
 
 log = logging.getLogger(__name__)
 
@@ -174,7 +174,7 @@ def _pipeline_setup(args):
 
 
 def main(argv=None) -> int:
-    ap = argparse.ArgumentParser(prog="python -m hyperbagel_core.speculative.train", description=__doc__,
+    ap = argparse.ArgumentParser(prog="python -m hyperbagel_core.training.draft_head", description=__doc__,
                                  formatter_class=argparse.RawDescriptionHelpFormatter)
     src = ap.add_mutually_exclusive_group(required=True)
     src.add_argument("--model", help="official BAGEL checkpoint folder")
@@ -203,7 +203,7 @@ def main(argv=None) -> int:
         raise SystemExit("no usable training samples (every regenerated answer was empty)")
     head = DraftHead.from_target(model, args.kind, seed=args.seed).float()
     hist = train_draft_head(head, samples, cfg, log_every=max(1, cfg.steps // 10))
-    from .draft_io import save_draft_head
+    from ..speculative.draft_io import save_draft_head
     ref = model.language_model.lm_head.weight
     path = save_draft_head(head.to(ref.dtype), args.out, model)
     k = max(1, len(hist) // 10)
