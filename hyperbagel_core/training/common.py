@@ -81,6 +81,16 @@ class Dist:
         dist.all_reduce(t)
         return float(t) / self.world
 
+    def average_grads(self, params) -> None:
+        """All-reduce-mean of gradients (a module trained outside DDP's forward, e.g. discriminators)."""
+        if not self.enabled:
+            return
+        import torch.distributed as dist
+        for p in params:
+            if p.grad is not None:
+                dist.all_reduce(p.grad)
+                p.grad /= self.world
+
     def barrier(self) -> None:
         if self.enabled:
             import torch.distributed as dist
@@ -142,6 +152,20 @@ def installed(model: nn.Module, tensors: dict):
                 mod.__dict__[name] = prev
 
 
+@contextlib.contextmanager
+def teacher_block(model: nn.Module, base: dict):
+    """The original weights (``base_tensors``) for a pass inside a student block, not checkpointed: its
+    backward (if any) must not recompute under the student's weights."""
+    layers = list(model.language_model.model.layers)
+    patched = [(layer, layer.__dict__.pop("forward")) for layer in layers if "forward" in layer.__dict__]
+    try:
+        with installed(model, base):
+            yield model
+    finally:
+        for layer, fwd in patched:
+            layer.forward = fwd
+
+
 def base_tensors(model: nn.Module, keys) -> dict:
     """The model's own (original) parameters for ``keys``: install them to run the teacher inside a student block."""
     params = dict(model.named_parameters())
@@ -156,14 +180,25 @@ def activation_checkpointing(model: nn.Module, enabled: bool = True):
     ``installed`` block as the forward (every trainer here does).
     """
     layers = list(model.language_model.model.layers) if enabled else []
-    from torch.utils.checkpoint import checkpoint
     try:
         for layer in layers:
-            layer.forward = partial(checkpoint, type(layer).forward.__get__(layer), use_reentrant=False)
+            layer.forward = partial(_checkpointed_layer, type(layer).forward.__get__(layer))
         yield model
     finally:
         for layer in layers:
             layer.__dict__.pop("forward", None)
+
+
+def _checkpointed_layer(forward, x, cos, sin, kv, gen):
+    """One decoder layer under torch.utils.checkpoint. The KV access counts layers as they attend, so the
+    recomputation rewinds its counter to this layer (under autograd it reads the caches and writes nothing)."""
+    from torch.utils.checkpoint import checkpoint
+    index = kv.layer
+
+    def run(x, cos, sin):
+        kv.layer = index
+        return forward(x, cos, sin, kv, gen)
+    return checkpoint(run, x, cos, sin, use_reentrant=False)
 
 
 def velocity_with_grad(model, ctx, x, t, h: int, w: int, extra=None) -> torch.Tensor:
@@ -197,8 +232,11 @@ class Student(nn.Module):
         self.compute_dtype = model.dtype
 
     @classmethod
-    def fresh(cls, model: nn.Module, keys=None, **config) -> "Student":
-        return cls(model, DistilledExpert.from_model(model, keys, **config))
+    def fresh(cls, model: nn.Module, keys=None, seed: int = 0, **config) -> "Student":
+        """From the base weights; the embedders' random first layers depend on ``seed`` only."""
+        with torch.random.fork_rng(devices=[]):
+            torch.manual_seed(seed)
+            return cls(model, DistilledExpert.from_model(model, keys, **config))
 
     def forward(self, s_txt, s_img):
         reps = {k: self.master[k.replace(".", "__")].to(self.dtypes[k]) for k in self.keys}
@@ -343,14 +381,29 @@ def index_of(grid: torch.Tensor, t: float) -> int:
 
 
 @torch.no_grad()
-def student_sample(student: Student, model, it: Item, grid: torch.Tensor, x=None, start: int = 0) -> torch.Tensor:
-    """Euler with the student over ``grid[start:]`` (one pass per step, no CFG): final latent fp32."""
+def student_trajectory(student: Student, model, it: Item, grid: torch.Tensor, x=None) -> torch.Tensor:
+    """Euler with the student over ``grid`` (one pass per step, no CFG): [len(grid), h*w, 64] fp32."""
     x = (it.noise if x is None else x).float()
+    out = [x]
     with student_pass(student, model, it.s_txt) as extra:
-        for k in range(start, grid.numel() - 1):
+        for k in range(grid.numel() - 1):
             v = velocity_with_grad(model, it.ctxs.gen, x, float(grid[k]), it.h, it.w, extra)
             x = x - v * float(grid[k] - grid[k + 1])
-    return x
+            out.append(x)
+    return torch.stack(out)
+
+
+def student_sample(student: Student, model, it: Item, grid: torch.Tensor) -> torch.Tensor:
+    return student_trajectory(student, model, it, grid)[-1]
+
+
+def frechet_distance(a: torch.Tensor, b: torch.Tensor) -> float:
+    """Fréchet distance between two sets of vectors [N, d] (Gaussian fits; the FID formula, float64)."""
+    a, b = a.double(), b.double()
+    mu1, mu2 = a.mean(0), b.mean(0)
+    s1, s2 = torch.cov(a.T), torch.cov(b.T)
+    tr_sqrt = torch.linalg.eigvals(s1 @ s2).real.clamp_min(0).sqrt().sum()
+    return float((mu1 - mu2).pow(2).sum() + torch.trace(s1) + torch.trace(s2) - 2 * tr_sqrt)
 
 
 def latent_mse(a: torch.Tensor, b: torch.Tensor) -> float:
@@ -365,7 +418,7 @@ def training_free_errors(teacher: Teacher, items: list[Item], refs: list[torch.T
         if m == "heun" and budget < 2:
             continue
         for s in shifts:
-            out[f"{m}@shift{s:g}"] = sum(latent_mse(teacher.solver(it, m, budget, s), r)
+            out[f"{m}-{budget}pass@shift{s:g}"] = sum(latent_mse(teacher.solver(it, m, budget, s), r)
                                          for it, r in zip(items, refs)) / len(items)
     return out
 
