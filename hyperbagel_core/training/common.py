@@ -376,6 +376,17 @@ def merged_grid(*grids) -> torch.Tensor:
     return torch.tensor(ts, dtype=torch.float32)
 
 
+def path_at(traj: torch.Tensor, grid: torch.Tensor, times: torch.Tensor) -> torch.Tensor:
+    """An Euler trajectory over ``grid`` read at ``times``: within a step Euler moves on a straight line, so
+    linear interpolation between the two grid points is exactly the path the teacher took."""
+    out = []
+    for tau in torch.as_tensor(times).tolist():
+        i = int(min(max((grid >= tau).sum().item() - 1, 0), grid.numel() - 2))
+        w = float((grid[i] - tau) / (grid[i] - grid[i + 1]))
+        out.append((1 - w) * traj[i] + w * traj[i + 1])
+    return torch.stack(out)
+
+
 def index_of(grid: torch.Tensor, t: float) -> int:
     return int((grid - float(t)).abs().argmin())
 

@@ -11,8 +11,9 @@ the stage-1 embedders). The segment count falls stage by stage (``--segments 12,
 segments, then 6 = the 6-NFE grid), Hyper-SD's progressive schedule, ending on the inference grid: each of
 the 6 inference steps then starts at a segment start and ends at its end.
 
-Targets: the teacher's Euler trajectory over the union of its 50-step grid and every segment boundary,
-computed once for a pool of (prompt, noise, text scale) items (``--pool``). The consistency target with the
+Targets: the 50-step teacher's own Euler path (the evaluation reference), read at the segment boundaries
+by linear interpolation (exact: Euler moves on straight lines within a step), computed once for a pool of
+(prompt, noise, text scale) items (``--pool``); training points are that path's grid points and boundaries. The consistency target with the
 skip equal to the rest of the segment is the teacher's own segment end, so no target network is needed.
 Where the paper is silent or differs, see docs/TRAINING.md (loss: MSE on the segment end, the paper used a
 pure adversarial loss; the adversarial objective lives in stage 4 here).
@@ -55,7 +56,8 @@ class TSCD:
         gen = torch.Generator().manual_seed(int(seed))
         rng = C.step_rng(seed, -1)[0]
         self.items = [teacher.item(rng.choice(prompts), gen, rng.uniform(*scale_range)) for _ in range(pool)]
-        self.trajs = [teacher.trajectory(it, self.fine) for it in self.items]
+        ref = teacher.reference_grid()
+        self.trajs = [C.path_at(teacher.trajectory(it, ref), ref, self.fine) for it in self.items]
 
     def stage_of(self, step: int, total: int) -> int:
         return min(len(self.segments) - 1, step * len(self.segments) // max(1, total))
