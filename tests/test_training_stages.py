@@ -98,7 +98,6 @@ def test_dmdo_on_top_of_tscd(six, tiny_ckpt, tmp_path):
 
 REWARD = '''
 import torch
-calls = []
 def brightness(images, prompts):
     assert images.dim() == 4 and images.shape[1] == 3 and len(prompts) == images.shape[0]
     assert images.requires_grad

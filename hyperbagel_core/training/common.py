@@ -70,7 +70,7 @@ class Dist:
             return module
         from torch.nn.parallel import DistributedDataParallel as DDP
         dev = next(module.parameters()).device
-        return DDP(module, device_ids=[dev.index] if dev.type == "cuda" else None, broadcast_buffers=False)
+        return DDP(module, device_ids=[dev.index] if dev.type == "cuda" else None)
 
     def mean(self, value: float) -> float:
         """Mean of a scalar over the ranks (for the logged loss)."""
