@@ -46,7 +46,8 @@ def test_tscd_trains_a_6nfe_expert_that_loads(six, tiny_ckpt):
 
 
 def test_resume_continues_the_same_curve(tiny_ckpt, tmp_path):
-    common = ("--steps", "6", "--pool", "3", "--lr", "1e-3", "--eval-every", "0", "--segments", "6", "--save-every", "2")
+    common = ("--steps", "6", "--pool", "3", "--lr", "1e-3", "--eval-every", "0", "--segments", "6",
+              "--save-every", "2")
     full = tscd.main(_args(tiny_ckpt, tmp_path / "a.safetensors", *common))["history"]["loss"]
     tscd.main(_args(tiny_ckpt, tmp_path / "b.safetensors", *common, "--stop-after", "3"))
     assert not (tmp_path / "b.safetensors").exists() and (tmp_path / "b.safetensors.state" / "state.json").exists()

@@ -612,8 +612,9 @@ def finite(x: float) -> float:
 # -- one optimiser step over this rank's share of the global batch --------------------------------------------
 def accumulate(student_ddp: nn.Module, model, works: list, dist_: Dist, global_batch: int,
                checkpointing: bool = False) -> float:
-    """``works``: ``[(s_txt or (s_txt, s_img), loss_fn(extra) -> loss)]`` of this rank. Each loss is backpropagated inside the
-    student's install (gradient accumulation; DDP syncs on the last one). Returns this rank's mean loss."""
+    """``works``: ``[(s_txt or (s_txt, s_img), loss_fn(extra) -> loss)]`` of this rank. Each loss is
+    backpropagated inside the student's install (gradient accumulation; DDP syncs on the last one).
+    Returns this rank's mean loss."""
     scale, total = dist_.loss_scale(global_batch), 0.0
     for j, (scales, fn) in enumerate(works):
         s_txt, s_img = scales if isinstance(scales, tuple) else (scales, 1.0)

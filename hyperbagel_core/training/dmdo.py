@@ -11,6 +11,9 @@ On top of the stage-2 (TSCD) 6-NFE expert. Each step, per item (prompt, noise x_
      fake score the fake model's; in x0-prediction form x0_r = x̂_t' - t' v_real, x0_f = x̂_t' - t' v_fake,
      and the DMD loss is 0.5 || x̂_0 - sg(x̂_0 - (x0_f - x0_r) / mean|x̂_0 - x0_r|) ||^2 (DMD's normalised
      gradient); no regulariser, as the paper says.
+``--noise fresh`` interpolates with fresh noise instead of the trajectory's x_T in both updates (DMD's
+marginal form: the fake then models the generator's marginal flow, which is what the teacher's velocity is
+for its own distribution) [ours, an option; the paper's pairing is the default].
 The distribution distance reported as the quality metric: the Fréchet distance between the 64-d latent patch
 tokens of the student's 6-NFE samples and of the 50-step teacher's samples on held-out prompts and noises.
 
@@ -39,8 +42,9 @@ class DMDO:
     def draw(self, rng, gen) -> C.Item:
         return self.teacher.item(rng.choice(self.prompts), gen, rng.uniform(*self.scale_range))
 
-    def fake_work(self, it: C.Item, traj: torch.Tensor, t: float):
-        x0, xT = traj[-1], traj[0]
+    def fake_work(self, it: C.Item, traj: torch.Tensor, t: float, noise: torch.Tensor | None = None):
+        x0 = traj[-1]
+        xT = traj[0] if noise is None else noise
         x_t, target = (1 - t) * x0 + t * xT, xT - x0
 
         def fn(extra):
@@ -57,8 +61,8 @@ class DMDO:
                 v_fake = C.velocity_with_grad(self.model, it.ctxs.gen, x, t, it.h, it.w, extra)
         return v_real, v_fake
 
-    def generator_work(self, it: C.Item, traj: torch.Tensor, k: int, t: float):
-        xT = traj[0]
+    def generator_work(self, it: C.Item, traj: torch.Tensor, k: int, t: float, noise: torch.Tensor | None = None):
+        xT = traj[0] if noise is None else noise
 
         def fn(extra):
             x = traj[k]
@@ -91,6 +95,8 @@ def main(argv=None) -> dict:
     ap.add_argument("--fake-lr", type=float, default=None, help="fake-model learning rate (default --lr)")
     ap.add_argument("--fake-updates", type=int, default=2, help="fake-model updates per generator update")
     ap.add_argument("--fake-warmup", type=int, default=20, help="first steps update the fake model only")
+    ap.add_argument("--noise", default="pair", choices=["pair", "fresh"],
+                    help="interpolate with the trajectory's own x_T (paper) or with fresh noise (DMD's marginal)")
     a = ap.parse_args(argv)
     if not a.init:
         ap.error("DMDO starts from the stage-2 expert: pass --init six_tscd.safetensors")
@@ -120,17 +126,21 @@ def main(argv=None) -> dict:
         items = [job.draw(rng, gen) for _ in range(a.batch)]
         fake_ts = [[rng.random() for _ in items] for _ in range(a.fake_updates)]
         gen_draws = [(rng.randrange(grid.numel() - 1), rng.uniform(*job.t_range)) for _ in items]
+        fresh = None if a.noise == "pair" else [[torch.randn(it.noise.shape, generator=gen).to(it.noise)
+                                                for it in items] for _ in range(a.fake_updates + 1)]
         mine = dist_.share(list(range(len(items))))
         trajs = {n: C.student_trajectory(generator, model, items[n], grid) for n in mine}
+        def noise(u, n):
+            return None if fresh is None else fresh[u][n]
         with C.frozen(model):
-            for ts in fake_ts:
-                f_loss = C.accumulate(f_ddp, model, [job.fake_work(items[n], trajs[n], ts[n]) for n in mine], dist_,
-                             a.batch, a.checkpointing)
+            for u, ts in enumerate(fake_ts):
+                f_loss = C.accumulate(f_ddp, model, [job.fake_work(items[n], trajs[n], ts[n], noise(u, n))
+                                                     for n in mine], dist_, a.batch, a.checkpointing)
                 C.optimizer_step(f_opt, fake.parameters())
             if i < a.fake_warmup:
                 return f_loss
-            loss = C.accumulate(g_ddp, model, [job.generator_work(items[n], trajs[n], *gen_draws[n]) for n in mine],
-                                dist_, a.batch, a.checkpointing)
+            works = [job.generator_work(items[n], trajs[n], *gen_draws[n], noise(-1, n)) for n in mine]
+            loss = C.accumulate(g_ddp, model, works, dist_, a.batch, a.checkpointing)
         C.optimizer_step(g_opt, generator.parameters(), lr=C.lr_at(a.lr, i - a.fake_warmup, a.steps - a.fake_warmup))
         return loss
 

@@ -13,8 +13,9 @@ the 6 inference steps then starts at a segment start and ends at its end.
 
 Targets: the 50-step teacher's own Euler path (the evaluation reference), read at the segment boundaries
 by linear interpolation (exact: Euler moves on straight lines within a step), computed once for a pool of
-(prompt, noise, text scale) items (``--pool``); training points are that path's grid points and boundaries. The consistency target with the
-skip equal to the rest of the segment is the teacher's own segment end, so no target network is needed.
+(prompt, noise, text scale) items (``--pool``); training points are that path's grid points and
+boundaries. The consistency target with the skip equal to the rest of the segment is the teacher's own
+segment end, so no target network is needed.
 Where the paper is silent or differs, see docs/TRAINING.md (loss: MSE on the segment end, the paper used a
 pure adversarial loss; the adversarial objective lives in stage 4 here).
 
