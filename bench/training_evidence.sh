@@ -24,7 +24,7 @@ python3 -m hyperbagel_core.training.dmdo $M $P --init "$OUT/A/six.safetensors" -
     --steps 200 --eval-every 50 --lr 1e-5 --fake-lr 1e-4 --batch 2 --report "$OUT/C/dmdo_on_A.json"
 # D. 1-NFE (ADP, latent + pixel discriminators) from run A's 6-NFE expert vs 1- and 2-step Euler
 python3 -m hyperbagel_core.training.adversarial $M $P --init "$OUT/A/six.safetensors" --out "$OUT/D/one.safetensors" \
-    --steps 200 --eval-every 50 --lr 2e-4 --batch 2 --pair-weight 10 --report "$OUT/D/report.json"
+    --steps 400 --eval-every 100 --lr 3e-4 --batch 2 --pair-weight 20 --report "$OUT/D/report.json"
 # E. draft head on a target trained on stdlib docstrings
 python3 bench/draft_head_stdlib.py --work "$OUT/E" --lm-seconds 100 --questions 250 --steps 500 --max-new-tokens 40
 # F. 2 gloo processes vs 1 process, and a killed + resumed run, same loss curve
