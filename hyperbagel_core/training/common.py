@@ -507,7 +507,8 @@ def load_state(out, modules: dict, opts: dict) -> tuple[int, dict]:
 @dataclass
 class Loop:
     """Runs ``step_fn(i) -> loss`` from the saved step to ``steps`` with a tqdm bar (loss + quality metric),
-    evaluating ``eval_fn() -> float`` every ``eval_every`` steps and saving state every ``save_every``."""
+    evaluating ``eval_fn() -> float`` every ``eval_every`` steps and saving state every ``save_every``
+    (and at the end) in ``<out>.state/``; an empty ``out`` keeps no state (library calls)."""
     out: str
     steps: int
     modules: dict
@@ -523,7 +524,7 @@ class Loop:
     def run(self, step_fn, eval_fn=None) -> dict:
         from tqdm.auto import tqdm
         start = 0
-        if self.resume:
+        if self.resume and self.out:
             start, hist = load_state(self.out, self.modules, self.opts)
             if hist:
                 self.history = hist
@@ -545,7 +546,7 @@ class Loop:
             bar.update(1)
             done += 1
             stop = self.stop_after is not None and done >= self.stop_after
-            if (self.save_every and (i + 1) % self.save_every == 0) or last or stop:
+            if self.out and ((self.save_every and (i + 1) % self.save_every == 0) or last or stop):
                 save_state(self.out, i + 1, self.modules, self.opts, self.history, self.dist)
             if stop:
                 break
