@@ -1,5 +1,5 @@
 """CFG-distilled generation expert (Hyper-Bagel stage 1): guidance-scale embedders, file format, loader,
-prefill/denoise weight swap, and a CFG-distillation trainer (``python -m hyperbagel_core.distill.train``)."""
+prefill/denoise weight swap. The trainers live in ``hyperbagel_core.training``."""
 from .embedders import IMG_SCALE_RANGE, TEXT_SCALE_RANGE, GuidanceEmbedding, ScaleOutOfRangeWarning, clamp_scale
 from .expert import (
     FORMAT,

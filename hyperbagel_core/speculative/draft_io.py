@@ -84,7 +84,7 @@ def save_draft_head(head: DraftHead, path, model) -> Path:
 def _read(st: Path):
     if not st.is_file():
         raise CheckpointError(f"draft head file {st} not found; pass the .safetensors written by "
-                              "save_draft_head or `python -m hyperbagel_core.speculative.train`")
+                              "save_draft_head or `python -m hyperbagel_core.training.draft_head`")
     try:
         with safe_open(str(st), framework="pt") as f:
             meta = f.metadata() or {}

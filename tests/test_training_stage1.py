@@ -4,7 +4,7 @@ import torch
 from PIL import Image
 
 from hyperbagel_core.distill import base_fingerprint, load_distilled_expert
-from hyperbagel_core.distill.train import distill, main, select_keys
+from hyperbagel_core.training.stage1_cfg import distill, main, select_keys
 from hyperbagel_core.pipeline import BagelPipeline
 
 

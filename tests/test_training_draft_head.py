@@ -6,7 +6,7 @@ import pytest
 import torch
 
 from hyperbagel_core.speculative import DraftHead, DraftHeadDrafter
-from hyperbagel_core.speculative.train import TrainConfig, main, regenerate, train_draft_head, unrolled_logits
+from hyperbagel_core.training.draft_head import TrainConfig, main, regenerate, train_draft_head, unrolled_logits
 from hyperbagel_core.speculative import speculative_generate
 from tests.speculative_helpers import BOS, one_thread, tiny_target
 
@@ -62,7 +62,7 @@ def test_trainer_loss_decreases_and_acceptance_improves(kind):
 
 def test_cli_tiny_smoke(tmp_path, capsys):
     out = tmp_path / "head.safetensors"
-    assert main(["--tiny", "--out", str(out), "--steps", "12", "--tiny-prompts", "3"]) == 0
+    assert main(["--tiny", "--out", str(out), "--steps", "12", "--tiny-prompts", "3"])["steps"] == 12
     rec = json.loads(capsys.readouterr().out.strip().splitlines()[-1])
     assert rec["steps"] == 12 and out.exists() and out.with_suffix(".json").exists()
 
@@ -78,7 +78,7 @@ def test_cli_on_a_tiny_checkpoint(tiny_ckpt, tmp_path, capsys):
                     + json.dumps({"question": "name three animals"}) + "\n")
     out = tmp_path / "bagel_head.safetensors"
     assert main(["--model", str(tiny_ckpt), "--data", str(data), "--out", str(out), "--steps", "4",
-                 "--max-new-tokens", "6", "--dtype", "fp32"]) == 0
+                 "--max-new-tokens", "6", "--dtype", "fp32"])["steps"] == 4
     assert json.loads(capsys.readouterr().out.strip().splitlines()[-1])["steps"] == 4
     pipe = BagelPipeline.from_pretrained(tiny_ckpt, device="cpu", dtype="fp32", draft_head=out)
     ref = pipe.answer(None, "name three animals", max_new_tokens=8)

@@ -1,0 +1,44 @@
+#!/usr/bin/env bash
+# The CPU evidence of docs/TRAINING.md: every trainer on a tiny random checkpoint, one thread each,
+# one run at a time. Usage: bash bench/training_evidence.sh OUT_DIR  (about 15 minutes on one core)
+set -euo pipefail
+OUT=${1:?usage: training_evidence.sh OUT_DIR}
+cd "$(dirname "$0")/.."
+mkdir -p "$OUT"
+P="--prompts-file bench/training_prompts/train.txt --eval-prompts-file bench/training_prompts/held.txt --size 128 128 --threads 1"
+python3 -c "from hyperbagel_core.testing import make_tiny_checkpoint as m; m('$OUT/tiny', seed=0)"
+M="--model $OUT/tiny"
+
+# A. TSCD, text scales 1-5, evaluated at 4 (the pipeline's default): 6-NFE expert vs training-free 6-pass solvers
+python3 -m hyperbagel_core.training.tscd $M $P --out "$OUT/A/six.safetensors" --steps 1500 --eval-every 500 \
+    --pool 64 --lr 1e-3 --batch 4 --report "$OUT/A/report.json"
+# B. the same without guidance (scale 1): the trajectory part of the task alone
+python3 -m hyperbagel_core.training.tscd $M $P --out "$OUT/B/six.safetensors" --steps 1000 --eval-every 500 \
+    --pool 64 --lr 1e-3 --batch 4 --scale-range 1 1 --eval-scale 1 --report "$OUT/B/report.json"
+# C. DMDO on top of a short TSCD run (60 steps) and on top of run A
+python3 -m hyperbagel_core.training.tscd $M $P --out "$OUT/C/six_tscd60.safetensors" --steps 60 --eval-every 60 \
+    --pool 16 --lr 1e-3 --report "$OUT/C/tscd60.json"
+python3 -m hyperbagel_core.training.dmdo $M $P --init "$OUT/C/six_tscd60.safetensors" --out "$OUT/C/six_dmdo.safetensors" \
+    --steps 200 --eval-every 50 --lr 1e-5 --fake-lr 1e-4 --batch 2 --report "$OUT/C/dmdo.json"
+python3 -m hyperbagel_core.training.dmdo $M $P --init "$OUT/A/six.safetensors" --out "$OUT/C/six_dmdo_on_A.safetensors" \
+    --steps 200 --eval-every 50 --lr 1e-5 --fake-lr 1e-4 --batch 2 --report "$OUT/C/dmdo_on_A.json"
+# D. 1-NFE (ADP, latent + pixel discriminators) from run A's 6-NFE expert vs 1- and 2-step Euler
+python3 -m hyperbagel_core.training.adversarial $M $P --init "$OUT/A/six.safetensors" --out "$OUT/D/one.safetensors" \
+    --steps 400 --eval-every 100 --lr 3e-4 --batch 2 --pair-weight 20 --report "$OUT/D/report.json"
+# E. draft head on a target trained on stdlib docstrings
+python3 bench/draft_head_stdlib.py --work "$OUT/E" --lm-seconds 100 --questions 250 --steps 500 --max-new-tokens 40
+# F. 2 gloo processes vs 1 process, and a killed + resumed run, same loss curve
+F="$M $P --steps 40 --eval-every 0 --pool 8 --lr 1e-3 --batch 2 --segments 6 --save-every 10"
+python3 -m hyperbagel_core.training.tscd $F --out "$OUT/F/one.safetensors" --report "$OUT/F/one.json"
+torchrun --standalone --nproc_per_node 2 -m hyperbagel_core.training.tscd $F --distributed \
+    --out "$OUT/F/two.safetensors" --report "$OUT/F/two.json"
+python3 -m hyperbagel_core.training.tscd $F --out "$OUT/F/resumed.safetensors" --stop-after 17
+python3 -m hyperbagel_core.training.tscd $F --out "$OUT/F/resumed.safetensors" --report "$OUT/F/resumed.json"
+python3 - "$OUT" <<'PY'
+import json, sys
+o = sys.argv[1]
+one, two, res = (json.load(open(f"{o}/F/{n}.json"))["history"]["loss"] for n in ("one", "two", "resumed"))
+rel = lambda a, b: max(abs(x - y) / max(abs(y), 1e-12) for x, y in zip(a, b))
+print(json.dumps({"steps": len(one), "max_rel_diff_2proc_vs_1proc": rel(two, one),
+                  "max_rel_diff_resumed_vs_uninterrupted": rel(res, one)}))
+PY

@@ -1,0 +1,681 @@
+"""What every trainer shares: the loop (resume, progress bar, evaluation), the distributed flag, the
+fp32-master student, weight installation for gradient passes, activation checkpointing, and the teacher's
+guided ODE on prompt/noise items.
+
+Design (docs/TRAINING.md):
+  * Determinism per step: every random draw of step ``i`` comes from ``step_rng(seed, i)``; a resumed run
+    therefore draws exactly what the uninterrupted run would have drawn, and needs no saved RNG state.
+  * Distributed: ``--distributed`` initialises ``torch.distributed`` from the launcher's environment
+    (torchrun: gloo on CPU, NCCL on CUDA) and wraps the trainable module in DDP. Each step draws one global
+    batch (the same on every rank) and rank r runs items ``r::world``; each rank scales its loss by
+    ``world / global_batch`` so DDP's gradient average equals the 1-process mean over the global batch.
+    ``--shard-optimizer`` shards the AdamW state over the ranks (ZeroRedundancyOptimizer, ZeRO-1).
+  * Precision: trainable tensors are fp32 master weights (AdamW state fp32); each pass uses them cast to the
+    base model's dtype (bf16 on GPU) through autograd, so gradients reach the fp32 masters and small updates
+    are not rounded away (a bf16 weight + lr*update below half an ulp is lost).
+  * The frozen base is loaded once per process (DDP shares nothing but gradients); it never gets gradients.
+  * State files: ``<out>.state/`` holds ``tensors.safetensors`` (modules + optimizer tensors) and
+    ``state.json`` (step, loss/metric history, optimizer scalars); no pickle.
+"""
+from __future__ import annotations
+
+import argparse
+import contextlib
+import json
+import math
+import os
+import random
+from dataclasses import dataclass, field
+from functools import partial
+from pathlib import Path
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from ..distill.embedders import GuidanceEmbedding
+from ..distill.expert import DistilledExpert, gen_expert_keys
+from ..generation import CFGSettings, guided_velocity
+from ..sampling.schedules import teacher_timesteps
+from ..sampling.solvers import grid_for_budget, solve
+
+
+# -- randomness ---------------------------------------------------------------------------------------------
+def step_rng(seed: int, step: int) -> tuple[random.Random, torch.Generator]:
+    """The Python and torch generators of one training step (independent of how the run got there)."""
+    s = (int(seed) * 1_000_003 + int(step) * 7919 + 17) % (2 ** 62)
+    return random.Random(s), torch.Generator().manual_seed(s)
+
+
+# -- distributed --------------------------------------------------------------------------------------------
+@dataclass
+class Dist:
+    rank: int = 0
+    world: int = 1
+    enabled: bool = False
+
+    @property
+    def main(self) -> bool:
+        return self.rank == 0
+
+    def share(self, items: list) -> list:
+        """This rank's items of a global batch."""
+        return items[self.rank::self.world]
+
+    def loss_scale(self, global_batch: int) -> float:
+        return self.world / global_batch
+
+    def wrap(self, module: nn.Module) -> nn.Module:
+        if not self.enabled:
+            return module
+        from torch.nn.parallel import DistributedDataParallel as DDP
+        dev = next(module.parameters()).device
+        return DDP(module, device_ids=[dev.index] if dev.type == "cuda" else None)
+
+    def mean(self, value: float) -> float:
+        """Mean of a scalar over the ranks (for the logged loss)."""
+        if not self.enabled:
+            return value
+        import torch.distributed as dist
+        t = torch.tensor([float(value)], dtype=torch.float64)
+        dist.all_reduce(t)
+        return float(t) / self.world
+
+    def average_grads(self, params) -> None:
+        """All-reduce-mean of gradients (a module trained outside DDP's forward, e.g. discriminators)."""
+        if not self.enabled:
+            return
+        import torch.distributed as dist
+        for p in params:
+            if p.grad is not None:
+                dist.all_reduce(p.grad)
+                p.grad /= self.world
+
+    def barrier(self) -> None:
+        if self.enabled:
+            import torch.distributed as dist
+            dist.barrier()
+
+
+def init_distributed(enabled: bool) -> Dist:
+    """``enabled``: join the process group the launcher (torchrun) describes in the environment."""
+    if not enabled:
+        return Dist()
+    import torch.distributed as dist
+    if "RANK" not in os.environ:
+        raise SystemExit("--distributed needs a launcher: torchrun --nproc_per_node N -m hyperbagel_core.training...")
+    if not dist.is_initialized():
+        dist.init_process_group("nccl" if torch.cuda.is_available() else "gloo")
+    if torch.cuda.is_available():
+        torch.cuda.set_device(int(os.environ.get("LOCAL_RANK", 0)))
+    return Dist(dist.get_rank(), dist.get_world_size(), True)
+
+
+def make_optimizer(params, lr: float, dist_: Dist, shard: bool = False, weight_decay: float = 0.0):
+    """AdamW over fp32 masters; ``shard`` splits its state over the ranks (ZeRO-1)."""
+    params = [p for p in params if p.requires_grad]
+    if shard and dist_.enabled:
+        from torch.distributed.optim import ZeroRedundancyOptimizer
+        return ZeroRedundancyOptimizer(params, optimizer_class=torch.optim.AdamW, lr=lr, weight_decay=weight_decay)
+    return torch.optim.AdamW(params, lr=lr, weight_decay=weight_decay)
+
+
+# -- installing weights for a pass with gradients -----------------------------------------------------------
+@contextlib.contextmanager
+def installed(model: nn.Module, tensors: dict):
+    """Within the block ``model``'s parameters named in ``tensors`` read those tensors (any autograd graph).
+
+    Unlike ``distill.swap_parameters`` (inference: parameters re-pointed to leaves), a value here may be a
+    non-leaf (the bf16 cast of an fp32 master), so gradients flow to the master. Blocks nest: the exit puts
+    back exactly the objects that were there, so a backward that recomputes checkpointed layers inside the
+    outer block reads the outer block's tensors again.
+    """
+    saved = []
+    try:
+        for key, value in tensors.items():
+            mod_name, _, name = key.rpartition(".")
+            mod = model.get_submodule(mod_name)
+            prev = mod._parameters.pop(name) if name in mod._parameters else mod.__dict__.pop(name)
+            saved.append((mod, name, prev))
+            if isinstance(value, nn.Parameter):
+                mod._parameters[name] = value
+            else:
+                mod.__dict__[name] = value
+        yield model
+    finally:
+        for mod, name, prev in reversed(saved):
+            mod._parameters.pop(name, None)
+            mod.__dict__.pop(name, None)
+            if isinstance(prev, nn.Parameter):
+                mod._parameters[name] = prev
+            else:
+                mod.__dict__[name] = prev
+
+
+@contextlib.contextmanager
+def teacher_block(model: nn.Module, base: dict):
+    """The original weights (``base_tensors``) for a pass inside a student block, not checkpointed: its
+    backward (if any) must not recompute under the student's weights."""
+    layers = list(model.language_model.model.layers)
+    patched = [(layer, layer.__dict__.pop("forward")) for layer in layers if "forward" in layer.__dict__]
+    try:
+        with installed(model, base):
+            yield model
+    finally:
+        for layer, fwd in patched:
+            layer.forward = fwd
+
+
+def base_tensors(model: nn.Module, keys) -> dict:
+    """The model's own (original) parameters for ``keys``: install them to run the teacher inside a student block."""
+    params = dict(model.named_parameters())
+    return {k: params[k] for k in keys}
+
+
+@contextlib.contextmanager
+def activation_checkpointing(model: nn.Module, enabled: bool = True):
+    """Recompute each decoder layer in backward instead of keeping its activations (torch.utils.checkpoint).
+
+    The recomputation reads the weights installed when backward runs, so call backward inside the same
+    ``installed`` block as the forward (every trainer here does).
+    """
+    layers = list(model.language_model.model.layers) if enabled else []
+    try:
+        for layer in layers:
+            layer.forward = partial(_checkpointed_layer, type(layer).forward.__get__(layer))
+        yield model
+    finally:
+        for layer in layers:
+            layer.__dict__.pop("forward", None)
+
+
+def _checkpointed_layer(forward, x, cos, sin, kv, gen):
+    """One decoder layer under torch.utils.checkpoint. The KV access counts layers as they attend, so the
+    recomputation rewinds its counter to this layer (under autograd it reads the caches and writes nothing)."""
+    from torch.utils.checkpoint import checkpoint
+    index = kv.layer
+
+    def run(x, cos, sin):
+        kv.layer = index
+        return forward(x, cos, sin, kv, gen)
+    return checkpoint(run, x, cos, sin, use_reentrant=False)
+
+
+def velocity_with_grad(model, ctx, x, t, h: int, w: int, extra=None) -> torch.Tensor:
+    """``model.velocity`` without its no_grad wrapper (fp32 out)."""
+    fn = getattr(type(model).velocity_batched, "__wrapped__", type(model).velocity_batched)
+    return fn(model, [ctx], x, t, h, w, extra)[0].float()
+
+
+# -- the trainable student ----------------------------------------------------------------------------------
+class Student(nn.Module):
+    """Trainable copy of (part of) the generation expert + guidance embedders, fp32 masters.
+
+    ``forward(s_txt, s_img)`` returns ``(tensors, extra)``: the replacement tensors cast to the base dtype and
+    the guidance embedding; install them with ``installed`` for the pass. Running that through ``forward``
+    lets DDP see every use of the parameters.
+    """
+
+    def __init__(self, model: nn.Module, expert: DistilledExpert):
+        super().__init__()
+        self.config = expert.config
+        self.keys = list(expert.tensors)
+        self.master = nn.ParameterDict({k.replace(".", "__"): nn.Parameter(v.detach().float().clone())
+                                        for k, v in expert.tensors.items()})
+        g = expert.guidance
+        self.guidance = GuidanceEmbedding(g.text_scale_embedder.mlp[0].weight.shape[0], g.text_range, g.img_range,
+                                          zero_init=False)
+        self.guidance.load_state_dict({k: v.float() for k, v in g.state_dict().items()})
+        self.guidance.to(model.vae2llm.weight.device)
+        params = dict(model.named_parameters())
+        self.dtypes = {k: params[k].dtype for k in self.keys}
+        self.compute_dtype = model.dtype
+
+    @classmethod
+    def fresh(cls, model: nn.Module, keys=None, seed: int = 0, **config) -> "Student":
+        """From the base weights; the embedders' random first layers depend on ``seed`` only."""
+        with torch.random.fork_rng(devices=[]):
+            torch.manual_seed(seed)
+            return cls(model, DistilledExpert.from_model(model, keys, **config))
+
+    def forward(self, s_txt, s_img):
+        reps = {k: self.master[k.replace(".", "__")].to(self.dtypes[k]) for k in self.keys}
+        dev = self.guidance.text_scale_embedder.mlp[0].weight.device
+        st = torch.as_tensor(s_txt, dtype=torch.float32, device=dev).reshape(-1)
+        si = torch.as_tensor(s_img, dtype=torch.float32, device=dev).reshape(-1)
+        extra = self.guidance(st, si, self.compute_dtype)[0]
+        return reps, extra
+
+    def export(self, dtype: torch.dtype | None = None, **config_updates) -> DistilledExpert:
+        """A ``DistilledExpert`` (our file format) with the current weights, in ``dtype`` (default: the base's)."""
+        from dataclasses import replace
+        tensors = {k: self.master[k.replace(".", "__")].detach().to(dtype or self.dtypes[k]).clone()
+                   for k in self.keys}
+        g = GuidanceEmbedding(self.guidance.text_scale_embedder.mlp[0].weight.shape[0], self.guidance.text_range,
+                              self.guidance.img_range, zero_init=False)
+        g.load_state_dict(self.guidance.state_dict())
+        g.to(dtype or self.compute_dtype)
+        return DistilledExpert(replace(self.config, replaced_keys=tuple(self.keys), **config_updates), g, tensors)
+
+
+def student_from_file(model, path: str | None, keys, **config) -> Student:
+    """Start from a distilled-expert file (the previous stage) or from the base weights."""
+    if path:
+        from ..distill.expert import load_distilled_expert
+        return Student(model, load_distilled_expert(path, model))
+    return Student.fresh(model, keys, **{"stages": (), **config})
+
+
+@contextlib.contextmanager
+def student_pass(student: nn.Module, model: nn.Module, s_txt: float, s_img: float = 1.0,
+                 checkpointing: bool = False):
+    """Install the student's weights; yields the guidance ``extra``. Run forward AND backward inside."""
+    reps, extra = student(s_txt, s_img)
+    with installed(model, reps), activation_checkpointing(model, checkpointing):
+        yield extra
+
+
+@contextlib.contextmanager
+def frozen(model: nn.Module):
+    """Base parameters never require grad during training (restored afterwards)."""
+    req = [p.requires_grad for p in model.parameters()]
+    model.requires_grad_(False)
+    try:
+        yield
+    finally:
+        for p, r in zip(model.parameters(), req):
+            p.requires_grad_(r)
+
+
+def train_keys(model, which: str) -> list[str]:
+    """Generation-expert keys by set name (all / attn / mlp / norms / embedders = none)."""
+    keys = gen_expert_keys(model)
+    pick = {"all": lambda k: True, "embedders": lambda k: False,
+            "attn": lambda k: ".self_attn." in k, "mlp": lambda k: ".mlp_moe_gen." in k,
+            "norms": lambda k: "norm" in k}
+    if which not in pick:
+        raise ValueError(f"unknown train-keys set {which!r}; valid: {', '.join(pick)}")
+    return [k for k in keys if pick[which](k)]
+
+
+TRAIN_KEY_SETS = ("all", "attn", "mlp", "norms", "embedders")
+
+
+# -- the teacher's guided ODE on prompt / noise items -----------------------------------------------------------
+@dataclass
+class Item:
+    """One text-to-image sample: a prompt's contexts (original weights), its noise, its text scale."""
+    prompt: str
+    ctxs: object
+    noise: torch.Tensor      # [h*w, 64] fp32
+    s_txt: float
+    h: int
+    w: int
+
+
+class Teacher:
+    """The stock model with dual CFG: guided velocity, 50-step reference, training-free solvers."""
+
+    def __init__(self, pipe, size=(64, 64), cfg_interval=(0.4, 1.0), num_timesteps: int = 50, shift: float = 3.0):
+        self.pipe, self.model = pipe, pipe.model
+        self.h, self.w = pipe._check_size(*size)
+        self.interval = tuple(cfg_interval)
+        self.num_timesteps, self.shift = num_timesteps, shift
+        self._ctx_cache: dict = {}
+
+    def contexts(self, prompt: str):
+        if prompt not in self._ctx_cache:
+            self._ctx_cache[prompt] = self.pipe.build_contexts([prompt])
+        return self._ctx_cache[prompt]
+
+    def item(self, prompt: str, gen: torch.Generator, s_txt: float) -> Item:
+        noise = torch.randn((self.h * self.w, self.pipe.config.patch_latent_dim), generator=gen)
+        return Item(prompt, self.contexts(prompt), noise.to(self.model.device), float(s_txt), self.h, self.w)
+
+    def cfg(self, s_txt: float) -> CFGSettings:
+        return CFGSettings(s_txt, 1.0, self.interval, "global", 0.0)
+
+    def velocity(self, it: Item, x, t) -> torch.Tensor:
+        c = it.ctxs
+        return guided_velocity(self.model, c.gen, c.cfg_text, c.cfg_img, x, float(t), it.h, it.w,
+                               self.cfg(it.s_txt)).float()
+
+    def restarts(self, grid: torch.Tensor) -> list[int]:
+        lo, hi = self.interval
+        act = [lo <= float(t) <= hi for t in grid[:-1]]
+        return [k for k in range(1, len(act)) if act[k] != act[k - 1]]
+
+    @torch.no_grad()
+    def trajectory(self, it: Item, grid: torch.Tensor, x=None) -> torch.Tensor:
+        """Euler over ``grid`` from ``x`` (default the item's noise at grid[0]): [len(grid), h*w, 64]."""
+        x = (it.noise if x is None else x).float()
+        out = [x]
+        for k in range(grid.numel() - 1):
+            x = x - self.velocity(it, x, grid[k]) * float(grid[k] - grid[k + 1])
+            out.append(x)
+        return torch.stack(out)
+
+    def reference_grid(self) -> torch.Tensor:
+        return teacher_timesteps(self.num_timesteps, self.shift)
+
+    @torch.no_grad()
+    def reference(self, it: Item) -> torch.Tensor:
+        """The 50-step teacher's final latent from the item's noise (the evaluation reference)."""
+        return self.trajectory(it, self.reference_grid())[-1]
+
+    @torch.no_grad()
+    def solver(self, it: Item, method: str, budget: int, shift: float) -> torch.Tensor:
+        grid, opts = grid_for_budget(method, budget, shift)
+        return solve(lambda x, t: self.velocity(it, x, t), it.noise.float(), grid, method,
+                     restart_at=self.restarts(grid), **opts)
+
+
+def merged_grid(*grids) -> torch.Tensor:
+    """Sorted union (descending) of time grids, near-duplicates (1e-6) merged."""
+    ts = sorted({round(float(t), 6) for g in grids for t in torch.as_tensor(g).flatten().tolist()}, reverse=True)
+    return torch.tensor(ts, dtype=torch.float32)
+
+
+def path_at(traj: torch.Tensor, grid: torch.Tensor, times: torch.Tensor) -> torch.Tensor:
+    """An Euler trajectory over ``grid`` read at ``times``: within a step Euler moves on a straight line, so
+    linear interpolation between the two grid points is exactly the path the teacher took."""
+    out = []
+    for tau in torch.as_tensor(times).tolist():
+        i = int(min(max((grid >= tau).sum().item() - 1, 0), grid.numel() - 2))
+        w = float((grid[i] - tau) / (grid[i] - grid[i + 1]))
+        out.append((1 - w) * traj[i] + w * traj[i + 1])
+    return torch.stack(out)
+
+
+def index_of(grid: torch.Tensor, t: float) -> int:
+    return int((grid - float(t)).abs().argmin())
+
+
+@torch.no_grad()
+def student_trajectory(student: Student, model, it: Item, grid: torch.Tensor, x=None) -> torch.Tensor:
+    """Euler with the student over ``grid`` (one pass per step, no CFG): [len(grid), h*w, 64] fp32."""
+    x = (it.noise if x is None else x).float()
+    out = [x]
+    with student_pass(student, model, it.s_txt) as extra:
+        for k in range(grid.numel() - 1):
+            v = velocity_with_grad(model, it.ctxs.gen, x, float(grid[k]), it.h, it.w, extra)
+            x = x - v * float(grid[k] - grid[k + 1])
+            out.append(x)
+    return torch.stack(out)
+
+
+def student_sample(student: Student, model, it: Item, grid: torch.Tensor) -> torch.Tensor:
+    return student_trajectory(student, model, it, grid)[-1]
+
+
+def frechet_distance(a: torch.Tensor, b: torch.Tensor) -> float:
+    """Fréchet distance between two sets of vectors [N, d] (Gaussian fits; the FID formula, float64)."""
+    a, b = a.double(), b.double()
+    mu1, mu2 = a.mean(0), b.mean(0)
+    s1, s2 = torch.cov(a.T), torch.cov(b.T)
+    tr_sqrt = torch.linalg.eigvals(s1 @ s2).real.clamp_min(0).sqrt().sum()
+    return float((mu1 - mu2).pow(2).sum() + torch.trace(s1) + torch.trace(s2) - 2 * tr_sqrt)
+
+
+def latent_mse(a: torch.Tensor, b: torch.Tensor) -> float:
+    return float(F.mse_loss(a.float(), b.float()))
+
+
+def training_free_errors(teacher: Teacher, items: list[Item], refs: list[torch.Tensor], budget: int,
+                         methods=("euler", "heun", "unipc", "dpmpp_2m"), shifts=(1.0, 3.0)) -> dict:
+    """Mean final-latent MSE vs the reference of each training-free solver at ``budget`` evaluations."""
+    out = {}
+    for m in methods:
+        if m == "heun" and budget < 2:
+            continue
+        for s in shifts:
+            out[f"{m}-{budget}pass@shift{s:g}"] = sum(latent_mse(teacher.solver(it, m, budget, s), r)
+                                         for it, r in zip(items, refs)) / len(items)
+    return out
+
+
+# -- state files (resume) ---------------------------------------------------------------------------------------
+def state_dir(out: str | Path) -> Path:
+    return Path(str(out) + ".state")
+
+
+def _opt_state(opt) -> dict:
+    if hasattr(opt, "consolidate_state_dict"):   # ZeRO: gather the shards on rank 0
+        opt.consolidate_state_dict(0)
+        import torch.distributed as dist
+        return opt.state_dict() if dist.get_rank() == 0 else {}
+    return opt.state_dict()
+
+
+def save_state(out, step: int, modules: dict, opts: dict, history: dict, dist_: Dist) -> None:
+    """Write ``<out>.state/`` atomically (rank 0): weights, optimizer state, step and history."""
+    from safetensors.torch import save_file
+    opt_sds = {name: _opt_state(o) for name, o in opts.items()}
+    if not dist_.main:
+        return
+    d = state_dir(out)
+    d.mkdir(parents=True, exist_ok=True)
+    tensors, scalars = {}, {"step": step, "history": history, "optimizers": {}}
+    for name, m in modules.items():
+        m = getattr(m, "module", m)
+        for k, v in m.state_dict().items():
+            tensors[f"module.{name}.{k}"] = v.detach().cpu().contiguous()
+    for name, sd in opt_sds.items():
+        meta = {"param_groups": sd["param_groups"], "state": {}}
+        for idx, st in sd["state"].items():
+            meta["state"][str(idx)] = {}
+            for k, v in st.items():
+                if torch.is_tensor(v):
+                    tensors[f"opt.{name}.{idx}.{k}"] = v.detach().cpu().contiguous().reshape(v.shape)
+                else:
+                    meta["state"][str(idx)][k] = v
+        scalars["optimizers"][name] = meta
+    tmp = d / "tensors.safetensors.tmp"
+    save_file(tensors, str(tmp))
+    os.replace(tmp, d / "tensors.safetensors")
+    (d / "state.json.tmp").write_text(json.dumps(scalars))
+    os.replace(d / "state.json.tmp", d / "state.json")
+
+
+def load_state(out, modules: dict, opts: dict) -> tuple[int, dict]:
+    """Restore a run from ``<out>.state/``; returns ``(step, history)`` or ``(0, {})`` when there is none."""
+    from safetensors.torch import load_file
+    d = state_dir(out)
+    if not (d / "state.json").is_file():
+        return 0, {}
+    scalars = json.loads((d / "state.json").read_text())
+    tensors = load_file(str(d / "tensors.safetensors"))
+    for name, m in modules.items():
+        m = getattr(m, "module", m)
+        pre = f"module.{name}."
+        sd = {k[len(pre):]: v for k, v in tensors.items() if k.startswith(pre)}
+        m.load_state_dict(sd)
+    for name, o in opts.items():
+        meta = scalars["optimizers"][name]
+        state = {}
+        for idx, st in meta["state"].items():
+            state[int(idx)] = dict(st)
+        for k, v in tensors.items():
+            if k.startswith(f"opt.{name}."):
+                idx, key = k[len(f"opt.{name}."):].split(".", 1)
+                state.setdefault(int(idx), {})[key] = v
+        o.load_state_dict({"state": state, "param_groups": meta["param_groups"]})
+    return int(scalars["step"]), scalars["history"]
+
+
+# -- the loop ------------------------------------------------------------------------------------------------
+@dataclass
+class Loop:
+    """Runs ``step_fn(i) -> loss`` from the saved step to ``steps`` with a tqdm bar (loss + quality metric),
+    evaluating ``eval_fn() -> float`` every ``eval_every`` steps and saving state every ``save_every``
+    (and at the end) in ``<out>.state/``; an empty ``out`` keeps no state (library calls)."""
+    out: str
+    steps: int
+    modules: dict
+    opts: dict
+    dist: Dist
+    metric_name: str = "metric"
+    eval_every: int = 0
+    save_every: int = 50
+    resume: bool = True
+    stop_after: int | None = None     # stop (saved) after this many steps of this process: kill/resume tests
+    history: dict = field(default_factory=lambda: {"loss": [], "metric": []})
+
+    def run(self, step_fn, eval_fn=None) -> dict:
+        from tqdm.auto import tqdm
+        start = 0
+        if self.resume and self.out:
+            start, hist = load_state(self.out, self.modules, self.opts)
+            if hist:
+                self.history = hist
+        if eval_fn is not None and not self.history["metric"]:
+            self.history["metric"].append([start, eval_fn()])
+        bar = tqdm(total=self.steps, initial=start, desc=Path(self.out).name, disable=not self.dist.main,
+                   dynamic_ncols=True)
+        done = 0
+        for i in range(start, self.steps):
+            loss = self.dist.mean(step_fn(i))
+            self.history["loss"].append(loss)
+            last = i + 1 == self.steps
+            if eval_fn is not None and self.eval_every and ((i + 1) % self.eval_every == 0 or last):
+                self.history["metric"].append([i + 1, eval_fn()])
+            post = {"loss": f"{loss:.4g}"}
+            if self.history["metric"]:
+                post[self.metric_name] = f"{self.history['metric'][-1][1]:.4g}"
+            bar.set_postfix(post, refresh=False)
+            bar.update(1)
+            done += 1
+            stop = self.stop_after is not None and done >= self.stop_after
+            if self.out and ((self.save_every and (i + 1) % self.save_every == 0) or last or stop):
+                save_state(self.out, i + 1, self.modules, self.opts, self.history, self.dist)
+            if stop:
+                break
+        bar.close()
+        return self.history
+
+
+def add_common_args(ap) -> None:
+    """Flags every stage CLI shares."""
+    ap.add_argument("--model", required=True, help="official BAGEL folder (teacher and base)")
+    ap.add_argument("--out", required=True, help="output file; its training state lives in <out>.state/")
+    ap.add_argument("--steps", type=int, default=1000)
+    ap.add_argument("--lr", type=float, default=1e-4)
+    ap.add_argument("--batch", type=int, default=1, help="global batch (items per step over all ranks)")
+    ap.add_argument("--seed", type=int, default=0)
+    ap.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
+    ap.add_argument("--dtype", default=None, help="base model dtype (default bf16 on CUDA, fp32 on CPU); the "
+                    "trained tensors are fp32 masters either way")
+    ap.add_argument("--save-dtype", default=None, help="dtype of the written file (default: the base dtype)")
+    ap.add_argument("--train-keys", default="all", choices=TRAIN_KEY_SETS,
+                    help="generation-expert tensors to train (docs/TRAINING.md: what fits one 80 GB GPU)")
+    ap.add_argument("--distributed", action="store_true", help="DDP over the ranks torchrun started")
+    ap.add_argument("--shard-optimizer", action="store_true", help="with --distributed: ZeRO-1 AdamW state")
+    ap.add_argument("--checkpointing", action="store_true", help="activation checkpointing per decoder layer")
+    ap.add_argument("--save-every", type=int, default=50)
+    ap.add_argument("--eval-every", type=int, default=50)
+    ap.add_argument("--no-resume", action="store_true", help="ignore <out>.state/ and start over")
+    ap.add_argument("--stop-after", type=int, default=None, help=argparse.SUPPRESS)
+    ap.add_argument("--threads", type=int, default=None, help="torch CPU threads")
+    ap.add_argument("--report", default=None, help="write the loss / metric history as JSON here")
+
+
+def read_prompts(args_list: list[str], file: str | None) -> list[str]:
+    prompts = list(args_list or [])
+    if file:
+        with open(file, encoding="utf-8") as f:
+            prompts += [ln.strip() for ln in f if ln.strip()]
+    return prompts
+
+
+def load_pipe(a):
+    """The base pipeline for a stage CLI (dtype default: bf16 on CUDA, fp32 on CPU)."""
+    from ..loading import resolve_dtype
+    from ..pipeline import BagelPipeline
+    if a.threads:
+        torch.set_num_threads(a.threads)
+    dtype = resolve_dtype(a.dtype) if a.dtype else (torch.bfloat16 if str(a.device).startswith("cuda")
+                                                    else torch.float32)
+    return BagelPipeline.from_pretrained(a.model, device=a.device, dtype=dtype)
+
+
+def write_report(path: str | None, data: dict, dist_: Dist) -> None:
+    if path and dist_.main:
+        Path(path).parent.mkdir(parents=True, exist_ok=True)
+        Path(path).write_text(json.dumps(data, indent=1))
+
+
+def finite(x: float) -> float:
+    if not math.isfinite(x):
+        raise FloatingPointError("the loss is not finite; lower --lr")
+    return x
+
+
+# -- one optimiser step over this rank's share of the global batch --------------------------------------------
+def accumulate(student_ddp: nn.Module, model, works: list, dist_: Dist, global_batch: int,
+               checkpointing: bool = False) -> float:
+    """``works``: ``[(s_txt or (s_txt, s_img), loss_fn(extra) -> loss)]`` of this rank. Each loss is
+    backpropagated inside the student's install (gradient accumulation; DDP syncs on the last one).
+    Returns this rank's mean loss."""
+    scale, total = dist_.loss_scale(global_batch), 0.0
+    for j, (scales, fn) in enumerate(works):
+        s_txt, s_img = scales if isinstance(scales, tuple) else (scales, 1.0)
+        last = j == len(works) - 1
+        sync = student_ddp.no_sync() if dist_.enabled and not last else contextlib.nullcontext()
+        with sync:
+            reps, extra = student_ddp(s_txt, s_img)
+            with installed(model, reps), activation_checkpointing(model, checkpointing):
+                loss = fn(extra)
+                (loss * scale).backward()
+        total += finite(float(loss.detach()))
+    return total / max(1, len(works))
+
+
+def lr_at(base: float, step: int, total: int, warmup: int = 0, final: float = 0.02) -> float:
+    """Linear warmup, then cosine decay to ``final * base``: a function of the step alone (exact on resume)."""
+    if step < warmup:
+        return base * (step + 1) / warmup
+    p = (step - warmup) / max(1, total - warmup)
+    return base * (final + (1 - final) * 0.5 * (1 + math.cos(math.pi * min(1.0, p))))
+
+
+def optimizer_step(opt, params, grad_clip: float | None = 1.0, lr: float | None = None) -> None:
+    if lr is not None:
+        for g in opt.param_groups:
+            g["lr"] = lr
+    if grad_clip:
+        torch.nn.utils.clip_grad_norm_([p for p in params if p.grad is not None], grad_clip)
+    opt.step()
+    opt.zero_grad(set_to_none=True)
+
+
+# -- shared CLI of the diffusion stages --------------------------------------------------------------------------
+def add_distill_args(ap) -> None:
+    ap.add_argument("--prompt", action="append", default=[], help="training prompt (repeatable)")
+    ap.add_argument("--prompts-file", help="training prompts, one per line")
+    ap.add_argument("--eval-prompt", action="append", default=[], help="held-out prompt (repeatable)")
+    ap.add_argument("--eval-prompts-file", help="held-out prompts, one per line")
+    ap.add_argument("--eval-noises", type=int, default=2, help="held-out noises per held-out prompt")
+    ap.add_argument("--eval-scale", type=float, default=4.0, help="text guidance scale of the evaluation")
+    ap.add_argument("--size", type=int, nargs=2, default=(256, 256), metavar=("H", "W"))
+    ap.add_argument("--scale-range", type=float, nargs=2, default=(1.0, 5.0), help="training text scales")
+    ap.add_argument("--cfg-interval", type=float, nargs=2, default=(0.4, 1.0), help="the teacher's CFG interval")
+    ap.add_argument("--init", default=None, help="distilled-expert file of the previous stage (default: base)")
+
+
+def distill_setup(a):
+    """Pipeline, teacher, training prompts and the held-out items + their 50-step references."""
+    pipe = load_pipe(a)
+    prompts = read_prompts(a.prompt, a.prompts_file)
+    eval_prompts = read_prompts(a.eval_prompt, a.eval_prompts_file)
+    if not prompts or not eval_prompts:
+        raise SystemExit("give training prompts (--prompt/--prompts-file) and held-out prompts "
+                         "(--eval-prompt/--eval-prompts-file)")
+    teacher = Teacher(pipe, tuple(a.size), tuple(a.cfg_interval))
+    held = heldout_items(teacher, eval_prompts, a.eval_noises, a.eval_scale, a.seed)
+    return pipe, teacher, prompts, held
+
+
+def heldout_items(teacher: Teacher, prompts: list[str], noises: int, scale: float, seed: int) -> list[Item]:
+    """Held-out items: their noises come from a seed domain the training draws never use."""
+    gen = torch.Generator().manual_seed(2 ** 40 + int(seed))
+    return [teacher.item(p, gen, scale) for p in prompts for _ in range(noises)]

@@ -1,0 +1,143 @@
+"""Stage 2 of Hyper-Bagel: TSCD, trajectory-segmented consistency distillation (hyper-bagel.md 2.3).
+
+The time axis is cut into K segments ``b_0 = 1 > b_1 > ... > b_K = 0`` (the expert's grid reading: uniform
+for ``hyper-6nfe``, shifted for ``hyper-6nfe-shift3``). From any point ``x_t`` of the teacher's guided ODE
+trajectory inside segment j, one student step must land where the teacher's ODE lands at the segment's end:
+
+    x_t - v_student(x_t, t; s_txt) * (t - b_{j+1})  ~  ODE_teacher(x_t, t -> b_{j+1})
+
+i.e. the student predicts the segment's mean velocity (one pass, no CFG: the guidance scale enters through
+the stage-1 embedders). The segment count falls stage by stage (``--segments 12,6``: half the steps with 12
+segments, then 6 = the 6-NFE grid), Hyper-SD's progressive schedule, ending on the inference grid: each of
+the 6 inference steps then starts at a segment start and ends at its end.
+
+Targets: the 50-step teacher's own Euler path (the evaluation reference), read at the segment boundaries
+by linear interpolation (exact: Euler moves on straight lines within a step), computed once for a pool of
+(prompt, noise, text scale) items (``--pool``); training points are that path's grid points and
+boundaries. The consistency target with the skip equal to the rest of the segment is the teacher's own
+segment end, so no target network is needed.
+Where the paper is silent or differs, see docs/TRAINING.md (loss: MSE on the segment end, the paper used a
+pure adversarial loss; the adversarial objective lives in stage 4 here).
+
+    python -m hyperbagel_core.training.tscd --model DIR --out six.safetensors --prompts-file p.txt \\
+        --eval-prompts-file held.txt --steps 2000
+"""
+from __future__ import annotations
+
+import argparse
+
+import torch
+import torch.nn.functional as F
+
+from ..sampling.schedules import get_schedule, shift_timesteps
+from . import common as C
+
+
+def segment_bounds(k: int, shift: float) -> torch.Tensor:
+    return shift_timesteps(torch.linspace(1, 0, int(k) + 1, dtype=torch.float32), float(shift))
+
+
+class TSCD:
+    """Pool of teacher trajectories + the per-step draw and loss."""
+
+    def __init__(self, pipe, teacher: C.Teacher, student: C.Student, prompts: list[str], *, segments=(12, 6),
+                 schedule: str = "hyper-6nfe", pool: int = 32, scale_range=(1.0, 5.0), seed: int = 0,
+                 start_weight: float = 0.5):
+        self.pipe, self.model, self.teacher, self.student = pipe, pipe.model, teacher, student
+        sched = get_schedule(schedule)
+        self.grid = sched.timesteps.float()
+        self.shift = float(getattr(sched, "shift", 1.0))
+        self.segments = tuple(int(s) for s in segments)
+        if self.segments[-1] != self.grid.numel() - 1:
+            raise ValueError(f"the last stage must have {self.grid.numel() - 1} segments (the {schedule} grid), "
+                             f"got --segments {','.join(map(str, self.segments))}")
+        self.bounds = [segment_bounds(k, self.shift) for k in self.segments]
+        self.fine = C.merged_grid(teacher.reference_grid(), *self.bounds)
+        self.start_weight = start_weight
+        gen = torch.Generator().manual_seed(int(seed))
+        rng = C.step_rng(seed, -1)[0]
+        self.items = [teacher.item(rng.choice(prompts), gen, rng.uniform(*scale_range)) for _ in range(pool)]
+        ref = teacher.reference_grid()
+        self.trajs = [C.path_at(teacher.trajectory(it, ref), ref, self.fine) for it in self.items]
+
+    def stage_of(self, step: int, total: int) -> int:
+        return min(len(self.segments) - 1, step * len(self.segments) // max(1, total))
+
+    def draw(self, rng, stage: int):
+        """(item index, t index on the fine grid, segment-end index)."""
+        b = self.bounds[stage]
+        j = rng.randrange(b.numel() - 1)
+        i0, i1 = C.index_of(self.fine, b[j]), C.index_of(self.fine, b[j + 1])
+        p = i0 if rng.random() < self.start_weight else rng.randrange(i0, i1)
+        return rng.randrange(len(self.items)), p, i1
+
+    def loss_fn(self, draw):
+        n, p, e = draw
+        it, tr = self.items[n], self.trajs[n]
+        t, s = float(self.fine[p]), float(self.fine[e])
+        x_t, target_v = tr[p], (tr[p] - tr[e]) / (t - s)   # the segment's mean velocity
+
+        def fn(extra):
+            v = C.velocity_with_grad(self.model, it.ctxs.gen, x_t, t, it.h, it.w, extra)
+            return F.mse_loss(v, target_v)
+        return it.s_txt, fn
+
+    @torch.no_grad()
+    def evaluate(self, held: list, refs: list) -> float:
+        return sum(C.latent_mse(C.student_sample(self.student, self.model, it, self.grid), r)
+                   for it, r in zip(held, refs)) / len(held)
+
+
+def main(argv=None) -> dict:
+    ap = argparse.ArgumentParser(prog="python -m hyperbagel_core.training.tscd", description=__doc__.split("\n")[0])
+    C.add_common_args(ap)
+    C.add_distill_args(ap)
+    ap.add_argument("--segments", default="12,6", help="segment counts per stage, ending at the grid's NFE")
+    ap.add_argument("--schedule", default="hyper-6nfe", choices=["hyper-6nfe", "hyper-6nfe-shift3"])
+    ap.add_argument("--pool", type=int, default=64, help="teacher trajectories computed up front")
+    ap.add_argument("--start-weight", type=float, default=0.5,
+                    help="share of draws at a segment start (the points the sampler evaluates)")
+    a = ap.parse_args(argv)
+    dist_ = C.init_distributed(a.distributed)
+    pipe, teacher, prompts, held = C.distill_setup(a)
+    model = pipe.model
+    grid = get_schedule(a.schedule).timesteps
+    student = C.student_from_file(model, a.init, C.train_keys(model, a.train_keys), nfe=grid.numel() - 1,
+                                  schedule=a.schedule, timesteps=tuple(grid.tolist()),
+                                  shift=float(get_schedule(a.schedule).shift), base_name=str(a.model))
+    job = TSCD(pipe, teacher, student, prompts, segments=[int(s) for s in a.segments.split(",")],
+               schedule=a.schedule, pool=a.pool, scale_range=tuple(a.scale_range), seed=a.seed,
+               start_weight=a.start_weight)
+    refs = [teacher.reference(it) for it in held]
+    ddp = dist_.wrap(student)
+    opt = C.make_optimizer(student.parameters(), a.lr, dist_, a.shard_optimizer)
+    loop = C.Loop(a.out, a.steps, {"student": student}, {"opt": opt}, dist_, "heldout_mse", a.eval_every,
+                  a.save_every, not a.no_resume, a.stop_after)
+
+    def step(i):
+        rng, _ = C.step_rng(a.seed, i)
+        stage = job.stage_of(i, a.steps)
+        draws = [job.draw(rng, stage) for _ in range(a.batch)]
+        with C.frozen(model):
+            loss = C.accumulate(ddp, model, [job.loss_fn(d) for d in dist_.share(draws)], dist_, a.batch,
+                                a.checkpointing)
+        C.optimizer_step(opt, student.parameters(), lr=C.lr_at(a.lr, i, a.steps, a.steps // 20))
+        return loss
+
+    hist = loop.run(step, lambda: job.evaluate(held, refs))
+    report = {"history": hist}
+    if dist_.main and loop.stop_after is None:
+        from ..loading import resolve_dtype
+        student.export(resolve_dtype(a.save_dtype) if a.save_dtype else None,
+                       stages=tuple(student.config.stages) + ("tscd",)).save(a.out)
+        report["training_free"] = C.training_free_errors(teacher, held, refs, grid.numel() - 1)
+        report["student"] = hist["metric"][-1][1]
+        print(f"held-out final-latent MSE vs the 50-step teacher: student {report['student']:.5g}; "
+              f"training-free {min(report['training_free'].values()):.5g} (best of "
+              f"{', '.join(f'{k} {v:.4g}' for k, v in report['training_free'].items())}); wrote {a.out}")
+    C.write_report(a.report, report, dist_)
+    return report
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,152 @@
+"""The few-step stages on a tiny checkpoint (CPU): each CLI trains, resumes, writes a file that loads through
+BagelPipeline; 2 gloo processes follow the 1-process loss curve; activation checkpointing changes no gradient."""
+import json
+import os
+import socket
+
+import pytest
+import torch
+import torch.multiprocessing as mp
+
+from hyperbagel_core.pipeline import BagelPipeline
+from hyperbagel_core.training import adversarial, common as C, dmdo, tscd
+
+PROMPTS = ["a red circle", "a blue square on a table", "a cat sits on the mat", "a house under the stars"]
+HELD = ["a green bird in the park"]
+
+
+def _args(ckpt, out, *extra):
+    a = ["--model", str(ckpt), "--out", str(out), "--size", "64", "64", "--threads", "1", "--eval-noises", "1"]
+    for p in PROMPTS:
+        a += ["--prompt", p]
+    for p in HELD:
+        a += ["--eval-prompt", p]
+    return a + list(extra)
+
+
+@pytest.fixture(scope="module")
+def six(tiny_ckpt, tmp_path_factory):
+    out = tmp_path_factory.mktemp("tscd") / "six.safetensors"
+    rep = tscd.main(_args(tiny_ckpt, out, "--steps", "16", "--pool", "4", "--lr", "1e-3", "--batch", "2",
+                          "--eval-every", "16", "--segments", "12,6"))
+    return out, rep
+
+
+def test_tscd_trains_a_6nfe_expert_that_loads(six, tiny_ckpt):
+    out, rep = six
+    m = rep["history"]["metric"]
+    assert m[-1][1] < m[0][1], m                       # held-out error vs the 50-step teacher falls
+    assert set(rep["training_free"]) >= {"unipc-6pass@shift1", "euler-6pass@shift3"}
+    pipe = BagelPipeline.from_pretrained(tiny_ckpt, device="cpu", dtype=torch.float32)
+    pipe.load_distilled_expert(out)
+    cfg = pipe.distilled_expert.config
+    assert cfg.schedule == "hyper-6nfe" and cfg.nfe == 6 and "tscd" in cfg.stages
+    res = pipe.generate("a red circle", height=64, width=64, schedule="hyper-6nfe", cfg_text_scale=4.0)
+    assert res.stats["distilled"] and res.stats["steps"] == 6
+
+
+def test_resume_continues_the_same_curve(tiny_ckpt, tmp_path):
+    common = ("--steps", "6", "--pool", "3", "--lr", "1e-3", "--eval-every", "0", "--segments", "6",
+              "--save-every", "2")
+    full = tscd.main(_args(tiny_ckpt, tmp_path / "a.safetensors", *common))["history"]["loss"]
+    tscd.main(_args(tiny_ckpt, tmp_path / "b.safetensors", *common, "--stop-after", "3"))
+    assert not (tmp_path / "b.safetensors").exists() and (tmp_path / "b.safetensors.state" / "state.json").exists()
+    resumed = tscd.main(_args(tiny_ckpt, tmp_path / "b.safetensors", *common))["history"]["loss"]
+    assert len(resumed) == 6
+    assert torch.allclose(torch.tensor(resumed), torch.tensor(full), rtol=1e-5, atol=1e-8), (resumed, full)
+
+
+def _free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+def _rank(rank, world, port, argv, out_json):
+    os.environ.update(RANK=str(rank), WORLD_SIZE=str(world), LOCAL_RANK=str(rank), MASTER_ADDR="127.0.0.1",
+                      MASTER_PORT=str(port))
+    torch.set_num_threads(1)
+    rep = tscd.main(argv + ["--distributed"])
+    if rank == 0:
+        with open(out_json, "w") as f:
+            json.dump(rep["history"]["loss"], f)
+    import torch.distributed as dist
+    dist.destroy_process_group()
+
+
+def test_two_gloo_processes_follow_the_one_process_curve(tiny_ckpt, tmp_path):
+    common = ("--steps", "5", "--pool", "4", "--lr", "1e-3", "--batch", "2", "--eval-every", "0", "--segments", "6")
+    one = tscd.main(_args(tiny_ckpt, tmp_path / "one.safetensors", *common))["history"]["loss"]
+    out_json = tmp_path / "two.json"
+    mp.start_processes(_rank, args=(2, _free_port(), _args(tiny_ckpt, tmp_path / "two.safetensors", *common),
+                                    str(out_json)), nprocs=2, join=True, start_method="spawn")
+    two = json.loads(out_json.read_text())
+    # same global batch, gradients averaged by DDP: equal up to float summation order
+    assert torch.allclose(torch.tensor(two), torch.tensor(one), rtol=1e-4, atol=1e-7), (two, one)
+    BagelPipeline.from_pretrained(tiny_ckpt, device="cpu", dtype=torch.float32).load_distilled_expert(
+        tmp_path / "two.safetensors")
+
+
+def test_dmdo_on_top_of_tscd(six, tiny_ckpt, tmp_path):
+    out = tmp_path / "dmdo.safetensors"
+    rep = dmdo.main(_args(tiny_ckpt, out, "--init", str(six[0]), "--steps", "3", "--fake-warmup", "1",
+                          "--fake-updates", "1", "--lr", "1e-5", "--eval-every", "3"))
+    assert len(rep["evals"]) == 2 and all(e["frechet"] >= 0 for e in rep["evals"])
+    pipe = BagelPipeline.from_pretrained(tiny_ckpt, device="cpu", dtype=torch.float32)
+    pipe.load_distilled_expert(out)
+    assert pipe.distilled_expert.config.stages[-2:] == ("tscd", "dmdo")
+
+
+REWARD = '''
+import torch
+def brightness(images, prompts):
+    assert images.dim() == 4 and images.shape[1] == 3 and len(prompts) == images.shape[0]
+    assert images.requires_grad
+    return images.mean(dim=(1, 2, 3)) * 10
+'''
+
+
+def test_one_nfe_stage_with_reward(six, tiny_ckpt, tmp_path):
+    rfile = tmp_path / "my_reward.py"
+    rfile.write_text(REWARD)
+    out = tmp_path / "one.safetensors"
+    rep = adversarial.main(_args(tiny_ckpt, out, "--init", str(six[0]), "--steps", "3", "--eval-every", "3",
+                                 "--lr", "1e-4", "--reward", f"{rfile}:brightness"))
+    assert {"euler-1pass@shift1", "euler-2pass@shift1"} <= set(rep["euler"])
+    pipe = BagelPipeline.from_pretrained(tiny_ckpt, device="cpu", dtype=torch.float32)
+    pipe.load_distilled_expert(out)
+    cfg = pipe.distilled_expert.config
+    assert cfg.schedule == "hyper-1nfe" and cfg.nfe == 1 and cfg.stages[-2:] == ("adp", "refl")
+    assert pipe.generate("a red circle", height=64, width=64, schedule="hyper-1nfe").stats["steps"] == 1
+    with pytest.raises(SystemExit, match="module:function"):
+        adversarial.load_reward("no_colon_here")
+
+
+def test_activation_checkpointing_and_fp32_masters(tiny_pipe):
+    model = tiny_pipe.model
+    teacher = C.Teacher(tiny_pipe, (64, 64))
+    it = teacher.item("a red circle", torch.Generator().manual_seed(0), 3.0)
+    grads = []
+    for ck in (False, True):
+        st = C.Student.fresh(model, C.train_keys(model, "all"))
+        with C.frozen(model), C.student_pass(st, model, it.s_txt, checkpointing=ck) as extra:
+            v = C.velocity_with_grad(model, it.ctxs.gen, it.noise, 0.7, it.h, it.w, extra)
+            v.square().mean().backward()
+        grads.append({k: p.grad.clone() for k, p in st.named_parameters() if p.grad is not None})
+        assert all(p.dtype == torch.float32 for p in st.parameters())
+    assert grads[0].keys() == grads[1].keys() and len(grads[0]) > 10
+    for k in grads[0]:
+        assert torch.allclose(grads[0][k], grads[1][k], atol=1e-6, rtol=1e-5), k
+    # installs nest and restore the very same Parameter objects
+    before = dict(model.named_parameters())
+    assert all(before[k] is p for k, p in model.named_parameters())
+
+
+def test_small_updates_survive_in_fp32_masters():
+    """The reason for fp32 masters: a bf16 weight does not move by lr * update when that is below half an ulp."""
+    w = torch.ones(4, dtype=torch.bfloat16)
+    assert torch.equal(w + 1e-4, w)
+    master = torch.ones(4)
+    for _ in range(100):
+        master += 1e-4
+    assert master.to(torch.bfloat16)[0] > 1
