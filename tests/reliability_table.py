@@ -56,11 +56,17 @@ def write(section: str, rows: dict) -> None:
     DOC.write_text(f"{head}{start}\n{render(rows)}\n{end}{tail}", encoding="utf-8")
 
 
+def _shape(message: str | None) -> str | None:
+    """The message with numbers and hex digests masked: byte counts of the tiny files and fingerprints follow
+    the installed safetensors/tokenizers, the wording is what the doc promises."""
+    return None if message is None else re.sub(r"\b[0-9a-f]*\d[0-9a-f]*\b", "#", message)
+
+
 def check(section: str, rows: dict) -> list[str]:
-    """Rows recorded in this run whose doc entry is missing or differs (empty = the doc is current)."""
+    """Rows recorded in this run whose doc entry is missing or differs in wording (empty = the doc is current)."""
     if WRITE:
         write(section, rows)
         return []
     written = doc_rows(section)
     return [f"{g} / {i}: test says {o!r}, doc says {written.get((g, i))!r}"
-            for g, i, o in rows.values() if written.get((g, i)) != o]
+            for g, i, o in rows.values() if _shape(written.get((g, i))) != _shape(o)]
