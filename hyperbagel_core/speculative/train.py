@@ -23,6 +23,7 @@ from dataclasses import dataclass
 import torch
 import torch.nn.functional as F
 
+from ..quant import dense_dtype
 from .decode import speculative_generate
 from .draft_head import DraftHead
 from .layers import attend, rope_cos_sin
@@ -204,8 +205,7 @@ def main(argv=None) -> int:
     head = DraftHead.from_target(model, args.kind, seed=args.seed).float()
     hist = train_draft_head(head, samples, cfg, log_every=max(1, cfg.steps // 10))
     from .draft_io import save_draft_head
-    ref = model.language_model.lm_head.weight
-    path = save_draft_head(head.to(ref.dtype), args.out, model)
+    path = save_draft_head(head.to(dense_dtype(model.language_model.lm_head)), args.out, model)
     k = max(1, len(hist) // 10)
     print(json.dumps({"out": str(path), "samples": len(samples), "steps": len(hist),
                       "loss_first": sum(hist[:k]) / k, "loss_last": sum(hist[-k:]) / k}))
