@@ -26,6 +26,7 @@ from __future__ import annotations
 from dataclasses import dataclass
 
 import torch
+from torch import nn
 
 from . import image as im
 from .config import BagelConfig
@@ -195,3 +196,32 @@ def plan_weight_dtype(config: BagelConfig, free: int, task: str = "generate", *,
     reason = (f"auto -> nf4: {task} {width}x{height} does not fit in {free / 1e9:.1f} GB free in any mode ("
               + ", ".join(tried) + "); the model manager streams the weights that do not fit")
     return WeightPlan("nf4", weights, working, free, False, reason)
+
+
+def model_parts(root: nn.Module) -> dict[str, nn.Module]:
+    """``root`` (``BagelModules``) split into one container per part, for a model manager that loads and
+    offloads the parts apart (ComfyUI: one ModelPatcher each). Each container holds the largest subtrees
+    whose tensors all belong to one part, so every tensor is in exactly one container and moving a container
+    moves the model's own modules (no copies)."""
+    holders = {p: nn.ModuleDict() for p in PARTS}
+
+    def visit(name: str, m: nn.Module) -> None:
+        keys = [k for k, _ in m.named_parameters()] + [k for k, _ in m.named_buffers()]
+        if not keys:
+            return
+        parts = {part_of(f"{name}.{k}") for k in keys}
+        if len(parts) == 1:
+            holders[parts.pop()][name.replace(".", "__") or "root"] = m
+            return
+        if next(m.parameters(recurse=False), None) is not None or next(m.buffers(recurse=False), None) is not None:
+            raise ValueError(f"module {name!r} holds tensors of several parts itself; it cannot be split")
+        for child, sub in m.named_children():
+            visit(f"{name}.{child}" if name else child, sub)
+
+    visit("", root)
+    out = {}
+    for p, h in holders.items():
+        container = nn.Module()
+        container.modules_of_part = h
+        out[p] = container
+    return out

@@ -13,7 +13,8 @@ HERE = os.path.dirname(os.path.abspath(__file__))
 
 # widget order of each node type as ComfyUI's frontend serialises it (control_after_generate / upload extras)
 WIDGETS = {
-    "HyperBagelModelLoader": ["checkpoint", "dtype", "attention", "draft_head", "distilled_expert", "memory"],
+    "HyperBagelModelLoader": ["checkpoint", "dtype", "attention", "draft_head", "distilled_expert", "memory",
+                              "weight_dtype"],
     "HyperBagelSpeculativeVQA": ["question", "drafter", "k", "max_new_tokens", "temperature", "seed", "+control",
                                  "think", "batch_mode"],
     "HyperBagelFewStepSampler": ["prompt", "width", "height", "schedule", "steps", "solver", "custom_timesteps",
@@ -45,7 +46,7 @@ TYPES = {"prompt": "STRING"}
 PACK = {"cnr_id": "hyperbagel", "ver": "0.1.0"}
 
 LOADER = dict(checkpoint="BAGEL-7B-MoT", dtype="auto", attention="sdpa", draft_head="none",
-              distilled_expert="none", memory="auto")
+              distilled_expert="none", memory="auto", weight_dtype="default")
 SAMPLER = dict(prompt="A photo of a red fox in fresh snow, golden hour, shallow depth of field.", width=1024,
                height=1024, schedule="hyper-6nfe", steps=8, solver="unipc", custom_timesteps="1.0, 0.75, 0.5, 0.25",
                shift=3.0, text_guidance=4.0, cfg_interval_start=0.4, seed=42, batch_size=1, think=False)

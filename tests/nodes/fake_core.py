@@ -22,6 +22,7 @@ class FakePipe:
         self.draft = self.distilled = None
         self.compute_device = None
         self.memory_asks = []     # (task, run parameters) of memory_required calls
+        self.weight_dtype, self.weight_plan = "default", None
 
     def memory_required(self, task, **run):
         self.memory_asks.append((task, run))
@@ -75,9 +76,12 @@ def make_core(pipe=None):
 
     class BagelPipeline:
         @staticmethod
-        def from_pretrained(path, device=None, dtype=None, ops=None, attn_backend="sdpa", compute_dtype=None):
+        def from_pretrained(path, device=None, dtype=None, ops=None, attn_backend="sdpa", compute_dtype=None,
+                            weight_dtype="default", free_memory=None):
             loads.append(dict(path=path, device=device, dtype=dtype, ops=ops, attn_backend=attn_backend,
-                              compute_dtype=compute_dtype))
+                              compute_dtype=compute_dtype, weight_dtype=weight_dtype, free_memory=free_memory))
+            pipe.weight_dtype = weight_dtype
             return pipe
 
-    return FakeCore(BagelPipeline=BagelPipeline, loads=loads, pipe=pipe)
+    from hyperbagel_core import quant   # the real option list (no weights involved)
+    return FakeCore(BagelPipeline=BagelPipeline, loads=loads, pipe=pipe, quant=quant)
