@@ -67,10 +67,10 @@ class NormalBank:
     take most of the run on 2 cores and an fp32 copy of the 1.1 GB embedding would double the peak RSS;
     the weights' values only need to be plausible here (quality is measured by bench/quant_quality.py)."""
 
-    def __init__(self, seed: int, size: int = 1 << 24):
+    def __init__(self, seed: int, size: int = 1 << 24, device="cpu"):
         self.gen = torch.Generator().manual_seed(seed)
-        self.bank = torch.randn(2 * size, generator=self.gen)
-        self.size = size
+        self.bank = torch.randn(2 * size, generator=self.gen).to(device)
+        self.size, self.device = size, device
 
     def fill(self, out: torch.Tensor, std: float) -> torch.Tensor:
         flat = out.view(-1)
@@ -84,21 +84,21 @@ class NormalBank:
 
 def _random(name: str, shape, bank: NormalBank, dtype) -> torch.Tensor:
     if name.endswith("pos_embed"):
-        return sincos_2d_table(int(round(shape[0] ** 0.5)), shape[1]).to(dtype)
+        return sincos_2d_table(int(round(shape[0] ** 0.5)), shape[1]).to(bank.device, dtype)
     if len(shape) == 1:
         if "norm" in name and name.endswith("weight"):
-            return torch.ones(shape, dtype=dtype)
-        return bank.fill(torch.empty(shape, dtype=dtype), 0.02)
-    return bank.fill(torch.empty(shape, dtype=dtype), shape[-1] ** -0.5)
+            return torch.ones(shape, dtype=dtype, device=bank.device)
+        return bank.fill(torch.empty(shape, dtype=dtype, device=bank.device), 0.02)
+    return bank.fill(torch.empty(shape, dtype=dtype, device=bank.device), shape[-1] ** -0.5)
 
 
-def build_quantized(cfg: BagelConfig, mode: str, dtype=torch.bfloat16, seed: int = 0) -> BagelModel:
+def build_quantized(cfg: BagelConfig, mode: str, dtype=torch.bfloat16, seed: int = 0, device="cpu") -> BagelModel:
     """The model built on the meta device, then materialized one module at a time; each weight ``mode``
     quantizes is quantized as soon as it exists and its dense copy dropped."""
     with torch.device("meta"):
         model = BagelModel(cfg).to(dtype)
     plan = Q.quantized_modules(model, mode) if mode != "default" else {}
-    bank = NormalBank(seed)
+    bank = NormalBank(seed, device=device)
     for mname, m in model.named_modules():
         for pname, p in list(m.named_parameters(recurse=False)):
             full = f"{mname}.{pname}" if mname else pname
@@ -111,7 +111,7 @@ def build_quantized(cfg: BagelConfig, mode: str, dtype=torch.bfloat16, seed: int
                 m._parameters[pname] = nn.Parameter(t, requires_grad=False)
         for bname, b in list(m.named_buffers(recurse=False)):
             if b.is_meta:
-                m._buffers[bname] = torch.zeros(b.shape, dtype=b.dtype)
+                m._buffers[bname] = torch.zeros(b.shape, dtype=b.dtype, device=device)
     model.compute_dtype, model.weight_dtype = dtype, mode
     return model.requires_grad_(False).eval()
 
@@ -129,6 +129,17 @@ def bytes_table(dtype=torch.bfloat16) -> list[dict]:
     return rows
 
 
+def random_vae(cfg: BagelConfig, device="cpu", dtype=torch.float32) -> FluxVAE:
+    with torch.device("meta"):
+        vae = FluxVAE.from_config(cfg.vae)
+    vae = vae.to_empty(device=device).to(dtype)
+    bank = NormalBank(1, device=device)
+    with torch.no_grad():
+        for name, p in vae.named_parameters():
+            p.copy_(_random(name, tuple(p.shape), bank, dtype))
+    return vae.requires_grad_(False).eval()
+
+
 def run(args) -> dict:
     torch.set_grad_enabled(False)
     cfg = real_config(args.layers, args.vit_layers)
@@ -136,13 +147,8 @@ def run(args) -> dict:
     model = build_quantized(cfg, args.mode)
     built = time.perf_counter() - t0
     rss_built = rss_gb()
-    with torch.device("meta"):
-        vae = FluxVAE.from_config(cfg.vae)
-    vae = vae.to_empty(device="cpu")
-    bank = NormalBank(1)
-    for name, p in vae.named_parameters():
-        p.copy_(_random(name, tuple(p.shape), bank, torch.float32))
-    pipe = BagelPipeline(model, vae.requires_grad_(False).eval(), AnswerTokenizer(), cfg)
+    vae = random_vae(cfg)
+    pipe = BagelPipeline(model, vae, AnswerTokenizer(), cfg)
     out = dict(mode=args.mode, layers=cfg.llm.num_hidden_layers, vit_layers=cfg.vit.num_hidden_layers,
                bagel_bytes=Q.storage_bytes(model), vae_bytes=Q.storage_bytes(vae), build_s=built,
                peak_rss_after_build_gb=rss_built, threads=torch.get_num_threads(),
