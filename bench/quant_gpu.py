@@ -79,9 +79,6 @@ def run_mode(cfg, mode: str, device, args) -> dict:
                                                   max_new_tokens=args.tokens), device, args.repeats)
     row["tokens_per_second"] = ans.stats.get("tokens_per_second")
     row["decoder"] = ans.stats.get("decoder")
-    del pipe, model
-    if device.type == "cuda":
-        torch.cuda.empty_cache()
     return row
 
 
@@ -101,7 +98,9 @@ def main(argv=None) -> int:
     cfg = config(args.tiny)
     rows = []
     for mode in args.modes:
-        rows.append(run_mode(cfg, mode, device, args))
+        rows.append(run_mode(cfg, mode, device, args))   # the mode's model is freed on return
+        if device.type == "cuda":
+            torch.cuda.empty_cache()
         print(json.dumps(rows[-1]), flush=True)
     meta = dict(device=torch.cuda.get_device_name(device) if device.type == "cuda" else platform.processor(),
                 torch=torch.__version__, size=args.size, steps=args.steps, tiny=args.tiny)
