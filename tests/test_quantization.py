@@ -109,7 +109,11 @@ def test_bytes_parts_and_meta_accounting(tiny_ckpt):
 def test_converter_round_trip_and_refusals(tiny_ckpt, extras, tmp_path):
     from hyperbagel_core.__main__ import main
     dst = tmp_path / "int8"
-    assert main(["quantize", str(tiny_ckpt), str(dst), "--mode", "int8"]) == 0
+    grad = torch.is_grad_enabled()
+    try:
+        assert main(["quantize", str(tiny_ckpt), str(dst), "--mode", "int8"]) == 0
+    finally:
+        torch.set_grad_enabled(grad)   # the CLI turns autograd off for the process
     assert (dst / "ema.safetensors").stat().st_size < (tiny_ckpt / "ema.safetensors").stat().st_size
     pre = BagelPipeline.from_pretrained(dst, dtype=torch.float32, draft_head=extras[0])   # mode from the file
     pre.load_distilled_expert(extras[1])
