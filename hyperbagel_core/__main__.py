@@ -68,6 +68,10 @@ def build_parser() -> argparse.ArgumentParser:
     a.add_argument("--think", action="store_true")
     a.add_argument("--drafter", default="none", help="none | prompt_lookup | draft_head (speculative decoding)")
     a.add_argument("--draft-head", type=Path, help="draft-head file for --drafter draft_head")
+    q = sub.add_parser("quantize", help="write a pre-quantized copy of a bf16 BAGEL folder (docs/quantization.md)")
+    q.add_argument("src", type=Path, help="official bf16 BAGEL folder")
+    q.add_argument("dst", type=Path, help="new folder to write")
+    q.add_argument("--mode", required=True, choices=["fp8_e4m3fn", "int8", "nf4"])
     d = sub.add_parser("demo", help="generate, edit and answer once (tiny built-in checkpoint without --model)")
     _add_common(d)
     d.set_defaults(demo=True)
@@ -111,11 +115,24 @@ def _pipeline(args):
                                          cuda_graphs=not args.no_cuda_graphs)
 
 
+def _quantize(args) -> int:
+    from .quant import quantize_folder
+    t0 = time.perf_counter()
+    with ProgressBar("quantizing", unit="tensor") as bar:
+        record = quantize_folder(args.src, args.dst, args.mode, progress=bar)
+    src, dst = (args.src / "ema.safetensors").stat().st_size, (args.dst / "ema.safetensors").stat().st_size
+    print(f"wrote {args.dst} ({args.mode}, {record['quantized_modules']} quantized layers): ema.safetensors "
+          f"{src / 1e9:.2f} GB -> {dst / 1e9:.2f} GB in {time.perf_counter() - t0:.1f}s")
+    return 0
+
+
 def main(argv=None) -> int:
     logging.basicConfig(level=logging.WARNING)
     args = build_parser().parse_args(argv)
     torch.set_grad_enabled(False)
     try:
+        if args.cmd == "quantize":
+            return _quantize(args)
         pipe = _pipeline(args)
         args.out.mkdir(parents=True, exist_ok=True)
         t0 = time.perf_counter()

@@ -150,14 +150,25 @@ def load_config(folder: Path) -> BagelConfig:
         raise CheckpointError(str(e)) from e
 
 
-def _load_tensors(path: Path, names, device, dtype=None) -> dict[str, torch.Tensor]:
+def _load_tensors(path: Path, names, device, dtype=None, quantize_as=None, keep=()) -> dict[str, torch.Tensor]:
+    """Read ``names`` one by one, cast floating tensors to ``dtype`` (except those in ``keep``: stored
+    quantized), and quantize the weights of the modules in ``quantize_as`` ({module: format}) as they come,
+    so at most one dense tensor exists beside what was already kept."""
     from safetensors import safe_open
+    from .quant import quantize
+    quantize_as = quantize_as or {}
     out = {}
     try:
         with safe_open(str(path), framework="pt", device=str(device)) as f:
             for name in names:
                 t = f.get_tensor(name)
-                out[name] = aligned(t.to(dtype) if dtype is not None and t.is_floating_point() else t)
+                module, _, leaf = name.rpartition(".")
+                if leaf == "weight" and module in quantize_as:
+                    q, s = quantize(t, quantize_as[module])
+                    out[name], out[name + "_scale"] = aligned(q), aligned(s)
+                    continue
+                keep_it = dtype is None or not t.is_floating_point() or name in keep
+                out[name] = aligned(t if keep_it else t.to(dtype))
     except CheckpointError:
         raise
     except Exception as e:  # safetensors raises its own error types
@@ -165,18 +176,43 @@ def _load_tensors(path: Path, names, device, dtype=None) -> dict[str, torch.Tens
     return out
 
 
-def load_bagel_model(folder: Path, config: BagelConfig, *, device, dtype, ops=None):
-    """BagelModel with the weights of ``ema.safetensors``, in ``dtype`` on ``device``."""
+def load_bagel_model(folder: Path, config: BagelConfig, *, device, dtype, ops=None, weight_dtype: str = "default"):
+    """BagelModel with the weights of ``ema.safetensors``, in ``dtype`` on ``device``.
+
+    ``weight_dtype`` (``quant.QUANT_MODES``): quantize the official bf16 weights tensor by tensor while
+    reading them. A pre-quantized folder (``python -m hyperbagel_core quantize``) loads in its own mode;
+    ``model.base_fingerprints`` then identifies the bf16 weights for draft heads and distilled experts.
+    """
+    from . import quant
     from .model.bagel import BagelModel
     path = folder / "ema.safetensors"
     header = read_safetensors_header(path)
     with torch.device("meta"):
         model = BagelModel(config, ops=ops)
+    stored = quant.read_quantized_metadata(path)
+    keep, quantize_as = (), None
     expected = {k: tuple(v.shape) for k, v in model.state_dict().items()}
-    check_against(path, header, expected)
-    check_dtypes(path, header)
-    sd = _load_tensors(path, expected, device, dtype)
+    if stored is not None:
+        quant.check_quantized_folder(path, stored, weight_dtype)
+        plan = quant.prepare_meta(model, stored["mode"], dtype)
+        keep = {f"{m}.{t}" for m in plan for t in ("weight", "weight_scale")}
+        expected = {k: tuple(v.shape) for k, v in model.state_dict().items()}
+        check_against(path, header, expected)
+        check_dtypes(path, {k: v for k, v in header.items() if k not in keep})  # stored codes are integers
+        model.base_fingerprints = stored["fingerprints"]
+    else:
+        check_against(path, header, expected)
+        check_dtypes(path, header)
+        if weight_dtype in quant.QUANT_MODES:
+            model.base_fingerprints = quant.file_fingerprints(path, list(header))
+            quantize_as = quant.prepare_meta(model, weight_dtype, dtype)
+        elif weight_dtype != "default":
+            raise ValueError(f"unknown weight_dtype {weight_dtype!r}; choose one of {', '.join(quant.WEIGHT_DTYPES)}")
+    sd = _load_tensors(path, expected, device, dtype, quantize_as=quantize_as, keep=keep)
     model.load_state_dict(sd, strict=True, assign=True)
+    model.weight_dtype = stored["mode"] if stored is not None else weight_dtype
+    if model.weight_dtype != "default":
+        model.compute_dtype = dtype  # the LM head may be stored int8 (nf4 mode): it no longer tells
     return model.requires_grad_(False).eval()
 
 

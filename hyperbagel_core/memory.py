@@ -26,6 +26,7 @@ from __future__ import annotations
 from dataclasses import dataclass
 
 import torch
+from torch import nn
 
 from . import image as im
 from .config import BagelConfig
@@ -110,3 +111,117 @@ def estimate_run_memory(config: BagelConfig, task: str, *, height: int = 1024, w
     ev = _size(vae_dtype)
     vae = 0 if task == "answer" else _vae_bytes(config.vae, height, width, ev)
     return MemoryEstimate(kv, act, vit_bytes, vae, kv + max(act, vit_bytes, vae))
+
+
+# -- weights per part and the weight-dtype plan -------------------------------------------------------------------
+PARTS = ("und", "vit", "gen", "vae")
+TASK_PARTS = {"answer": ("und", "vit"), "generate": ("und", "gen", "vae"), "edit": ("und", "vit", "gen", "vae")}
+_GEN_PREFIXES = ("time_embedder.", "vae2llm.", "llm2vae.", "latent_pos_embed", "distilled_expert.")
+_VIT_PREFIXES = ("vit_model.", "connector.", "vit_pos_embed")
+AUTO_ORDER = ("default", "fp8_e4m3fn_fast", "int8", "nf4")  # fastest first (see docs/quantization.md)
+HEADROOM = 0.95  # of the free memory a plan may fill (allocator fragmentation, other tensors)
+
+
+def part_of(key: str) -> str:
+    """Which part a tensor of ``BagelModules`` (``bagel.*``, ``vae.*``, ``draft_head.*``,
+    ``distilled_expert.*``) or of a bare ``BagelModel`` belongs to: "und" (understanding expert, embeddings,
+    LM head; what every task runs), "vit" (ViT + connector: images in), "gen" (generation expert and the
+    latent connectors: images out), "vae"."""
+    key = key[len("bagel."):] if key.startswith("bagel.") else key
+    if key.startswith("vae."):
+        return "vae"
+    if "_moe_gen" in key or key.startswith(_GEN_PREFIXES):
+        return "gen"
+    if key.startswith(_VIT_PREFIXES):
+        return "vit"
+    return "und"
+
+
+def weight_bytes(config: BagelConfig, mode: str = "default", dtype=torch.bfloat16,
+                 vae_dtype=torch.float32) -> dict[str, int]:
+    """Stored bytes of each part in ``mode``: the real model and quantizer on the meta device (no data)."""
+    from .model.bagel import BagelModel
+    from .model.vae import FluxVAE
+    from .quant import prepare_meta
+    with torch.device("meta"):
+        model = BagelModel(config).to(dtype)
+        vae = FluxVAE.from_config(config.vae)
+    if mode not in ("default", None):
+        prepare_meta(model, mode, dtype)
+    out = dict.fromkeys(PARTS, 0)
+    for k, t in model.state_dict().items():
+        out[part_of(k)] += t.numel() * t.element_size()
+    out["vae"] = sum(t.numel() for t in vae.state_dict().values()) * _size(vae_dtype)
+    return out
+
+
+@dataclass(frozen=True)
+class WeightPlan:
+    mode: str          # the weight_dtype picked
+    weights: int       # bytes of the task's parts in that mode
+    working: int       # estimate_run_memory(...).total
+    free: int
+    fits: bool
+    reason: str
+
+
+def plan_weight_dtype(config: BagelConfig, free: int, task: str = "generate", *, height: int = 1024,
+                      width: int = 1024, dtype=torch.bfloat16, vae_dtype=torch.float32, fp8_matmul: bool = False,
+                      **run) -> WeightPlan:
+    """The fastest weight dtype whose task parts plus working memory fit in ``free`` bytes (x HEADROOM).
+
+    Order: default (no dequantization), fp8_e4m3fn_fast (only when the GPU has fp8 matmuls), int8 (same size
+    as fp8, closer to bf16 in our measurements, same dequantizing speed), nf4. When nothing fits: nf4,
+    and the model manager streams what does not fit.
+    """
+    if task not in TASK_PARTS:
+        raise ValueError(f"unknown task {task!r}; choose one of {tuple(TASK_PARTS)}")
+    working = estimate_run_memory(config, task, height=height, width=width, dtype=dtype, vae_dtype=vae_dtype,
+                                  **run).total
+    budget = int(free * HEADROOM)
+    tried = []
+    for mode in AUTO_ORDER:
+        if mode == "fp8_e4m3fn_fast" and not fp8_matmul:
+            continue
+        parts = weight_bytes(config, mode, dtype, vae_dtype)
+        weights = sum(parts[p] for p in TASK_PARTS[task])
+        tried.append(f"{mode} {(weights + working) / 1e9:.1f} GB")
+        if weights + working <= budget:
+            reason = (f"auto -> {mode}: {task} {width}x{height} needs {weights / 1e9:.1f} GB of weights "
+                      f"({'+'.join(TASK_PARTS[task])}) + {working / 1e9:.1f} GB working memory, "
+                      f"within {budget / 1e9:.1f} GB of {free / 1e9:.1f} GB free")
+            if len(tried) > 1:
+                reason += " (too large: " + ", ".join(tried[:-1]) + ")"
+            return WeightPlan(mode, weights, working, free, True, reason)
+    reason = (f"auto -> nf4: {task} {width}x{height} does not fit in {free / 1e9:.1f} GB free in any mode ("
+              + ", ".join(tried) + "); the model manager streams the weights that do not fit")
+    return WeightPlan("nf4", weights, working, free, False, reason)
+
+
+def model_parts(root: nn.Module) -> dict[str, nn.Module]:
+    """``root`` (``BagelModules``) split into one container per part, for a model manager that loads and
+    offloads the parts apart (ComfyUI: one ModelPatcher each). Each container holds the largest subtrees
+    whose tensors all belong to one part, so every tensor is in exactly one container and moving a container
+    moves the model's own modules (no copies)."""
+    holders = {p: nn.ModuleDict() for p in PARTS}
+
+    def visit(name: str, m: nn.Module) -> None:
+        keys = [k for k, _ in m.named_parameters()] + [k for k, _ in m.named_buffers()]
+        if not keys:
+            return
+        parts = {part_of(f"{name}.{k}") for k in keys}
+        if len(parts) == 1:
+            holders[parts.pop()][name.replace(".", "__") or "root"] = m
+            return
+        if next(m.parameters(recurse=False), None) is not None or next(m.buffers(recurse=False), None) is not None:
+            raise ValueError(f"module {name!r} holds tensors of several parts itself; it cannot be split")
+        for child, sub in m.named_children():
+            visit(f"{name}.{child}" if name else child, sub)
+
+    visit("", root)
+    out = {}
+    for p, h in holders.items():
+        container = nn.Module()
+        container.modules_of_part = h
+        out[p] = container
+    return out

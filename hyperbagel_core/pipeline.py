@@ -50,6 +50,29 @@ class BagelModules(nn.Module):
         self.bagel, self.vae = bagel, vae
 
 
+def _plan_weights(folder, config, weight_dtype, device, free_memory, task, size, dtype, vae_dtype):
+    """Resolve ``weight_dtype="auto"`` to a ``memory.WeightPlan`` (None for an explicit choice)."""
+    from .quant import WEIGHT_DTYPES, read_quantized_metadata
+    if weight_dtype not in WEIGHT_DTYPES:
+        raise InputError(f"unknown weight_dtype {weight_dtype!r}; choose one of {', '.join(WEIGHT_DTYPES)}")
+    if weight_dtype != "auto":
+        return None
+    from .memory import WeightPlan, plan_weight_dtype
+    stored = read_quantized_metadata(folder / "ema.safetensors")
+    if stored is not None:
+        return WeightPlan(stored["mode"], 0, 0, free_memory or 0, True,
+                          f"auto -> {stored['mode']}: the folder is pre-quantized")
+    if free_memory is None:
+        if device.type != "cuda":
+            return WeightPlan("default", 0, 0, 0, True, f"auto -> default: weights in {device.type} memory")
+        free_memory = torch.cuda.mem_get_info(device)[0]
+    fp8_matmul = device.type == "cuda" and torch.cuda.get_device_capability(device) >= (8, 9)
+    plan = plan_weight_dtype(config, free_memory, task, width=size[0], height=size[1], dtype=dtype,
+                             vae_dtype=vae_dtype, fp8_matmul=fp8_matmul)
+    log.info("hyperbagel: %s", plan.reason)
+    return plan
+
+
 @dataclass
 class AnswerResult:
     text: str
@@ -134,12 +157,19 @@ class BagelPipeline:
     @classmethod
     def from_pretrained(cls, path, device="cpu", dtype=torch.bfloat16, ops=None, vae_dtype=torch.float32,
                         attn_backend: str = "sdpa", draft_head=None, compute_dtype=None,
-                        cuda_graphs: bool = True) -> "BagelPipeline":
+                        cuda_graphs: bool = True, weight_dtype: str = "default", free_memory: int | None = None,
+                        plan_task: str = "generate", plan_size: tuple[int, int] = (1024, 1024)) -> "BagelPipeline":
         """Load an official BAGEL folder (llm/vit configs, ema.safetensors, ae.safetensors, tokenizer).
 
         Weights are stored in ``dtype`` on ``device`` (also the compute device until ``compute_device`` is
         set). ``compute_dtype`` (default ``dtype``) is the activation dtype; a different one needs ``ops``
         that cast weights per call (ComfyUI's ``manual_cast``), e.g. bf16 weights computed in fp32.
+
+        ``weight_dtype`` (docs/quantization.md): "default" stores every weight in ``dtype``; "fp8_e4m3fn",
+        "fp8_e4m3fn_fast", "int8", "nf4" store the linear layers quantized (dequantized to the activation
+        dtype per call); "auto" picks the fastest that fits ``free_memory`` bytes (default: the CUDA device's
+        free memory; on CPU "default") for a ``plan_task`` call at ``plan_size`` (W, H); ``weight_plan``
+        says what and why. A pre-quantized folder loads in its own mode.
         """
         from .model.attention import set_backend
         set_backend(attn_backend)
@@ -155,15 +185,26 @@ class BagelPipeline:
             from .errors import CheckpointError
             raise CheckpointError(f"{folder}: tokenizer has {len(tokenizer)} tokens but the model's vocab is "
                                   f"{config.llm.vocab_size}; the tokenizer files belong to another model")
+        plan = _plan_weights(folder, config, weight_dtype, device, free_memory, plan_task, plan_size, dtype,
+                             vae_dtype)
         t0 = time.perf_counter()
-        model = load_bagel_model(folder, config, device=device, dtype=dtype, ops=ops)
+        model = load_bagel_model(folder, config, device=device, dtype=dtype, ops=ops,
+                                 weight_dtype=plan.mode if plan else weight_dtype)
         vae = load_vae(folder, config, device=device, dtype=vae_dtype, ops=ops)
         log.info("loaded BAGEL from %s in %.1fs (%s, %s)", folder, time.perf_counter() - t0, device, dtype)
         pipe = cls(model, vae, tokenizer, config, str(folder), ops=ops, cuda_graphs=cuda_graphs)
         pipe.compute_device, pipe.model.compute_dtype = device, compute_dtype
+        pipe.weight_plan = plan
         if draft_head is not None:
             pipe.load_draft_head(draft_head)
         return pipe
+
+    weight_plan = None  # memory.WeightPlan when loaded with weight_dtype="auto"
+
+    @property
+    def weight_dtype(self) -> str:
+        """How the weights are stored: "default" or the quantization mode (``quant.QUANT_MODES``)."""
+        return getattr(self.model, "weight_dtype", "default")
 
     @property
     def compute_device(self) -> torch.device:

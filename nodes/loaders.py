@@ -36,14 +36,19 @@ class BagelModelLoader(io.ComfyNode):
                                tooltip="auto: ComfyUI loads what fits and streams the rest. gpu_full: keep every "
                                        "weight on the GPU. offload_after_run: move the weights back to the CPU "
                                        "after each run to leave VRAM for other models."),
+                io.Combo.Input("weight_dtype", options=runtime.weight_dtype_choices(), default="default",
+                               tooltip="How the linear layers are stored. default: in dtype. fp8_e4m3fn / int8: "
+                                       "about 16 GB, per-channel scales. fp8_e4m3fn_fast: fp8 matmuls on RTX 40xx+ "
+                                       "GPUs. nf4: 4-bit, about 8.7 GB. auto: the fastest that fits the free "
+                                       "VRAM (see the log). A pre-quantized folder loads in its own mode."),
             ],
             outputs=[BagelModelType.Output(display_name="model", tooltip="The loaded BAGEL model.")],
         )
 
     @classmethod
-    def execute(cls, checkpoint, dtype, attention, memory) -> io.NodeOutput:
+    def execute(cls, checkpoint, dtype, attention, memory, weight_dtype="default") -> io.NodeOutput:
         folder = paths.resolve_checkpoint(checkpoint)
-        return io.NodeOutput(runtime.load_bagel(folder, dtype, attention, memory))
+        return io.NodeOutput(runtime.load_bagel(folder, dtype, attention, memory, weight_dtype))
 
 
 class BagelVAELoader(io.ComfyNode):

@@ -54,6 +54,9 @@ class BagelModel:
     memory_mode: str = "auto"
     draft: Attachment | None = None
     distilled: Attachment | None = None
+    weight_dtype: str = "default"
+    plan: str | None = None          # what weight_dtype="auto" picked and why
+    parts: dict | None = None        # part name -> ModelPatcher (memory.model_parts): loaded per task
 
     @property
     def draft_head(self) -> str | None:
@@ -71,7 +74,9 @@ class BagelModel:
         return cfg.schedule, list(cfg.timesteps)
 
     def patchers(self) -> list:
-        return [self.patcher] + [a.patcher for a in (self.draft, self.distilled) if a is not None]
+        """Every patcher this model may load: the base (per part when split) and the attachments."""
+        base = list(self.parts.values()) if self.parts else [self.patcher]
+        return base + [a.patcher for a in (self.draft, self.distilled) if a is not None]
 
     def bind(self) -> Any:
         """Point the shared pipeline at this branch's draft head and distilled expert (or none)."""
@@ -92,9 +97,21 @@ class BagelModel:
 
         pipe = self.bind()
         need = pipe.memory_required(task, **run) if task else 0
-        mm.load_models_gpu(self.patchers(), memory_required=need, force_full_load=self.memory_mode == "gpu_full")
+        mm.load_models_gpu(self.patchers_for(task), memory_required=need,
+                           force_full_load=self.memory_mode == "gpu_full")
         pipe.compute_device = self.patcher.load_device
         return pipe
+
+    def patchers_for(self, task: str | None) -> list:
+        """The parts a ``task`` runs (answer: und + ViT (+ draft head); generate: und + gen + VAE (+ expert);
+        edit: all (+ expert)), so ComfyUI neither loads nor keeps resident what the task never touches."""
+        if not self.parts:
+            base = [self.patcher]
+        else:
+            memory = core_submodule("memory")
+            base = [self.parts[n] for n in memory.TASK_PARTS.get(task, memory.PARTS)]
+        wanted = {"answer": (self.draft,), "generate": (self.distilled,), "edit": (self.distilled,)}
+        return base + [a.patcher for a in wanted.get(task, (self.draft, self.distilled)) if a is not None]
 
     def release(self) -> None:
         """After a run in ``offload_after_run`` mode: move the weights back to the offload device."""
@@ -102,7 +119,7 @@ class BagelModel:
             return
         import comfy.model_management as mm
 
-        mine = self.patchers()
+        mine = [self.patcher] + self.patchers()
         for loaded in list(getattr(mm, "current_loaded_models", [])):
             if any(getattr(loaded, "model", None) is p for p in mine):
                 loaded.model_unload()
@@ -111,11 +128,32 @@ class BagelModel:
 
     def describe(self) -> str:
         parts = [os.path.basename(self.checkpoint.rstrip("/\\")), self.dtype_name, self.attn_backend]
+        if self.weight_dtype != "default":
+            parts.append(f"weights {self.weight_dtype}")
+        if self.plan:
+            parts.append(self.plan)
         if self.draft_head:
             parts.append(f"draft head {os.path.basename(self.draft_head)}")
         if self.distilled_expert:
             parts.append(f"distilled {os.path.basename(self.distilled_expert)}")
         return ", ".join(parts)
+
+
+def core_submodule(name: str):
+    """``hyperbagel_core.<name>``; None when a stand-in core (tests/nodes) leaves it out."""
+    import importlib
+    import types
+
+    core = import_core()
+    if isinstance(core, types.ModuleType):
+        return importlib.import_module(f"{core.__name__}.{name}")
+    return getattr(core, name, None)
+
+
+def weight_dtype_choices() -> list[str]:
+    """The loader's weight_dtype options, named like ComfyUI's UNETLoader's (``quant.WEIGHT_DTYPES``)."""
+    quant = core_submodule("quant")
+    return list(quant.WEIGHT_DTYPES) if quant is not None else ["default"]
 
 
 def bf16_native(device) -> bool:
@@ -161,7 +199,8 @@ def make_progress(items: int, steps_hint: int, node_id: str | None = None) -> St
     return StepProgress(items, lambda v, t: bar.update_absolute(v, t), interrupt_check)
 
 
-def load_bagel(checkpoint_dir: str, dtype_choice: str, attn_backend: str, memory_mode: str) -> BagelModel:
+def load_bagel(checkpoint_dir: str, dtype_choice: str, attn_backend: str, memory_mode: str,
+               weight_dtype: str = "default") -> BagelModel:
     """Build the pipeline on the offload device with ``comfy.ops`` layers and wrap it in a ModelPatcher."""
     import comfy.model_management as mm
     import comfy.model_patcher
@@ -185,16 +224,26 @@ def load_bagel(checkpoint_dir: str, dtype_choice: str, attn_backend: str, memory
     # ComfyUI's own choice of layers: plain ones (cast only when partial loading streams them) when the
     # weights are stored in the compute dtype, casting ones otherwise.
     ops = comfy.ops.pick_operations(dtype, compute_dtype, load_device=load_device)
+    free = mm.get_free_memory(load_device) if weight_dtype == "auto" and load_device.type != "cpu" else None
     pipe = core.BagelPipeline.from_pretrained(checkpoint_dir, device=offload_device, dtype=dtype, ops=ops,
-                                              compute_dtype=compute_dtype, attn_backend=attn_backend)
+                                              compute_dtype=compute_dtype, attn_backend=attn_backend,
+                                              weight_dtype=weight_dtype, free_memory=free)
+    plan = pipe.weight_plan.reason if pipe.weight_plan is not None else None
+    if plan:
+        log.info("hyperbagel: %s", plan)
     pipe.compute_device = load_device
     patcher = comfy.model_patcher.ModelPatcher(pipe.modules, load_device=load_device, offload_device=offload_device)
+    memory = core_submodule("memory")
+    parts = None if memory is None else {
+        name: comfy.model_patcher.ModelPatcher(m, load_device=load_device, offload_device=offload_device)
+        for name, m in memory.model_parts(pipe.modules).items()}
     names = {torch.bfloat16: "bf16", torch.float16: "fp16", torch.float32: "fp32"}
     dtype_name = names.get(dtype, str(dtype))
     if compute_dtype != dtype:
         dtype_name += f" (computed in {names.get(compute_dtype, str(compute_dtype))})"
     model = BagelModel(pipe=pipe, patcher=patcher, checkpoint=checkpoint_dir, dtype_name=dtype_name,
-                       attn_backend=attn_backend, memory_mode=memory_mode)
+                       attn_backend=attn_backend, memory_mode=memory_mode, weight_dtype=pipe.weight_dtype,
+                       plan=plan, parts=parts)
     log.info("hyperbagel: loaded %s in %.1f s", model.describe(), time.perf_counter() - t0)
     return model
 

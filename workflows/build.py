@@ -14,7 +14,7 @@ HERE = os.path.dirname(os.path.abspath(__file__))
 # widget order of each node type as ComfyUI's frontend serialises it (control_after_generate / upload extras)
 GUIDANCE = ["cfg_interval_start", "cfg_interval_end", "cfg_renorm_type", "cfg_renorm_min"]
 WIDGETS = {
-    "HyperBagelModelLoader": ["checkpoint", "dtype", "attention", "memory"],
+    "HyperBagelModelLoader": ["checkpoint", "dtype", "attention", "memory", "weight_dtype"],
     "HyperBagelApplyDraftHead": ["draft_head"],
     "HyperBagelApplyDistilledExpert": ["distilled_expert"],
     "HyperBagelVAELoader": ["checkpoint"],
@@ -59,7 +59,7 @@ BYPASSED = 4  # LiteGraph node mode: bypass (inputs pass through to outputs of t
 
 NO_EXPERT = "(put a distilled expert in models/bagel/distilled)"
 NO_HEAD = "(put a draft head in models/bagel/draft_heads)"
-LOADER = dict(checkpoint="BAGEL-7B-MoT", dtype="auto", attention="sdpa", memory="auto")
+LOADER = dict(checkpoint="BAGEL-7B-MoT", dtype="auto", attention="sdpa", memory="auto", weight_dtype="default")
 GUIDE_T2I = dict(cfg_interval_start=0.4, cfg_interval_end=1.0, cfg_renorm_type="global", cfg_renorm_min=0.0)
 GUIDE_EDIT = dict(cfg_interval_start=0.0, cfg_interval_end=1.0, cfg_renorm_type="text_channel", cfg_renorm_min=0.0)
 SAMPLER = dict(prompt="A photo of a red fox in fresh snow, golden hour, shallow depth of field.", width=1024,
@@ -242,11 +242,13 @@ def low_memory():
         "**What makes it lighter:** memory `offload_after_run` moves the weights back to CPU RAM after each run "
         "(VRAM is free for other models between runs); while running, ComfyUI loads what fits and streams the rest "
         "(slow on small GPUs: every step reads the streamed weights over PCIe). 768² needs less working memory than "
-        "1024² (the estimate grows with the pixel count). RAM is not reduced: the 27.6 GiB of weights stay in CPU "
-        "RAM, so have about 32 GB.", EXPERT_SWITCH.replace("bypassed *Apply Distilled Expert* node", "loader, add "
+        "1024² (the estimate grows with the pixel count). **weight_dtype `auto`** stores the linear layers in fp8/int8 "
+        "(about 16 GB) or nf4 (about 8.7 GB) when bf16 does not fit the free VRAM, quantized while loading; the log "
+        "and the node badge say what it picked and why (docs/quantization.md). RAM: the weights stay in CPU RAM in "
+        "the mode picked (27.6 GiB in bf16, so have about 32 GB; less when quantized).", EXPERT_SWITCH.replace("bypassed *Apply Distilled Expert* node", "loader, add "
                                                            "*BAGEL Apply Distilled Expert* after it")),
         size=(340, 460))
-    m = g.add("HyperBagelModelLoader", (40, 80), dict(LOADER, memory="offload_after_run"), size=(340, 160))
+    m = g.add("HyperBagelModelLoader", (40, 80), dict(LOADER, memory="offload_after_run", weight_dtype="auto"), size=(340, 160))
     s = g.add("HyperBagelFewStepSampler", (420, 80), dict(SAMPLER, width=768, height=768), size=(380, 760))
     out = g.add("SaveImage", (840, 80), {"filename_prefix": "hyperbagel/low_memory"}, size=(520, 560))
     g.link(m, 0, s, "model")

@@ -26,6 +26,7 @@ from torch import nn
 
 from ..errors import CheckpointError
 from ..loading import aligned, read_safetensors_header
+from ..quant import dense_shape, is_quantized
 from .embedders import IMG_SCALE_RANGE, T2I_IMG_SCALE, TEXT_SCALE_RANGE, GuidanceEmbedding
 
 FORMAT = "hyperbagel.distilled_expert"
@@ -48,9 +49,19 @@ def base_fingerprint(model: nn.Module, samples: int = 1024) -> str:
 
     The same on CPU/GPU and for bf16/fp32 loads of a bf16 checkpoint. Computed from the weights in place,
     so it must be taken outside a swap (``swapped_into`` refuses nesting; the loader calls it first).
+    A quantized model carries the fingerprint of the bf16 weights it was quantized from
+    (``model.base_fingerprints``, set by ``loading``).
     """
+    stored = getattr(model, "base_fingerprints", None)
+    if stored:
+        return stored["distilled_expert"]
     params = dict(model.named_parameters())
-    layers = [k for k in params if ".layers." in k and k.startswith("language_model.")]
+    return fingerprint_tensors(params, params.get, samples)
+
+
+def fingerprint_tensors(keys, get, samples: int = 1024) -> str:
+    """``base_fingerprint`` of the tensors named ``keys``, read one at a time by ``get(key)``."""
+    layers = [k for k in keys if ".layers." in k and k.startswith("language_model.")]
     last = max((int(k.split(".layers.")[1].split(".")[0]) for k in layers), default=0)
     picks = ["language_model.model.embed_tokens.weight", "language_model.lm_head.weight",
              "language_model.model.layers.0.self_attn.q_proj.weight",
@@ -60,7 +71,7 @@ def base_fingerprint(model: nn.Module, samples: int = 1024) -> str:
              "time_embedder.mlp.0.weight", "vae2llm.weight", "llm2vae.weight", "connector.fc1.weight"]
     h = hashlib.sha256()
     for key in picks:
-        p = params.get(key)
+        p = get(key) if key in keys else None
         if p is None:
             continue
         flat = p.detach().reshape(-1)
@@ -260,8 +271,9 @@ def swap_parameters(model: nn.Module, replacements: dict):
             mod_name, _, name = key.rpartition(".")
             mod = model.get_submodule(mod_name)
             old = mod._parameters[name]
-            if old.shape != new.shape:
-                raise CheckpointError(f"distilled tensor {key}: shape {tuple(new.shape)} != model {tuple(old.shape)}")
+            if dense_shape(model, key) != tuple(new.shape):
+                raise CheckpointError(f"distilled tensor {key}: shape {tuple(new.shape)} != model "
+                                      f"{dense_shape(model, key)}")
             param = new if isinstance(new, nn.Parameter) else nn.Parameter(new, requires_grad=False)
             saved.append((mod, name, old))
             mod._parameters[name] = param
@@ -322,9 +334,9 @@ def _check_against(model: nn.Module, cfg: DistillConfig, tensors: dict, where: s
         if k not in params or not is_gen_expert_key(k):
             raise CheckpointError(f"{where}: tensor {k!r} is not a generation-expert parameter of this model; "
                                   "a distilled expert may only replace generation-expert weights")
-        if tuple(tensors[GEN_PREFIX + k].shape) != tuple(params[k].shape):
+        if tuple(tensors[GEN_PREFIX + k].shape) != dense_shape(model, k):
             raise CheckpointError(f"{where}: tensor {k!r} has shape {tuple(tensors[GEN_PREFIX + k].shape)}, the "
-                                  f"model has {tuple(params[k].shape)}")
+                                  f"model has {dense_shape(model, k)}")
     extra = sorted(k for k in tensors if not k.startswith((GEN_PREFIX, GUIDANCE_PREFIX)))
     if extra:
         raise CheckpointError(f"{where}: unexpected tensors {extra[:3]} (only 'gen.*' and 'guidance.*' allowed)")
@@ -355,5 +367,7 @@ def load_distilled_expert(path: str | Path, model: nn.Module) -> DistilledExpert
     reps = {}
     for k in [k for k in tensors if k.startswith(GEN_PREFIX)]:
         key = k[len(GEN_PREFIX):]  # popped: the file's tensor is freed once its aligned copy exists
-        reps[key] = aligned(tensors.pop(k).to(ref.device, params[key].dtype))
+        dtype = model.get_submodule(key.rpartition(".")[0]).compute_dtype if is_quantized(params[key]) \
+            else params[key].dtype  # a quantized base layer computes with the dense replacement as is
+        reps[key] = aligned(tensors.pop(k).to(ref.device, dtype))
     return DistilledExpert(cfg, g, reps)

@@ -17,6 +17,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
+from ..quant import dense_dtype
 from .layers import (DecoderLayer, KVBuffer, RMSNorm, cached_layer, copy_layer_weights, inv_freq,
                      rope_cos_sin)
 
@@ -174,7 +175,7 @@ class DraftHead(nn.Module):
         cuda = [ref.device] if ref.device.type == "cuda" else []
         with torch.random.fork_rng(devices=cuda), torch.device(ref.device):   # init on the target's device
             torch.manual_seed(seed)
-            head = cls(cfg).to(dtype=ref.dtype)
+            head = cls(cfg).to(dtype=dense_dtype(lm.lm_head))
         layers, L = lm.model.layers, cfg.num_hidden_layers
         for i, layer in enumerate(head.layers):
             copy_layer_weights(layer, layers[L - cfg.num_draft_layers + i])
@@ -215,7 +216,7 @@ class DraftHead(nn.Module):
 
     def logits(self, g: torch.Tensor) -> torch.Tensor:
         head = self._mod("lm_head")
-        return head(self._mod("norm")(g).to(head.weight.dtype))
+        return head(self._mod("norm")(g).to(dense_dtype(head)))
 
     def draft_input(self, feat: torch.Tensor, tokens: torch.Tensor) -> torch.Tensor:
         emb = self._mod("embed")(tokens).to(feat.dtype)

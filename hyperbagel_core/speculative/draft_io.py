@@ -18,6 +18,7 @@ import torch
 from safetensors import safe_open
 from safetensors.torch import save_file
 
+from ..quant import dense_dtype
 from .draft_head import TARGET_FIELDS, DraftHead, DraftHeadConfig
 
 try:
@@ -31,10 +32,18 @@ FORMAT, VERSION = "hyperbagel-draft-head", "1"
 
 def target_fingerprint(model) -> str:
     """sha256 of the LM head/embedding shapes and 16 sampled rows x 16 columns of each (rounded to bf16,
-    so fp32/bf16 loads of the same bf16 checkpoint agree)."""
+    so fp32/bf16 loads of the same bf16 checkpoint agree). A quantized model carries the fingerprint of
+    the bf16 weights it was quantized from (``model.base_fingerprints``, set by ``loading``)."""
+    stored = getattr(model, "base_fingerprints", None)
+    if stored:
+        return stored["draft_head"]
     lm = model.language_model
+    return fingerprint_head(lm.lm_head.weight, lm.model.embed_tokens.weight)
+
+
+def fingerprint_head(lm_head: torch.Tensor, embed_tokens: torch.Tensor) -> str:
     h = hashlib.sha256()
-    for w in (lm.lm_head.weight, lm.model.embed_tokens.weight):
+    for w in (lm_head, embed_tokens):
         h.update(str(tuple(w.shape)).encode())
         rows = torch.linspace(0, w.shape[0] - 1, 16).round().long().to(w.device)
         cols = torch.cat([torch.arange(8), torch.arange(w.shape[1] - 8, w.shape[1])]).to(w.device)
@@ -159,6 +168,6 @@ def load_draft_head(path, model, *, strict_fingerprint: bool = True, verify_chec
     if bad:
         raise CheckpointError(f"{st}: non-finite values in {bad[:3]}; the head is corrupt or diverged")
     head.load_state_dict(tensors)  # copies into the head's own fresh (so 64-byte aligned) parameters
-    ref = model.language_model.lm_head.weight
-    head = head.to(device=device or ref.device, dtype=dtype or ref.dtype)
+    lm_head = model.language_model.lm_head
+    head = head.to(device=device or lm_head.weight.device, dtype=dtype or dense_dtype(lm_head))
     return head.bind(model)

@@ -31,6 +31,7 @@ from pathlib import Path
 import torch
 import torch.nn.functional as F
 
+from ..quant import dense_dtype
 from ..speculative.decode import speculative_generate
 from ..speculative.draft_head import DraftHead
 from ..speculative.layers import attend, rope_cos_sin
@@ -354,8 +355,7 @@ def main(argv=None) -> dict:
     report.update(loss_first=sum(hist["loss"][:k]) / k, loss_last=sum(hist["loss"][-k:]) / k)
     if dist_.main and loop.stop_after is None:
         from ..speculative.draft_io import save_draft_head
-        ref = model.language_model.lm_head.weight
-        report["out"] = str(save_draft_head(head.to(ref.dtype), args.out, model))
+        report["out"] = str(save_draft_head(head.to(dense_dtype(model.language_model.lm_head)), args.out, model))
         print(json.dumps({k: v for k, v in report.items() if k != "history"}))
     C.write_report(args.report, report, dist_)
     return report

@@ -24,6 +24,7 @@ class FakePipe:
         self.ops = None
         self.compute_device = None
         self.memory_asks = []     # (task, run parameters) of memory_required calls
+        self.weight_dtype, self.weight_plan = "default", None
 
     def memory_required(self, task, **run):
         self.memory_asks.append((task, run))
@@ -101,9 +102,11 @@ def make_core(pipe=None):
 
     class BagelPipeline:
         @staticmethod
-        def from_pretrained(path, device=None, dtype=None, ops=None, attn_backend="sdpa", compute_dtype=None):
+        def from_pretrained(path, device=None, dtype=None, ops=None, attn_backend="sdpa", compute_dtype=None,
+                            weight_dtype="default", free_memory=None):
             loads.append(dict(path=path, device=device, dtype=dtype, ops=ops, attn_backend=attn_backend,
-                              compute_dtype=compute_dtype))
+                              compute_dtype=compute_dtype, weight_dtype=weight_dtype, free_memory=free_memory))
+            pipe.weight_dtype = weight_dtype
             return pipe
 
     def load_distilled_expert(path, model):
@@ -114,7 +117,8 @@ def make_core(pipe=None):
         attached.append(("draft", path))
         return _load_file(path, _head)
 
-    return FakeCore(BagelPipeline=BagelPipeline, loads=loads, pipe=pipe, attached=attached,
+    from hyperbagel_core import quant   # the real option list (no weights involved)
+    return FakeCore(BagelPipeline=BagelPipeline, loads=loads, pipe=pipe, attached=attached, quant=quant,
                     distill=types.SimpleNamespace(load_distilled_expert=load_distilled_expert),
                     speculative=types.SimpleNamespace(load_draft_head=load_draft_head),
                     ops=types.SimpleNamespace(adopt_ops=lambda module, ops=None: module))

@@ -84,7 +84,7 @@ def test_loader_lists_and_loads_through_model_patcher(env):
     state, ext, core = env
     opts = {i.id: i.options for i in ext.BagelModelLoader.define_schema().inputs if i.options}
     assert opts["checkpoint"] == ["tiny"] and opts["attention"][0] == "sdpa"
-    assert set(opts) == {"checkpoint", "dtype", "attention", "memory"}  # attachments are apply nodes now
+    assert set(opts) == {"checkpoint", "dtype", "attention", "memory", "weight_dtype"}  # attachments: apply nodes
     assert [i.options for i in ext.BagelApplyDraftHead.define_schema().inputs if i.options] == [["head.safetensors"]]
     assert [i.options for i in ext.BagelApplyDistilledExpert.define_schema().inputs
             if i.options] == [["six.safetensors", "wrong-base.safetensors"]]
@@ -315,7 +315,8 @@ def test_apply_nodes_share_the_loaded_model_and_leave_the_input_alone(env):
     ext.BagelSpeculativeVQA.execute(model=both, question="q", drafter="draft_head", k=0, max_new_tokens=8,
                                     temperature=0.0, seed=0, think=False)
     assert core.pipe.calls[-1][1]["head"].endswith("head.safetensors")
-    assert state.loaded[-1][0] == both.patchers() and len(both.patchers()) == 3
+    assert len(both.patchers()) == 3  # an answer loads the base and the draft head, not the expert it never runs
+    assert state.loaded[-1][0] == [both.patcher, both.draft.patcher]
     ext.BagelSpeculativeVQA.execute(model=base, question="q", drafter="prompt_lookup", k=0, max_new_tokens=8,
                                     temperature=0.0, seed=0, think=False)
     assert core.pipe.calls[-1][1]["head"] is None and state.loaded[-1][0] == [base.patcher]

@@ -1,0 +1,173 @@
+"""Quantized weight storage (hyperbagel_core/quant.py): every mode runs every task and matches a model holding
+the dequantized weights; quantize-on-load equals the converter's folder; foreign folders are refused.
+
+Tolerances: the quantized model computes exactly what its dequantized reference computes (dequantize to the
+activation dtype, then the same F.linear), but the dequantized weight is a fresh tensor each call on one side
+and a stored one on the other, so kernels may pick other blockings: 1e-5 relative on latents (fp32), equal
+greedy tokens on the tiny checkpoint.
+"""
+import shutil
+
+import pytest
+import torch
+from PIL import Image
+
+from hyperbagel_core import quant as Q
+from hyperbagel_core.distill import DistilledExpert
+from hyperbagel_core.errors import CheckpointError
+from hyperbagel_core.memory import TASK_PARTS, part_of, plan_weight_dtype, weight_bytes
+from hyperbagel_core.pipeline import BagelPipeline
+from hyperbagel_core.speculative import DraftHead, save_draft_head
+
+MODES = ("fp8_e4m3fn", "int8", "nf4")
+SIZE = dict(height=64, width=64, num_timesteps=4, seed=3)
+
+
+@pytest.mark.parametrize("fmt, bound", [("fp8", 0.035), ("int8", 0.01), ("nf4", 0.11)])
+def test_quantize_dequantize_error(fmt, bound):
+    g = torch.Generator().manual_seed(0)
+    w = torch.randn(96, 200, generator=g) * torch.rand(96, 1, generator=g)   # rows of different scales
+    q, s = Q.quantize(w, fmt)
+    assert q.dtype == {"fp8": torch.float8_e4m3fn, "int8": torch.int8, "nf4": torch.uint8}[fmt]
+    d = Q.dequantize(q, s, fmt, torch.float32, 200)
+    err = ((d - w).norm(dim=1) / w.norm(dim=1)).max().item()
+    assert err < bound, err
+    if fmt == "nf4":  # 200 columns: 4 blocks of 64, the last one padded; two codes per byte
+        assert q.shape == (96, 128) and s.shape == (96, 4)
+        # the published NF4 table (QLoRA), here derived from the normal quantiles
+        assert torch.allclose(Q.NF4[[0, 1, 7, 8, 14, 15]],
+                              torch.tensor([-1.0, -0.69619, 0.0, 0.07958, 0.72296, 1.0]), atol=1e-5)
+
+
+@pytest.fixture(scope="module")
+def extras(tiny_ckpt, tmp_path_factory):
+    """A draft head and a distilled expert made on the bf16 model: a quantized one must accept both (it
+    carries the fingerprints of the weights it was quantized from)."""
+    base = BagelPipeline.from_pretrained(tiny_ckpt, dtype=torch.float32)
+    out = tmp_path_factory.mktemp("extras")
+    head = save_draft_head(DraftHead.from_target(base.model, zero_init=False, seed=1), out / "head", base.model)
+    e = DistilledExpert.from_model(base.model, schedule="hyper-6nfe", nfe=6)
+    g = torch.Generator().manual_seed(1)
+    for k, v in e.tensors.items():
+        e.tensors[k] = v + 0.05 * torch.randn(v.shape, generator=g) * v.std()
+    e.save(out / "distilled.safetensors")
+    return head, out / "distilled.safetensors"
+
+
+def _load(folder, mode, extras):
+    p = BagelPipeline.from_pretrained(folder, dtype=torch.float32, weight_dtype=mode, draft_head=extras[0])
+    p.load_distilled_expert(extras[1])
+    return p
+
+
+def _run_all(p):
+    img = Image.new("RGB", (64, 48), (120, 30, 200))
+    out = {"answer": p.answer(img, "describe it", max_new_tokens=12).token_ids}
+    for drafter in ("prompt_lookup", "draft_head"):
+        out[drafter] = p.answer(img, "describe it", max_new_tokens=12, drafter=drafter).token_ids
+    out["generate"] = p.generate("a red circle", distilled=False, **SIZE).latent
+    out["edit"] = p.edit(img, "make it blue", distilled=False, num_timesteps=4, seed=3).latent
+    out["distilled"] = p.generate("a red circle", schedule="hyper-6nfe", **SIZE).latent
+    return out
+
+
+@pytest.mark.parametrize("mode", MODES)
+def test_every_task_matches_dequantized_reference(tiny_ckpt, extras, mode):
+    p = _load(tiny_ckpt, mode, extras)
+    assert p.weight_dtype == mode
+    quantized = [m for m in p.model.modules() if Q.is_quantized(getattr(m, "weight", None))]
+    assert quantized and all(isinstance(m, Q.QuantizedLinear | Q.QuantizedEmbedding) for m in quantized)
+    assert isinstance(p.model.language_model.lm_head, Q.QuantizedLinear) == (mode == "nf4")
+    got = _run_all(p)
+    ref = _load(tiny_ckpt, mode, extras)
+    Q.dequantized_copy_(ref.model)
+    assert not any(Q.is_quantized(t) for t in ref.model.state_dict().values())
+    want = _run_all(ref)
+    for k in ("answer", "prompt_lookup", "draft_head"):
+        assert got[k] == want[k], k
+    assert got["answer"] == got["prompt_lookup"] == got["draft_head"]   # speculative decoding stays lossless
+    for k in ("generate", "edit", "distilled"):
+        assert torch.allclose(got[k], want[k], rtol=1e-5, atol=1e-5), (k, (got[k] - want[k]).abs().max())
+
+
+def test_bytes_parts_and_meta_accounting(tiny_ckpt):
+    sizes = {}
+    for mode in ("default",) + MODES:
+        p = BagelPipeline.from_pretrained(tiny_ckpt, dtype=torch.bfloat16, vae_dtype=torch.float32, weight_dtype=mode)
+        real = dict.fromkeys(("und", "vit", "gen", "vae"), 0)
+        for k, t in p.modules.state_dict().items():
+            real[part_of(k)] += t.numel() * t.element_size()
+        assert real == weight_bytes(p.config, mode, torch.bfloat16, torch.float32), mode   # meta == loaded
+        sizes[mode] = sum(real.values())
+        assert Q.storage_bytes(p.modules) == sizes[mode]
+    assert sizes["default"] > sizes["fp8_e4m3fn"] == sizes["int8"] > sizes["nf4"]
+    assert part_of("bagel.language_model.model.layers.0.mlp_moe_gen.up_proj.weight") == "gen"
+    assert part_of("bagel.connector.fc1.weight") == "vit" and part_of("vae.model.decoder.conv_in.weight") == "vae"
+    assert part_of("bagel.language_model.lm_head.weight") == "und"
+
+
+def test_converter_round_trip_and_refusals(tiny_ckpt, extras, tmp_path):
+    from hyperbagel_core.__main__ import main
+    dst = tmp_path / "int8"
+    grad = torch.is_grad_enabled()
+    try:
+        assert main(["quantize", str(tiny_ckpt), str(dst), "--mode", "int8"]) == 0
+    finally:
+        torch.set_grad_enabled(grad)   # the CLI turns autograd off for the process
+    assert (dst / "ema.safetensors").stat().st_size < (tiny_ckpt / "ema.safetensors").stat().st_size
+    pre = BagelPipeline.from_pretrained(dst, dtype=torch.float32, draft_head=extras[0])   # mode from the file
+    pre.load_distilled_expert(extras[1])
+    live = BagelPipeline.from_pretrained(tiny_ckpt, dtype=torch.float32, weight_dtype="int8")
+    assert pre.weight_dtype == "int8"
+    a, b = pre.model.state_dict(), live.model.state_dict()
+    assert a.keys() == b.keys() and all(a[k].dtype == b[k].dtype and torch.equal(a[k], b[k]) for k in a)
+    assert pre.model.base_fingerprints == live.model.base_fingerprints
+    assert BagelPipeline.from_pretrained(dst, dtype=torch.float32, weight_dtype="auto").weight_dtype == "int8"
+    with pytest.raises(CheckpointError, match="pre-quantized to int8"):
+        BagelPipeline.from_pretrained(dst, weight_dtype="nf4")
+    with pytest.raises(CheckpointError, match="already quantized"):
+        Q.quantize_folder(dst, tmp_path / "again", "nf4")
+    with pytest.raises(CheckpointError, match="not empty"):
+        Q.quantize_folder(tiny_ckpt, dst, "nf4")
+
+    # the quantized weights of another base model beside this folder's files: refused, naming what differs
+    from hyperbagel_core.testing import make_tiny_checkpoint
+    other = make_tiny_checkpoint(tmp_path / "other", seed=1)
+    other_q = tmp_path / "other-int8"
+    Q.quantize_folder(other, other_q, "int8")
+    shutil.copy(other_q / "ema.safetensors", dst / "ema.safetensors")
+    with pytest.raises(CheckpointError, match="belong to another model"):
+        BagelPipeline.from_pretrained(dst, dtype=torch.float32)
+    # a draft head made for another base model is refused by a quantized model too
+    o = BagelPipeline.from_pretrained(other, dtype=torch.float32)
+    wrong = save_draft_head(DraftHead.from_target(o.model), tmp_path / "wrong", o.model)
+    with pytest.raises(CheckpointError, match="different weights"):
+        live.load_draft_head(wrong)
+
+
+def test_auto_plan_picks_fastest_that_fits(tiny_ckpt):
+    p = BagelPipeline.from_pretrained(tiny_ckpt, dtype=torch.float32, weight_dtype="auto")
+    assert p.weight_dtype == "default" and "cpu" in p.weight_plan.reason
+    cfg = p.config
+    kw = dict(height=64, width=64, dtype=torch.bfloat16)
+    need = {}
+    for mode in ("default", "int8", "nf4"):
+        parts = weight_bytes(cfg, mode, torch.bfloat16)
+        need[mode] = sum(parts[x] for x in TASK_PARTS["generate"])
+    work = plan_weight_dtype(cfg, 1 << 40, "generate", **kw).working
+    for mode in ("default", "int8", "nf4"):
+        free = int((need[mode] + work) / 0.95) + 1024
+        plan = plan_weight_dtype(cfg, free, "generate", **kw)
+        assert plan.mode == mode and plan.fits and f"auto -> {mode}" in plan.reason, plan
+    plan = plan_weight_dtype(cfg, work, "generate", **kw)
+    assert plan.mode == "nf4" and not plan.fits and "streams" in plan.reason
+    # answering needs neither the generation expert nor the VAE
+    ans = plan_weight_dtype(cfg, 1 << 40, "answer", **kw)
+    assert ans.weights == sum(weight_bytes(cfg, "default", torch.bfloat16)[x] for x in ("und", "vit"))
+    assert plan_weight_dtype(cfg, 1 << 40, "generate", fp8_matmul=True, **kw).mode == "default"
+
+
+def test_unknown_weight_dtype_is_refused(tiny_ckpt):
+    from hyperbagel_core.errors import InputError
+    with pytest.raises(InputError, match="choose one of"):
+        BagelPipeline.from_pretrained(tiny_ckpt, weight_dtype="fp4")
