@@ -219,9 +219,16 @@ def model_parts(root: nn.Module) -> dict[str, nn.Module]:
             visit(f"{name}.{child}" if name else child, sub)
 
     visit("", root)
-    out = {}
-    for p, h in holders.items():
-        container = nn.Module()
-        container.modules_of_part = h
-        out[p] = container
-    return out
+    return {p: BagelPart(p, h) for p, h in holders.items()}
+
+
+class BagelPart(nn.Module):
+    """One part's container (``model_parts``); named so that a model manager's log says what it loads."""
+
+    def __init__(self, part: str, modules: nn.ModuleDict):
+        super().__init__()
+        self.part = part
+        self.modules_of_part = modules
+
+    def extra_repr(self) -> str:
+        return f"part={self.part!r}"

@@ -155,6 +155,17 @@ def _empty_folder(env):
     return BagelPipeline.from_pretrained(d)
 
 
+def _quantized_of_another_model(env):
+    """A pre-quantized folder whose ema.safetensors was quantized from another base model (seed 1)."""
+    from hyperbagel_core import quant
+    mixed, other = env.tmp / "q-mixed", env.tmp / "q-other"
+    if not mixed.exists():
+        quant.quantize_folder(env.ckpt, mixed, "int8")
+        quant.quantize_folder(env.tmp / "other", other, "int8")
+        shutil.copy(other / "ema.safetensors", mixed / "ema.safetensors")
+    return BagelPipeline.from_pretrained(mixed)
+
+
 CKPT = "checkpoint folder"
 ROWS = [
     Row(CKPT, "folder missing", lambda e: BagelPipeline.from_pretrained(e.tmp / "nowhere"),
@@ -178,6 +189,9 @@ ROWS = [
     Row(CKPT, "a torch.save pickle named ema.safetensors",
         lambda e: _pickle_instead(e, "renamed", "ema.safetensors"), r"PyTorch pickle",
         r"use the \.safetensors file of the release, or convert it", CheckpointError),
+    Row(CKPT, "pre-quantized (int8) folder whose weights belong to another base model", _quantized_of_another_model,
+        r"quantized from base model .* the files beside it belong to another model",
+        r"quantize this model's bf16 folder again", CheckpointError),
 ]
 
 # -------------------------------------------------------------------------------- attachments
@@ -446,12 +460,6 @@ def test_bad_input(env, row):
     RECORDED[row.group + row.input] = (row.group, reliability_table.normalise(row.input),
                                        reliability_table.normalise(outcome, [env.tmp]))
     still_works(env, row.full)
-
-
-@pytest.mark.skip(reason="hook for issue 10: a quantized folder made for another base model must raise "
-                         "CheckpointError naming the base and what to load; fill in when quantized folders exist")
-def test_quantized_folder_for_another_base_model(env):
-    raise AssertionError("to be written with issue 10's quantized format")
 
 
 def test_after_the_matrix_every_task_is_unchanged(env):

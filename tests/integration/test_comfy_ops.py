@@ -78,21 +78,26 @@ SCRIPT = textwrap.dedent("""
 
     full = load()
     full.prepare("generate", height=64, width=48)     # ComfyUI's load_models_gpu with the run's memory
-    assert len(full.patchers()) == 3 and not any(p.model.model_lowvram for p in full.patchers())
+    # 4 parts of the base (und, vit, gen, vae: loaded per task) + draft head + distilled expert
+    assert len(full.patchers()) == 6 and not any(p.model.model_lowvram for p in full.patchers())
     want = runs(full.pipe)
 
     part = load()
     part.bind()                                       # what prepare does before loading
     cpu = torch.device("cpu")
     listed, streamed, unlisted = [], [], set()
-    # base model, draft head, distilled expert: each patcher partially loaded with 1/8 of its size
-    for prefix, patcher in zip(("", "draft_head.", "distilled_expert."), part.patchers()):
+    # the model's own names of every module, whichever patcher (part or attachment) holds it
+    qualified = {id(m): n for n, m in part.pipe.modules.named_modules()}
+    qualified.update({id(m): "draft_head." + n for n, m in part.draft.patcher.model.named_modules()})
+    qualified.update({id(m): "distilled_expert." + n for n, m in part.distilled.patcher.model.named_modules()})
+    # every part of the base model, the draft head, the distilled expert: each partially loaded with 1/8 of its size
+    for patcher in part.patchers():
         patcher.patch_model(device_to=cpu, lowvram_model_memory=patcher.model_size() // 8)
-        assert patcher.model.model_lowvram, f"expected a partial (low-VRAM) load of {prefix or 'the base'}"
+        assert patcher.model.model_lowvram, "expected a partial (low-VRAM) load of every patcher"
         assert not left_behind(patcher), left_behind(patcher)
         mine = patcher._load_list()
         listed += mine
-        streamed += [prefix + n for _, n, m, _ in mine if not getattr(m, "comfy_patched_weights", False)]
+        streamed += [qualified[id(m)] for _, n, m, _ in mine if not getattr(m, "comfy_patched_weights", False)]
         # modules holding tensors outside ComfyUI's list stay put; their forwards move those tensors to the input
         names = {n for _, n, _, _ in mine}
         unlisted |= {type(m).__name__ for n, m in patcher.model.named_modules() if n not in names

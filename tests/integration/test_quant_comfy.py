@@ -49,7 +49,8 @@ SCRIPT = textwrap.dedent("""
     expert.save(folder + "/expert.safetensors")
 
     def load(weight_dtype):
-        return runtime.load_bagel(path, "fp32", "sdpa", "auto", head, folder + "/expert.safetensors", weight_dtype)
+        model = runtime.apply_draft_head(runtime.load_bagel(path, "fp32", "sdpa", "auto", weight_dtype), head)
+        return runtime.apply_distilled_expert(model, folder + "/expert.safetensors")
 
     def runs(m, prepare):
         img = Image.new("RGB", (80, 48), (30, 140, 200))
@@ -89,6 +90,7 @@ SCRIPT = textwrap.dedent("""
             assert getattr(m, "comfy_cast_weights", False) or type(m).__name__ in ("RMSNorm", "PositionEmbedding2D"), n
             streamed_q += isinstance(m, quant.QuantizedLinear) and quant.is_quantized(m.weight)
     assert streamed_q > 0, "no quantized layer was streamed"
+    part.bind()                                       # what prepare does before loading
     got = runs(part, prepare=False)
     for k in want:
         a, b = want[k], got[k]
