@@ -13,7 +13,7 @@ M="--model $OUT/tiny"
 python3 -m hyperbagel_core.training.tscd $M $P --out "$OUT/A/six.safetensors" --steps 1500 --eval-every 500 \
     --pool 64 --lr 1e-3 --batch 4 --report "$OUT/A/report.json"
 # B. the same without guidance (scale 1): the trajectory part of the task alone
-python3 -m hyperbagel_core.training.tscd $M $P --out "$OUT/B/six.safetensors" --steps 1000 --eval-every 500 \
+python3 -m hyperbagel_core.training.tscd $M $P --out "$OUT/B/six.safetensors" --steps 1500 --eval-every 500 \
     --pool 64 --lr 1e-3 --batch 4 --scale-range 1 1 --eval-scale 1 --report "$OUT/B/report.json"
 # C. DMDO on top of a short TSCD run (60 steps) and on top of run A
 python3 -m hyperbagel_core.training.tscd $M $P --out "$OUT/C/six_tscd60.safetensors" --steps 60 --eval-every 60 \
