@@ -9,6 +9,7 @@ import os
 import socket
 import subprocess
 import sys
+import textwrap
 import time
 import uuid
 
@@ -226,3 +227,58 @@ def attachments(server: "Server") -> dict:
 
 __all__ = ["COMFYUI_DIR", "DISTILLED_FILE", "DRAFT_FILE", "OUR_NODES", "OVERRIDES", "Server", "attachments",
            "model_files", "start", "wc"]
+
+
+REPO = os.path.dirname(os.path.dirname(HERE))
+
+# The start of a script run by ComfyUI's own python (``run_in_comfy``): ComfyUI on the CPU, the pack imported
+# as ComfyUI imports it (a package, so the runtime finds its core next to it), a tiny checkpoint in the
+# official format with a draft head and a distilled expert made for it (not the base weights, not a zero
+# embedder). Defines ``torch``, ``comfy``, ``mm``, ``Image``, ``runtime``, ``core``, ``path``, ``plain``,
+# ``head``, ``folder``, ``args`` (extra arguments) and the pack's modules used by the tests.
+PRELUDE = textwrap.dedent("""
+    import importlib.util
+    import sys
+    comfy_dir, repo, folder, *args = sys.argv[1:]
+    sys.path.insert(0, comfy_dir)
+    sys.argv = [sys.argv[0], "--cpu"]
+    import torch
+    import comfy.options
+    comfy.options.enable_args_parsing()
+    import comfy.model_management as mm
+    import comfy.model_patcher
+    from PIL import Image
+
+    spec = importlib.util.spec_from_file_location("hyperbagel_pack", repo + "/__init__.py",
+                                                  submodule_search_locations=[repo])
+    pack = importlib.util.module_from_spec(spec)
+    sys.modules["hyperbagel_pack"] = pack
+    spec.loader.exec_module(pack)
+    from hyperbagel_pack.nodes import runtime
+    core = runtime.import_core()
+    from hyperbagel_pack.hyperbagel_core import quant
+    from hyperbagel_pack.hyperbagel_core.distill import DistilledExpert
+    from hyperbagel_pack.hyperbagel_core.model.vae import FluxVAE
+    from hyperbagel_pack.hyperbagel_core.speculative import DraftHead, save_draft_head
+    from hyperbagel_pack.hyperbagel_core.testing import make_tiny_checkpoint
+
+    torch.manual_seed(0)
+    path = str(make_tiny_checkpoint(folder))
+    plain = core.BagelPipeline.from_pretrained(path, device="cpu", dtype=torch.float32)
+    head = str(save_draft_head(DraftHead.from_target(plain.model, zero_init=False, seed=1), folder + "/head",
+                               plain.model))
+    expert = DistilledExpert.from_model(plain.model, schedule="hyper-6nfe", nfe=6)
+    with torch.no_grad():
+        for t in list(expert.tensors.values()) + list(expert.guidance.parameters()):
+            t.add_(0.01 * torch.randn_like(t))
+    expert.save(folder + "/expert.safetensors")
+""")
+
+
+def run_in_comfy(script: str, tmp_path, *args: str) -> str:
+    """``PRELUDE + script`` in ComfyUI's python (``COMFYUI_PYTHON``); its stdout, after asserting it printed OK."""
+    python = os.environ.get("COMFYUI_PYTHON", sys.executable)
+    out = subprocess.run([python, "-c", PRELUDE + textwrap.dedent(script), COMFYUI_DIR, REPO,
+                          str(tmp_path / "tiny"), *args], capture_output=True, text=True, timeout=600, cwd=tmp_path)
+    assert out.returncode == 0 and "OK" in out.stdout, out.stdout[-2000:] + out.stderr[-4000:]
+    return out.stdout

@@ -9,53 +9,13 @@ places must be loaded or carry ``comfy_cast_weights`` (a plain torch layer that 
 the offload device while its input is on the GPU). The script checks that the check fails for a VAE of
 plain diffusers layers (the layout before ``ops.adopt_ops``).
 """
-import os
-import subprocess
-import sys
-import textwrap
-
 import pytest
 
-COMFYUI_DIR = os.environ.get("COMFYUI_DIR")
-REPO = os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
+from comfy_server import COMFYUI_DIR, run_in_comfy
+
 pytestmark = pytest.mark.skipif(not COMFYUI_DIR, reason="set COMFYUI_DIR to a ComfyUI checkout to run")
 
-SCRIPT = textwrap.dedent("""
-    import importlib.util
-    import sys
-    comfy_dir, repo, folder = sys.argv[1:4]
-    sys.path.insert(0, comfy_dir)
-    sys.argv = [sys.argv[0], "--cpu"]
-    import torch
-    import comfy.options
-    comfy.options.enable_args_parsing()
-    import comfy.model_patcher
-    from PIL import Image
-
-    # the pack as ComfyUI imports it (a package), so the runtime finds its core next to it
-    spec = importlib.util.spec_from_file_location("hyperbagel_pack", repo + "/__init__.py",
-                                                  submodule_search_locations=[repo])
-    pack = importlib.util.module_from_spec(spec)
-    sys.modules["hyperbagel_pack"] = pack
-    spec.loader.exec_module(pack)
-    from hyperbagel_pack.nodes import runtime
-    core = runtime.import_core()
-    from hyperbagel_pack.hyperbagel_core.distill import DistilledExpert
-    from hyperbagel_pack.hyperbagel_core.model.vae import FluxVAE
-    from hyperbagel_pack.hyperbagel_core.speculative import DraftHead, save_draft_head
-    from hyperbagel_pack.hyperbagel_core.testing import make_tiny_checkpoint
-
-    torch.manual_seed(0)
-    path = str(make_tiny_checkpoint(folder))
-    plain = core.BagelPipeline.from_pretrained(path, device="cpu", dtype=torch.float32)
-    head = str(save_draft_head(DraftHead.from_target(plain.model, zero_init=False, seed=1), folder + "/head",
-                           plain.model))
-    expert = DistilledExpert.from_model(plain.model, schedule="hyper-6nfe", nfe=6)
-    with torch.no_grad():
-        for t in list(expert.tensors.values()) + list(expert.guidance.parameters()):
-            t.add_(0.01 * torch.randn_like(t))       # not the base weights, not a zero embedder
-    expert.save(folder + "/expert.safetensors")
-
+SCRIPT = """
     def load():
         model = runtime.apply_draft_head(runtime.load_bagel(path, "fp32", "sdpa", "auto"), head)
         return runtime.apply_distilled_expert(model, folder + "/expert.safetensors")
@@ -120,11 +80,8 @@ SCRIPT = textwrap.dedent("""
     patcher.patch_model(device_to=cpu, lowvram_model_memory=patcher.model_size() // 8)
     assert any(".conv" in n for n in left_behind(patcher)), left_behind(patcher)
     print("OK", len(streamed), "of", len(listed), "modules streamed")
-""")
+"""
 
 
 def test_partial_loading_runs_every_task_like_a_full_load(tmp_path):
-    python = os.environ.get("COMFYUI_PYTHON", sys.executable)
-    out = subprocess.run([python, "-c", SCRIPT, COMFYUI_DIR, REPO, str(tmp_path / "tiny")], capture_output=True,
-                         text=True, timeout=600, cwd=tmp_path)
-    assert out.returncode == 0 and "OK" in out.stdout, out.stdout[-2000:] + out.stderr[-4000:]
+    run_in_comfy(SCRIPT, tmp_path)

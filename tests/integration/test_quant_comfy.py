@@ -1,52 +1,14 @@
 """Quantized weights under the real ComfyUI (issue 10): ComfyUI counts the stored bytes, loads the model per
 part (one ModelPatcher each), partial loading on top of int8 and nf4 runs every task bitwise like a full load,
 and a shipped workflow runs through the real server with weight_dtype int8. Skipped without COMFYUI_DIR."""
-import os
-import subprocess
-import sys
-import textwrap
-
 import pytest
 
-from comfy_server import COMFYUI_DIR
+from comfy_server import COMFYUI_DIR, run_in_comfy
 
-REPO = os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 pytestmark = pytest.mark.skipif(not COMFYUI_DIR, reason="set COMFYUI_DIR to a ComfyUI checkout to run")
 
-SCRIPT = textwrap.dedent("""
-    import importlib.util
-    import sys
-    comfy_dir, repo, folder, mode = sys.argv[1:5]
-    sys.path.insert(0, comfy_dir)
-    sys.argv = [sys.argv[0], "--cpu"]
-    import torch
-    import comfy.options
-    comfy.options.enable_args_parsing()
-    import comfy.model_management as mm
-    from PIL import Image
-
-    spec = importlib.util.spec_from_file_location("hyperbagel_pack", repo + "/__init__.py",
-                                                  submodule_search_locations=[repo])
-    pack = importlib.util.module_from_spec(spec)
-    sys.modules["hyperbagel_pack"] = pack
-    spec.loader.exec_module(pack)
-    from hyperbagel_pack.nodes import runtime
-    core = runtime.import_core()
-    from hyperbagel_pack.hyperbagel_core import quant
-    from hyperbagel_pack.hyperbagel_core.distill import DistilledExpert
-    from hyperbagel_pack.hyperbagel_core.speculative import DraftHead, save_draft_head
-    from hyperbagel_pack.hyperbagel_core.testing import make_tiny_checkpoint
-
-    torch.manual_seed(0)
-    path = str(make_tiny_checkpoint(folder))
-    plain = core.BagelPipeline.from_pretrained(path, device="cpu", dtype=torch.float32)
-    head = str(save_draft_head(DraftHead.from_target(plain.model, zero_init=False, seed=1), folder + "/head",
-                               plain.model))
-    expert = DistilledExpert.from_model(plain.model, schedule="hyper-6nfe", nfe=6)
-    with torch.no_grad():
-        for t in list(expert.tensors.values()) + list(expert.guidance.parameters()):
-            t.add_(0.01 * torch.randn_like(t))
-    expert.save(folder + "/expert.safetensors")
+SCRIPT = """
+    mode, = args
 
     def load(weight_dtype):
         model = runtime.apply_draft_head(runtime.load_bagel(path, "fp32", "sdpa", "auto", weight_dtype), head)
@@ -96,15 +58,12 @@ SCRIPT = textwrap.dedent("""
         a, b = want[k], got[k]
         assert (torch.equal(a, b) if torch.is_tensor(a) else a == b), k
     print("OK", mode, stored, default.patcher.model_size(), streamed_q)
-""")
+"""
 
 
 @pytest.mark.parametrize("mode", ["int8", "nf4"])
 def test_partial_loading_per_part_on_quantized_weights(tmp_path, mode):
-    python = os.environ.get("COMFYUI_PYTHON", sys.executable)
-    out = subprocess.run([python, "-c", SCRIPT, COMFYUI_DIR, REPO, str(tmp_path / "tiny"), mode],
-                         capture_output=True, text=True, timeout=600, cwd=tmp_path)
-    assert out.returncode == 0 and "OK" in out.stdout, out.stdout[-2000:] + out.stderr[-4000:]
+    run_in_comfy(SCRIPT, tmp_path, mode)
 
 
 def test_shipped_workflow_runs_with_int8_weights(server, object_info):
