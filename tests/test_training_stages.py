@@ -37,6 +37,7 @@ def test_tscd_trains_a_6nfe_expert_that_loads(six, tiny_ckpt):
     m = rep["history"]["metric"]
     assert m[-1][1] < m[0][1], m                       # held-out error vs the 50-step teacher falls
     assert set(rep["training_free"]) >= {"unipc-6pass@shift1", "euler-6pass@shift3"}
+    assert set(rep["training_free_evaluations"]) >= {"unipc-6eval@shift1", "heun-6eval@shift1"}
     pipe = BagelPipeline.from_pretrained(tiny_ckpt, device="cpu", dtype=torch.float32)
     pipe.load_distilled_expert(out)
     cfg = pipe.distilled_expert.config
@@ -173,3 +174,20 @@ def test_tscd_fits_one_item_to_the_reference(tiny_pipe):
         C.optimizer_step(opt, st.parameters(), lr=C.lr_at(1e-3, i, 120, 6))
     after = C.latent_mse(C.student_sample(st, model, it, job.grid), end)
     assert after < 0.02 * before, (before, after)
+
+
+def test_training_free_budgets_count_network_passes(tiny_ckpt):
+    """The paper's NFE counts every CFG branch (100 NFE = 50 steps x 2): a solver matched to the 6-NFE student
+    gets 6 network passes, so fewer guided evaluations where CFG runs two branches."""
+    pipe = BagelPipeline.from_pretrained(tiny_ckpt, device="cpu", dtype=torch.float32)
+    teacher = C.Teacher(pipe, size=(64, 64))
+    gen = torch.Generator().manual_seed(0)
+    guided, plain = teacher.item("a red circle", gen, 4.0), teacher.item("a red circle", gen, 1.0)
+    assert teacher.passes_at(guided, 0.9) == 2 and teacher.passes_at(guided, 0.2) == 1
+    assert teacher.passes_at(plain, 0.9) == 1
+    for method in ("euler", "heun", "unipc"):
+        _, _, evals, passes = teacher.solver_grid(guided, method, 6, 3.0, unit="passes")
+        assert passes <= 6 and evals < 6, (method, evals, passes)
+        _, _, evals, passes = teacher.solver_grid(guided, method, 6, 3.0)
+        assert evals == 6 and passes > 6, (method, evals, passes)
+        assert teacher.solver_grid(plain, method, 6, 3.0, unit="passes")[2:] == (6, 6)

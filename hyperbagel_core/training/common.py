@@ -36,6 +36,7 @@ from torch import nn
 from ..distill.embedders import GuidanceEmbedding
 from ..distill.expert import DistilledExpert, gen_expert_keys
 from ..generation import CFGSettings, guided_velocity
+from ..sampling.guidance import branches_needed, cfg_active
 from ..sampling.schedules import teacher_timesteps
 from ..sampling.solvers import grid_for_budget, solve
 
@@ -363,9 +364,32 @@ class Teacher:
         """The 50-step teacher's final latent from the item's noise (the evaluation reference)."""
         return self.trajectory(it, self.reference_grid())[-1]
 
+    def passes_at(self, it: Item, t) -> int:
+        """Network passes of one guided evaluation at ``t``: the main branch plus the uncond branches CFG runs."""
+        cfg = self.cfg(it.s_txt)
+        return 1 + sum(branches_needed(cfg.text_scale, cfg.img_scale, cfg_active(float(t), cfg.interval)))
+
+    def solver_grid(self, it: Item, method: str, budget: int, shift: float, unit: str = "evaluations"):
+        """The grid of ``method`` that spends at most ``budget`` guided evaluations, or, with ``unit="passes"``,
+        network passes (the paper's NFE: a guided evaluation inside the CFG interval costs one pass per branch).
+        Returns ``(grid, options, evaluations, passes)``."""
+        if unit not in ("evaluations", "passes"):
+            raise ValueError(f"unit must be 'evaluations' or 'passes', not {unit!r}")
+        for n in range(budget, 0, -1):
+            if method == "heun" and n < 2:
+                break
+            grid, opts = grid_for_budget(method, n, shift)
+            times = []
+            solve(lambda x, t: times.append(float(t)) or torch.zeros_like(x), torch.zeros_like(it.noise), grid, method,
+                  restart_at=self.restarts(grid), **opts)  # a dry run: where this solver evaluates
+            passes = sum(self.passes_at(it, t) for t in times)
+            if (passes if unit == "passes" else len(times)) <= budget:
+                return grid, opts, len(times), passes
+        raise ValueError(f"{method} cannot run within {budget} {unit}")
+
     @torch.no_grad()
-    def solver(self, it: Item, method: str, budget: int, shift: float) -> torch.Tensor:
-        grid, opts = grid_for_budget(method, budget, shift)
+    def solver(self, it: Item, method: str, budget: int, shift: float, unit: str = "evaluations") -> torch.Tensor:
+        grid, opts, _, _ = self.solver_grid(it, method, budget, shift, unit)
         return solve(lambda x, t: self.velocity(it, x, t), it.noise.float(), grid, method,
                      restart_at=self.restarts(grid), **opts)
 
@@ -422,15 +446,23 @@ def latent_mse(a: torch.Tensor, b: torch.Tensor) -> float:
 
 
 def training_free_errors(teacher: Teacher, items: list[Item], refs: list[torch.Tensor], budget: int,
-                         methods=("euler", "heun", "unipc", "dpmpp_2m"), shifts=(1.0, 3.0)) -> dict:
-    """Mean final-latent MSE vs the reference of each training-free solver at ``budget`` evaluations."""
+                         methods=("euler", "heun", "unipc", "dpmpp_2m"), shifts=(1.0, 3.0),
+                         unit: str = "evaluations") -> dict:
+    """Mean final-latent MSE vs the reference of each training-free solver within ``budget`` guided
+    evaluations (``unit="evaluations"``, keys ``euler-6eval@shift1``) or network passes (``"passes"``, keys
+    ``euler-6pass@shift1``; the distilled student spends one pass per step, so this is the equal-NFE match)."""
     out = {}
+    tag = "eval" if unit == "evaluations" else "pass"
     for m in methods:
         if m == "heun" and budget < 2:
             continue
         for s in shifts:
-            out[f"{m}-{budget}pass@shift{s:g}"] = sum(latent_mse(teacher.solver(it, m, budget, s), r)
-                                         for it, r in zip(items, refs)) / len(items)
+            try:
+                teacher.solver_grid(items[0], m, budget, s, unit)
+            except ValueError:  # e.g. Heun needs two evaluations, which may cost more passes than the budget
+                continue
+            out[f"{m}-{budget}{tag}@shift{s:g}"] = sum(latent_mse(teacher.solver(it, m, budget, s, unit), r)
+                                                      for it, r in zip(items, refs)) / len(items)
     return out
 
 
