@@ -173,7 +173,8 @@ def shard_report(module: nn.Module, opt, dist_: Dist) -> dict:
     """Per rank: bytes of the module's trainable fp32 masters and of the optimizer's state tensors it holds
     (the evidence that ``--shard full`` splits them), next to the unsharded totals."""
     params = [p for p in module.parameters() if p.requires_grad]
-    state = [v for st in opt.state.values() for v in st.values() if torch.is_tensor(v) and v.dim() > 0]
+    local = getattr(opt, "optim", opt)   # ZeRO-1: the optimizer over this rank's partition
+    state = [v for st in local.state.values() for v in st.values() if torch.is_tensor(v) and v.dim() > 0]
     mine = {"rank": dist_.rank, "master_bytes": local_bytes(params), "optimizer_bytes": local_bytes(state)}
     if dist_.enabled:
         import torch.distributed as dist
