@@ -1,5 +1,6 @@
 #!/usr/bin/env bash
-# Block F's sharded rows (docs/TRAINING.md): TSCD with FSDP2 (--shard full) on 2 gloo processes vs 1 process,
+# Block F's sharded rows (docs/TRAINING.md): TSCD with FSDP2 (--shard full --checkpointing: layer casts just in
+# time) on 2 gloo processes vs 1 process (no checkpointing),
 # the bytes each rank holds, and a sharded run stopped after 17 steps and resumed sharded.
 # Usage: bash bench/training_sharded.sh OUT_DIR [MODEL_DIR]  (a tiny checkpoint is made when MODEL_DIR is absent)
 set -euo pipefail
@@ -10,7 +11,7 @@ MODEL=${2:-$OUT/tiny}
 [ -d "$MODEL" ] || python3 -c "from hyperbagel_core.testing import make_tiny_checkpoint as m; m('$MODEL', seed=0)"
 F="--model $MODEL --prompts-file bench/training_prompts/train.txt --eval-prompts-file bench/training_prompts/held.txt
    --size 128 128 --threads 1 --steps 40 --eval-every 0 --pool 8 --lr 1e-3 --batch 2 --segments 6 --save-every 10"
-S="--distributed --shard full"
+S="--distributed --shard full --checkpointing"
 python3 -m hyperbagel_core.training.tscd $F --out "$OUT/one.safetensors" --report "$OUT/one.json"
 torchrun --standalone --nproc_per_node 2 -m hyperbagel_core.training.tscd $F $S \
     --out "$OUT/full.safetensors" --report "$OUT/full.json"

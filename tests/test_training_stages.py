@@ -103,7 +103,7 @@ def _sharded_rank(rank, world, port, ckpt, tmp, out_json):
     os.environ.update(RANK=str(rank), WORLD_SIZE=str(world), LOCAL_RANK=str(rank), MASTER_ADDR="127.0.0.1",
                       MASTER_PORT=str(port))
     torch.set_num_threads(1)
-    flags = [*DIST, "--distributed", "--shard", "full"]
+    flags = [*DIST, "--distributed", "--shard", "full", "--checkpointing"]   # layers' casts made just in time
     full = tscd.main(_args(ckpt, f"{tmp}/full.safetensors", *flags))
     tscd.main(_args(ckpt, f"{tmp}/cut.safetensors", *flags, "--stop-after", "2"))
     if rank == 0:
@@ -118,27 +118,35 @@ def _sharded_rank(rank, world, port, ckpt, tmp, out_json):
     dist.destroy_process_group()
 
 
-def _gathered_units_in_backward(ckpt) -> list[int]:
-    """How many of the student's FSDP2 units are gathered (unsharded) whenever backward reaches one of its casts.
-    Reads FSDP2's private per-unit state (torch 2.13); update here if torch renames it."""
+def _gathered_units_in_backward(ckpt) -> dict:
+    """Under ``--shard full --checkpointing``: how many of the student's FSDP2 units are gathered (unsharded)
+    whenever backward reaches one of its casts (FSDP2's private per-unit state, torch 2.13; update here if
+    torch renames it), and how many cast tensors are alive whenever forward makes one."""
     import random
+    import weakref
     pipe = BagelPipeline.from_pretrained(ckpt, device="cpu", dtype=torch.float32)
     model, dist_ = pipe.model, C.init_distributed(True, "full")
     st = C.Student.fresh(model, C.train_keys(model, "all"), nfe=6, stages=())
     job = tscd.TSCD(pipe, C.Teacher(pipe, (64, 64)), st, ["a red circle"], segments=(6,), pool=1)
     dist_.wrap(st)
-    seen, backward = [], C._Cast.backward
+    seen, alive, casts, forward, backward = [], [], weakref.WeakSet(), C._Cast.forward, C._Cast.backward
 
-    def counting(ctx, grad):
+    def counting_backward(ctx, grad):
         seen.append(sum(u._get_fsdp_state()._fsdp_param_group.is_unsharded for u in st.shard_units()))
         return backward(ctx, grad)
-    C._Cast.backward = staticmethod(counting)
+
+    def counting_forward(ctx, anchor, master, dtype):
+        out = forward(ctx, anchor, master, dtype)
+        casts.add(out)
+        alive.append(len(casts))
+        return out
+    C._Cast.backward, C._Cast.forward = staticmethod(counting_backward), staticmethod(counting_forward)
     try:
         with C.frozen(model):
-            C.accumulate(st, model, [job.loss_fn(job.draw(random.Random(0), 0))], dist_, dist_.world)
+            C.accumulate(st, model, [job.loss_fn(job.draw(random.Random(0), 0))], dist_, dist_.world, True)
     finally:
-        C._Cast.backward = staticmethod(backward)
-    return seen
+        C._Cast.backward, C._Cast.forward = staticmethod(backward), staticmethod(forward)
+    return {"gathered": seen, "alive": alive, "unit_sizes": {n: len(u.keys) for n, u in st.master.items()}}
 
 
 def test_fsdp2_full_sharding_follows_the_curve_holds_half_and_resumes(tiny_ckpt, tmp_path, one_process_curve):
@@ -158,7 +166,12 @@ def test_fsdp2_full_sharding_follows_the_curve_holds_half_and_resumes(tiny_ckpt,
     assert all(0.45 * total <= r["master_bytes"] <= 0.55 * total for r in ranks), (ranks, total)
     assert all(r["optimizer_bytes"] == 2 * r["master_bytes"] for r in ranks), ranks   # AdamW m, v: sharded
     # a layer's unit is re-sharded once backward has passed it (without _Cast's anchor all 3 stay gathered)
-    assert got["gathered"] and max(got["gathered"]) == 1, got["gathered"]
+    g = got["gathered"]
+    assert g["gathered"] and max(g["gathered"]) == 1, g
+    # and forward holds one layer's casts at a time (+ the rest's), not all layers' (the recomputation remakes them)
+    sizes = g["unit_sizes"]
+    layer = max(n for u, n in sizes.items() if u != "rest")
+    assert len(sizes) >= 3 and max(g["alive"]) <= sizes.get("rest", 0) + layer, g
     for name in ("full", "cut"):
         BagelPipeline.from_pretrained(tiny_ckpt, device="cpu", dtype=torch.float32).load_distilled_expert(
             tmp_path / f"{name}.safetensors")

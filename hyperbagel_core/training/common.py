@@ -238,31 +238,39 @@ def base_tensors(model: nn.Module, keys) -> dict:
 
 
 @contextlib.contextmanager
-def activation_checkpointing(model: nn.Module, enabled: bool = True):
+def activation_checkpointing(model: nn.Module, enabled: bool = True, deferred: dict | None = None):
     """Recompute each decoder layer in backward instead of keeping its activations (torch.utils.checkpoint).
 
     The recomputation reads the weights installed when backward runs, so call backward inside the same
-    ``installed`` block as the forward (every trainer here does).
+    ``installed`` block as the forward (every trainer here does). ``deferred`` (``Casts.deferred``): per layer
+    index, a callable giving that layer's casts; they are made and installed inside the checkpointed region,
+    so forward keeps one layer's casts at a time and the recomputation makes them again.
     """
     layers = list(model.language_model.model.layers) if enabled else []
+    if deferred and not enabled:
+        raise ValueError("deferred layer casts need activation checkpointing (their recomputation makes them)")
+    deferred = deferred or {}
     try:
-        for layer in layers:
-            layer.forward = partial(_checkpointed_layer, type(layer).forward.__get__(layer))
+        for i, layer in enumerate(layers):
+            layer.forward = partial(_checkpointed_layer, type(layer).forward.__get__(layer), model, deferred.get(i))
         yield model
     finally:
         for layer in layers:
             layer.__dict__.pop("forward", None)
 
 
-def _checkpointed_layer(forward, x, cos, sin, kv, gen):
+def _checkpointed_layer(forward, model, casts, x, cos, sin, kv, gen):
     """One decoder layer under torch.utils.checkpoint. The KV access counts layers as they attend, so the
-    recomputation rewinds its counter to this layer (under autograd it reads the caches and writes nothing)."""
+    recomputation rewinds its counter to this layer (under autograd it reads the caches and writes nothing).
+    ``casts``: None, or the callable giving this layer's weights, installed for the forward and again for the
+    recomputation."""
     from torch.utils.checkpoint import checkpoint
     index = kv.layer
 
     def run(x, cos, sin):
         kv.layer = index
-        return forward(x, cos, sin, kv, gen)
+        with installed(model, casts() if casts is not None else {}):
+            return forward(x, cos, sin, kv, gen)
     return checkpoint(run, x, cos, sin, use_reentrant=False)
 
 
@@ -307,6 +315,16 @@ class Masters(nn.Module):
         return {k: _Cast.apply(anchor, self.p[k.replace(".", "__")], self.dtypes[k]) for k in self.keys}
 
 
+class Casts(dict):
+    """The student's cast tensors to install for a pass; ``deferred``: per decoder layer index, a callable
+    giving that layer's casts just in time (``activation_checkpointing`` calls it inside the layer's
+    checkpointed region), empty unless ``Student.forward(..., defer_layers=True)``."""
+
+    def __init__(self):
+        super().__init__()
+        self.deferred = {}
+
+
 def _unit_of(key: str) -> str:
     m = re.search(r"\.layers\.(\d+)\.", key)
     return f"layer{m.group(1)}" if m else "rest"
@@ -347,12 +365,17 @@ class Student(nn.Module):
     def shard_units(self) -> list:
         return list(self.master.values())
 
-    def forward(self, s_txt, s_img):
+    def forward(self, s_txt, s_img, defer_layers: bool = False):
+        """``defer_layers``: the decoder layers' casts are made just in time by the checkpointed layers
+        (``Casts.deferred``; ``--shard full --checkpointing``: one layer's gathered masters and casts at a time)."""
         dev = self.guidance.text_scale_embedder.mlp[0].weight.device
         anchor = torch.zeros((), device=dev, requires_grad=torch.is_grad_enabled())
-        reps = {}
-        for unit in self.master.values():
-            reps.update(unit(anchor))
+        reps = Casts()
+        for name, unit in self.master.items():
+            if defer_layers and name != "rest":
+                reps.deferred[int(name.removeprefix("layer"))] = partial(unit, anchor)
+            else:
+                reps.update(unit(anchor))
         st = torch.as_tensor(s_txt, dtype=torch.float32, device=dev).reshape(-1)
         si = torch.as_tensor(s_img, dtype=torch.float32, device=dev).reshape(-1)
         extra = self.guidance(st, si, self.compute_dtype)[0].clone()   # not a view: FSDP2 hooks the outputs
@@ -756,8 +779,8 @@ def accumulate(student_ddp: nn.Module, model, works: list, dist_: Dist, global_b
         sync = (student_ddp.no_sync() if dist_.enabled and dist_.shard != "full" and not last
                 else contextlib.nullcontext())
         with sync:
-            reps, extra = student_ddp(s_txt, s_img)
-            with installed(model, reps), activation_checkpointing(model, checkpointing):
+            reps, extra = student_ddp(s_txt, s_img, defer_layers=checkpointing and dist_.shard == "full")
+            with installed(model, reps), activation_checkpointing(model, checkpointing, reps.deferred):
                 loss = fn(extra)
                 (loss * scale).backward()
         total += finite(float(loss.detach()))
