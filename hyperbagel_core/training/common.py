@@ -12,7 +12,8 @@ Design (docs/TRAINING.md):
     ``--shard optimizer`` shards the AdamW state over the ranks (ZeroRedundancyOptimizer, ZeRO-1);
     ``--shard full`` shards the fp32 masters, their gradients and so the AdamW state with FSDP2
     (``fully_shard`` per decoder layer's trained tensors, then the rest): each unit is all-gathered when the
-    student casts it for a pass and its gradient is reduce-scattered (a mean, like DDP's) in backward.
+    student casts it for a pass and its gradient is reduce-scattered (a mean, like DDP's) in backward; with
+    ``--checkpointing`` too, each layer's unit is gathered and cast just in time inside its checkpointed region.
   * Precision: trainable tensors are fp32 master weights (AdamW state fp32); each pass uses them cast to the
     base model's dtype (bf16 on GPU) through autograd, so gradients reach the fp32 masters and small updates
     are not rounded away (a bf16 weight + lr*update below half an ulp is lost).
@@ -767,10 +768,12 @@ def finite(x: float) -> float:
 
 # -- one optimiser step over this rank's share of the global batch --------------------------------------------
 def accumulate(student_ddp: nn.Module, model, works: list, dist_: Dist, global_batch: int,
-               checkpointing: bool = False) -> float:
+               checkpointing: bool = False, defer_layers: bool = True) -> float:
     """``works``: ``[(s_txt or (s_txt, s_img), loss_fn(extra) -> loss)]`` of this rank. Each loss is
     backpropagated inside the student's install (gradient accumulation; DDP syncs on the last one).
-    Returns this rank's mean loss."""
+    Under ``--shard full --checkpointing`` the layers' casts are made just in time, a gather per layer call:
+    ``defer_layers=False`` for works whose number of passes differs between items (and so between ranks),
+    which then gather each unit once per work. Returns this rank's mean loss."""
     scale, total = dist_.loss_scale(global_batch), 0.0
     for j, (scales, fn) in enumerate(works):
         s_txt, s_img = scales if isinstance(scales, tuple) else (scales, 1.0)
@@ -779,7 +782,8 @@ def accumulate(student_ddp: nn.Module, model, works: list, dist_: Dist, global_b
         sync = (student_ddp.no_sync() if dist_.enabled and dist_.shard != "full" and not last
                 else contextlib.nullcontext())
         with sync:
-            reps, extra = student_ddp(s_txt, s_img, defer_layers=checkpointing and dist_.shard == "full")
+            reps, extra = student_ddp(s_txt, s_img,
+                                      defer_layers=defer_layers and checkpointing and dist_.shard == "full")
             with installed(model, reps), activation_checkpointing(model, checkpointing, reps.deferred):
                 loss = fn(extra)
                 (loss * scale).backward()

@@ -140,7 +140,8 @@ def main(argv=None) -> dict:
             if i < a.fake_warmup:
                 return f_loss
             works = [job.generator_work(items[n], trajs[n], *gen_draws[n], noise(-1, n)) for n in mine]
-            loss = C.accumulate(g_ddp, model, works, dist_, a.batch, a.checkpointing)
+            # the generator's passes per item depend on its start step: casts made once per work, not per layer call
+            loss = C.accumulate(g_ddp, model, works, dist_, a.batch, a.checkpointing, defer_layers=False)
         C.optimizer_step(g_opt, generator.parameters(), lr=C.lr_at(a.lr, i - a.fake_warmup, a.steps - a.fake_warmup))
         return loss
 
