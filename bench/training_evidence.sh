@@ -42,3 +42,5 @@ rel = lambda a, b: max(abs(x - y) / max(abs(y), 1e-12) for x, y in zip(a, b))
 print(json.dumps({"steps": len(one), "max_rel_diff_2proc_vs_1proc": rel(two, one),
                   "max_rel_diff_resumed_vs_uninterrupted": rel(res, one)}))
 PY
+# F, sharded: the same with FSDP2 (--shard full), its bytes per rank, a sharded run killed and resumed
+bash bench/training_sharded.sh "$OUT/F/sharded" "$OUT/tiny"

@@ -1,5 +1,6 @@
 """The few-step stages on a tiny checkpoint (CPU): each CLI trains, resumes, writes a file that loads through
-BagelPipeline; 2 gloo processes follow the 1-process loss curve; activation checkpointing changes no gradient."""
+BagelPipeline; 2 gloo processes follow the 1-process loss curve (DDP, and FSDP2 with --shard full, which
+also resumes and holds half the masters per rank); activation checkpointing changes no gradient."""
 import json
 import os
 import socket
@@ -75,17 +76,114 @@ def _rank(rank, world, port, argv, out_json):
     dist.destroy_process_group()
 
 
-def test_two_gloo_processes_follow_the_one_process_curve(tiny_ckpt, tmp_path):
-    common = ("--steps", "5", "--pool", "4", "--lr", "1e-3", "--batch", "2", "--eval-every", "0", "--segments", "6")
-    one = tscd.main(_args(tiny_ckpt, tmp_path / "one.safetensors", *common))["history"]["loss"]
+DIST = ("--steps", "5", "--pool", "4", "--lr", "1e-3", "--batch", "2", "--eval-every", "0", "--segments", "6")
+
+
+@pytest.fixture(scope="module")
+def one_process_curve(tiny_ckpt, tmp_path_factory):
+    return tscd.main(_args(tiny_ckpt, tmp_path_factory.mktemp("one") / "one.safetensors", *DIST))["history"]["loss"]
+
+
+def test_two_gloo_processes_follow_the_one_process_curve(tiny_ckpt, tmp_path, one_process_curve):
+    one = one_process_curve
     out_json = tmp_path / "two.json"
-    mp.start_processes(_rank, args=(2, _free_port(), _args(tiny_ckpt, tmp_path / "two.safetensors", *common),
+    mp.start_processes(_rank, args=(2, _free_port(), _args(tiny_ckpt, tmp_path / "two.safetensors", *DIST),
                                     str(out_json)), nprocs=2, join=True, start_method="spawn")
     two = json.loads(out_json.read_text())
     # same global batch, gradients averaged by DDP: equal up to float summation order
     assert torch.allclose(torch.tensor(two), torch.tensor(one), rtol=1e-4, atol=1e-7), (two, one)
     BagelPipeline.from_pretrained(tiny_ckpt, device="cpu", dtype=torch.float32).load_distilled_expert(
         tmp_path / "two.safetensors")
+
+
+def _sharded_rank(rank, world, port, ckpt, tmp, out_json):
+    """Under FSDP2 (``--shard full``): a whole run, a run stopped after 2 steps, that run resumed; rank 0 also
+    copies the stopped state for a 1-process resume (the file does not depend on how it was sharded)."""
+    import shutil
+    import torch.distributed as dist
+    os.environ.update(RANK=str(rank), WORLD_SIZE=str(world), LOCAL_RANK=str(rank), MASTER_ADDR="127.0.0.1",
+                      MASTER_PORT=str(port))
+    torch.set_num_threads(1)
+    flags = [*DIST, "--distributed", "--shard", "full", "--checkpointing"]   # layers' casts made just in time
+    full = tscd.main(_args(ckpt, f"{tmp}/full.safetensors", *flags))
+    tscd.main(_args(ckpt, f"{tmp}/cut.safetensors", *flags, "--stop-after", "2"))
+    if rank == 0:
+        shutil.copytree(f"{tmp}/cut.safetensors.state", f"{tmp}/cut1.safetensors.state")
+    dist.barrier()
+    resumed = tscd.main(_args(ckpt, f"{tmp}/cut.safetensors", *flags))
+    gathered = _gathered_units_in_backward(ckpt)
+    if rank == 0:
+        with open(out_json, "w") as f:
+            json.dump({"full": full["history"]["loss"], "shards": full["shards"],
+                       "resumed": resumed["history"]["loss"], "gathered": gathered}, f)
+    dist.destroy_process_group()
+
+
+def _gathered_units_in_backward(ckpt) -> dict:
+    """Under ``--shard full --checkpointing``: how many of the student's FSDP2 units are gathered (unsharded)
+    whenever backward reaches one of its casts (FSDP2's private per-unit state, torch 2.13; update here if
+    torch renames it), and how many cast tensors are alive whenever forward makes one."""
+    import random
+    import weakref
+    pipe = BagelPipeline.from_pretrained(ckpt, device="cpu", dtype=torch.float32)
+    model, dist_ = pipe.model, C.init_distributed(True, "full")
+    st = C.Student.fresh(model, C.train_keys(model, "all"), nfe=6, stages=())
+    job = tscd.TSCD(pipe, C.Teacher(pipe, (64, 64)), st, ["a red circle"], segments=(6,), pool=1)
+    dist_.wrap(st)
+    seen, alive, casts, forward, backward = [], [], weakref.WeakSet(), C._Cast.forward, C._Cast.backward
+
+    def counting_backward(ctx, grad):
+        seen.append(sum(u._get_fsdp_state()._fsdp_param_group.is_unsharded for u in st.shard_units()))
+        return backward(ctx, grad)
+
+    def counting_forward(ctx, anchor, master, dtype):
+        out = forward(ctx, anchor, master, dtype)
+        casts.add(out)
+        alive.append(len(casts))
+        return out
+    C._Cast.backward, C._Cast.forward = staticmethod(counting_backward), staticmethod(counting_forward)
+    try:
+        with C.frozen(model):
+            C.accumulate(st, model, [job.loss_fn(job.draw(random.Random(0), 0))], dist_, dist_.world, True)
+    finally:
+        C._Cast.backward, C._Cast.forward = staticmethod(backward), staticmethod(forward)
+    return {"gathered": seen, "alive": alive, "unit_sizes": {n: len(u.keys) for n, u in st.master.items()}}
+
+
+def test_fsdp2_full_sharding_follows_the_curve_holds_half_and_resumes(tiny_ckpt, tmp_path, one_process_curve):
+    out_json = tmp_path / "sharded.json"
+    mp.start_processes(_sharded_rank, args=(2, _free_port(), str(tiny_ckpt), str(tmp_path), str(out_json)),
+                       nprocs=2, join=True, start_method="spawn")
+    got = json.loads(out_json.read_text())
+    one = torch.tensor(one_process_curve)
+    # same global batch, gradients reduce-scattered as a mean; the clipping norm sums shards in another order
+    assert torch.allclose(torch.tensor(got["full"]), one, rtol=1e-4, atol=1e-7), (got["full"], one)
+    assert torch.allclose(torch.tensor(got["resumed"]), torch.tensor(got["full"]), rtol=1e-5, atol=1e-8)
+    # a sharded run's state resumes in one process too: the same file format
+    single = tscd.main(_args(tiny_ckpt, tmp_path / "cut1.safetensors", *DIST))["history"]["loss"]
+    assert torch.allclose(torch.tensor(single), one, rtol=1e-4, atol=1e-7), (single, one)
+    ranks, total = got["shards"]["ranks"], got["shards"]["master_bytes_total"]
+    assert sum(r["master_bytes"] for r in ranks) == total
+    assert all(0.45 * total <= r["master_bytes"] <= 0.55 * total for r in ranks), (ranks, total)
+    assert all(r["optimizer_bytes"] == 2 * r["master_bytes"] for r in ranks), ranks   # AdamW m, v: sharded
+    # a layer's unit is re-sharded once backward has passed it (without _Cast's anchor all 3 stay gathered)
+    g = got["gathered"]
+    assert g["gathered"] and max(g["gathered"]) == 1, g
+    # and forward holds one layer's casts at a time (+ the rest's), not all layers' (the recomputation remakes them)
+    sizes = g["unit_sizes"]
+    layer = max(n for u, n in sizes.items() if u != "rest")
+    assert len(sizes) >= 3 and max(g["alive"]) <= sizes.get("rest", 0) + layer, g
+    for name in ("full", "cut"):
+        BagelPipeline.from_pretrained(tiny_ckpt, device="cpu", dtype=torch.float32).load_distilled_expert(
+            tmp_path / f"{name}.safetensors")
+
+
+def test_shard_flags_need_processes_and_an_even_batch():
+    with pytest.raises(SystemExit, match="--distributed"):
+        C.init_distributed(False, "full")
+    with pytest.raises(ValueError, match="--batch 4"):
+        C.Dist(0, 2, True, "full").share([1, 2, 3, 4, 5])
+    assert C.Dist(1, 2, True, "full").share([1, 2, 3, 4]) == [2, 4]
 
 
 def test_dmdo_on_top_of_tscd(six, tiny_ckpt, tmp_path):

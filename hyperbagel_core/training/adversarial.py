@@ -179,7 +179,7 @@ def main(argv=None) -> dict:
     a = ap.parse_args(argv)
     if not a.init:
         ap.error("the 1-NFE stage starts from the 6-NFE expert: pass --init six.safetensors")
-    dist_ = C.init_distributed(a.distributed)
+    dist_ = C.init_distributed(a.distributed, a.shard)
     pipe, teacher, prompts, held = C.distill_setup(a)
     model = pipe.model
     from ..distill.expert import load_distilled_expert
@@ -194,8 +194,8 @@ def main(argv=None) -> dict:
               reward=reward, reward_weight=a.reward_weight, reward_threshold=a.reward_threshold)
     refs = [teacher.reference(it) for it in held]
     g_ddp = dist_.wrap(generator)   # the discriminators' gradients are averaged by hand (dist_.average_grads)
-    g_opt = C.make_optimizer(generator.parameters(), a.lr, dist_, a.shard_optimizer)
-    d_opt = C.make_optimizer(disc.parameters(), a.d_lr, dist_, a.shard_optimizer)
+    g_opt = C.make_optimizer(generator.parameters(), a.lr, dist_)
+    d_opt = C.make_optimizer(disc.parameters(), a.d_lr, dist_)
     loop = C.Loop(a.out, a.steps, {"generator": generator, "disc": disc}, {"g": g_opt, "d": d_opt}, dist_,
                   "heldout_mse", a.eval_every, a.save_every, not a.no_resume, a.stop_after)
 
@@ -217,12 +217,14 @@ def main(argv=None) -> dict:
 
     hist = loop.run(step, lambda: job.evaluate(held, refs))
     report = {"history": hist}
-    if dist_.main and loop.stop_after is None:
+    if loop.stop_after is None:
         from ..loading import resolve_dtype
         one = get_schedule("hyper-1nfe").timesteps
         stages = tuple(generator.config.stages) + ("adp",) + (("refl",) if reward else ())
-        generator.export(resolve_dtype(a.save_dtype) if a.save_dtype else None, stages=stages, nfe=1,
-                         schedule="hyper-1nfe", timesteps=tuple(one.tolist()), shift=1.0).save(a.out)
+        expert = generator.export(resolve_dtype(a.save_dtype) if a.save_dtype else None, stages=stages, nfe=1,
+                                  schedule="hyper-1nfe", timesteps=tuple(one.tolist()), shift=1.0)   # every rank
+    if dist_.main and loop.stop_after is None:
+        expert.save(a.out)
         report["euler"] = {**C.training_free_errors(teacher, held, refs, 1, ("euler",), (1.0,)),
                            **C.training_free_errors(teacher, held, refs, 2, ("euler",), (1.0, 3.0))}
         report["student"] = hist["metric"][-1][1]

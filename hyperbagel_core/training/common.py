@@ -9,13 +9,19 @@ Design (docs/TRAINING.md):
     (torchrun: gloo on CPU, NCCL on CUDA) and wraps the trainable module in DDP. Each step draws one global
     batch (the same on every rank) and rank r runs items ``r::world``; each rank scales its loss by
     ``world / global_batch`` so DDP's gradient average equals the 1-process mean over the global batch.
-    ``--shard-optimizer`` shards the AdamW state over the ranks (ZeroRedundancyOptimizer, ZeRO-1).
+    ``--shard optimizer`` shards the AdamW state over the ranks (ZeroRedundancyOptimizer, ZeRO-1);
+    ``--shard full`` shards the fp32 masters, their gradients and so the AdamW state with FSDP2
+    (``fully_shard`` per decoder layer's trained tensors, then the rest): each unit is all-gathered when the
+    student casts it for a pass and its gradient is reduce-scattered (a mean, like DDP's) in backward; with
+    ``--checkpointing`` too, each layer's unit is gathered and cast just in time inside its checkpointed region.
   * Precision: trainable tensors are fp32 master weights (AdamW state fp32); each pass uses them cast to the
     base model's dtype (bf16 on GPU) through autograd, so gradients reach the fp32 masters and small updates
     are not rounded away (a bf16 weight + lr*update below half an ulp is lost).
   * The frozen base is loaded once per process (DDP shares nothing but gradients); it never gets gradients.
   * State files: ``<out>.state/`` holds ``tensors.safetensors`` (modules + optimizer tensors) and
-    ``state.json`` (step, loss/metric history, optimizer scalars); no pickle.
+    ``state.json`` (step, loss/metric history, optimizer scalars); no pickle. Sharded tensors are gathered
+    to rank 0 for the file and every rank reads back only its shard, so the file is the same whatever
+    ``--shard`` and world size wrote it.
 """
 from __future__ import annotations
 
@@ -25,6 +31,7 @@ import json
 import math
 import os
 import random
+import re
 from dataclasses import dataclass, field
 from functools import partial
 from pathlib import Path
@@ -49,11 +56,15 @@ def step_rng(seed: int, step: int) -> tuple[random.Random, torch.Generator]:
 
 
 # -- distributed --------------------------------------------------------------------------------------------
+SHARD_MODES = ("none", "optimizer", "full")
+
+
 @dataclass
 class Dist:
     rank: int = 0
     world: int = 1
     enabled: bool = False
+    shard: str = "none"      # SHARD_MODES: replicated (DDP), ZeRO-1 AdamW state, or FSDP2 masters + grads + state
 
     @property
     def main(self) -> bool:
@@ -61,14 +72,25 @@ class Dist:
 
     def share(self, items: list) -> list:
         """This rank's items of a global batch."""
+        if self.shard == "full" and len(items) % self.world:
+            # every pass gathers the sharded masters collectively: all ranks must run the same number of passes
+            raise ValueError(f"--shard full needs a global batch divisible by the {self.world} processes "
+                             f"(got {len(items)}): pass --batch {self.world * max(1, len(items) // self.world)}")
         return items[self.rank::self.world]
 
     def loss_scale(self, global_batch: int) -> float:
         return self.world / global_batch
 
     def wrap(self, module: nn.Module) -> nn.Module:
+        """DDP, or with ``shard="full"`` FSDP2 in place: each of ``module.shard_units()`` (one decoder layer's
+        masters) is its own all-gather / reduce-scatter unit, the root holds the rest."""
         if not self.enabled:
             return module
+        if self.shard == "full":
+            from torch.distributed.fsdp import fully_shard
+            for unit in module.shard_units():
+                fully_shard(unit)
+            return fully_shard(module)
         from torch.nn.parallel import DistributedDataParallel as DDP
         dev = next(module.parameters()).device
         return DDP(module, device_ids=[dev.index] if dev.type == "cuda" else None)
@@ -98,9 +120,14 @@ class Dist:
             dist.barrier()
 
 
-def init_distributed(enabled: bool) -> Dist:
+def init_distributed(enabled: bool, shard: str = "none") -> Dist:
     """``enabled``: join the process group the launcher (torchrun) describes in the environment."""
+    if shard not in SHARD_MODES:
+        raise ValueError(f"unknown --shard {shard!r}; valid: {', '.join(SHARD_MODES)}")
     if not enabled:
+        if shard != "none":
+            raise SystemExit(f"--shard {shard} splits state over processes: add --distributed and launch with "
+                             "torchrun --nproc_per_node N")
         return Dist()
     import torch.distributed as dist
     if "RANK" not in os.environ:
@@ -109,16 +136,55 @@ def init_distributed(enabled: bool) -> Dist:
         dist.init_process_group("nccl" if torch.cuda.is_available() else "gloo")
     if torch.cuda.is_available():
         torch.cuda.set_device(int(os.environ.get("LOCAL_RANK", 0)))
-    return Dist(dist.get_rank(), dist.get_world_size(), True)
+    return Dist(dist.get_rank(), dist.get_world_size(), True, shard)
 
 
-def make_optimizer(params, lr: float, dist_: Dist, shard: bool = False, weight_decay: float = 0.0):
-    """AdamW over fp32 masters; ``shard`` splits its state over the ranks (ZeRO-1)."""
+def make_optimizer(params, lr: float, dist_: Dist, weight_decay: float = 0.0):
+    """AdamW over fp32 masters; ``--shard optimizer`` splits its state over the ranks (ZeRO-1). Under
+    ``--shard full`` the masters of a wrapped module are already shards, and so is the state AdamW keeps."""
     params = [p for p in params if p.requires_grad]
-    if shard and dist_.enabled:
+    if dist_.shard == "optimizer" and dist_.enabled:
         from torch.distributed.optim import ZeroRedundancyOptimizer
         return ZeroRedundancyOptimizer(params, optimizer_class=torch.optim.AdamW, lr=lr, weight_decay=weight_decay)
     return torch.optim.AdamW(params, lr=lr, weight_decay=weight_decay)
+
+
+def full_tensor(t: torch.Tensor) -> torch.Tensor:
+    """A sharded tensor's whole value (a collective: every rank must call it in the same order); any other
+    tensor as it is."""
+    from torch.distributed.tensor import DTensor
+    return t.full_tensor() if isinstance(t, DTensor) else t
+
+
+def shard_like(full: torch.Tensor, like: torch.Tensor) -> torch.Tensor:
+    """``full`` laid out like ``like``: this rank's shard when ``like`` is sharded (no communication: every
+    rank holds ``full``), else ``full`` itself."""
+    from torch.distributed.tensor import DTensor, distribute_tensor
+    if not isinstance(like, DTensor):
+        return full
+    return distribute_tensor(full.to(like.device), like.device_mesh, like.placements, src_data_rank=None)
+
+
+def local_bytes(tensors) -> int:
+    """Bytes this rank holds of ``tensors`` (a shard's local part for sharded ones)."""
+    from torch.distributed.tensor import DTensor
+    return sum((t.to_local() if isinstance(t, DTensor) else t).nbytes for t in tensors)
+
+
+def shard_report(module: nn.Module, opt, dist_: Dist) -> dict:
+    """Per rank: bytes of the module's trainable fp32 masters and of the optimizer's state tensors it holds
+    (the evidence that ``--shard full`` splits them), next to the unsharded totals."""
+    params = [p for p in module.parameters() if p.requires_grad]
+    local = getattr(opt, "optim", opt)   # ZeRO-1: the optimizer over this rank's partition
+    state = [v for st in local.state.values() for v in st.values() if torch.is_tensor(v) and v.dim() > 0]
+    mine = {"rank": dist_.rank, "master_bytes": local_bytes(params), "optimizer_bytes": local_bytes(state)}
+    if dist_.enabled:
+        import torch.distributed as dist
+        ranks = [None] * dist_.world
+        dist.all_gather_object(ranks, mine)
+    else:
+        ranks = [mine]
+    return {"ranks": ranks, "master_bytes_total": sum(p.numel() * p.element_size() for p in params)}
 
 
 # -- installing weights for a pass with gradients -----------------------------------------------------------
@@ -174,31 +240,39 @@ def base_tensors(model: nn.Module, keys) -> dict:
 
 
 @contextlib.contextmanager
-def activation_checkpointing(model: nn.Module, enabled: bool = True):
+def activation_checkpointing(model: nn.Module, enabled: bool = True, deferred: dict | None = None):
     """Recompute each decoder layer in backward instead of keeping its activations (torch.utils.checkpoint).
 
     The recomputation reads the weights installed when backward runs, so call backward inside the same
-    ``installed`` block as the forward (every trainer here does).
+    ``installed`` block as the forward (every trainer here does). ``deferred`` (``Casts.deferred``): per layer
+    index, a callable giving that layer's casts; they are made and installed inside the checkpointed region,
+    so forward keeps one layer's casts at a time and the recomputation makes them again.
     """
     layers = list(model.language_model.model.layers) if enabled else []
+    if deferred and not enabled:
+        raise ValueError("deferred layer casts need activation checkpointing (their recomputation makes them)")
+    deferred = deferred or {}
     try:
-        for layer in layers:
-            layer.forward = partial(_checkpointed_layer, type(layer).forward.__get__(layer))
+        for i, layer in enumerate(layers):
+            layer.forward = partial(_checkpointed_layer, type(layer).forward.__get__(layer), model, deferred.get(i))
         yield model
     finally:
         for layer in layers:
             layer.__dict__.pop("forward", None)
 
 
-def _checkpointed_layer(forward, x, cos, sin, kv, gen):
+def _checkpointed_layer(forward, model, casts, x, cos, sin, kv, gen):
     """One decoder layer under torch.utils.checkpoint. The KV access counts layers as they attend, so the
-    recomputation rewinds its counter to this layer (under autograd it reads the caches and writes nothing)."""
+    recomputation rewinds its counter to this layer (under autograd it reads the caches and writes nothing).
+    ``casts``: None, or the callable giving this layer's weights, installed for the forward and again for the
+    recomputation."""
     from torch.utils.checkpoint import checkpoint
     index = kv.layer
 
     def run(x, cos, sin):
         kv.layer = index
-        return forward(x, cos, sin, kv, gen)
+        with installed(model, casts() if casts is not None else {}):
+            return forward(x, cos, sin, kv, gen)
     return checkpoint(run, x, cos, sin, use_reentrant=False)
 
 
@@ -209,27 +283,78 @@ def velocity_with_grad(model, ctx, x, t, h: int, w: int, extra=None) -> torch.Te
 
 
 # -- the trainable student ----------------------------------------------------------------------------------
+class _Cast(torch.autograd.Function):
+    """``master.to(dtype)`` (always a copy) that also consumes ``anchor``, a zero scalar the unit's forward
+    receives: autograd reaches ``anchor`` only after the gradient of every cast of the unit, and FSDP2 hooks
+    its post-backward (reduce-scatter, reshard) onto a forward's inputs, so a layer's fp32 masters and
+    gradients are freed as soon as backward has passed that layer, not at the end of backward. The copy:
+    with an fp32 base a plain ``.to`` would return the gathered master itself, whose storage FSDP2 frees."""
+
+    @staticmethod
+    def forward(ctx, anchor, master, dtype):
+        ctx.anchor_meta, ctx.master_dtype = (anchor.dtype, anchor.device), master.dtype
+        return master.to(dtype, copy=True)
+
+    @staticmethod
+    def backward(ctx, grad):
+        dtype, device = ctx.anchor_meta
+        return torch.zeros((), dtype=dtype, device=device), grad.to(ctx.master_dtype), None
+
+
+class Masters(nn.Module):
+    """The fp32 masters of one decoder layer's trained tensors (or of the others): the unit ``--shard full``
+    all-gathers for a pass and reduce-scatters the gradients of."""
+
+    def __init__(self, tensors: dict, dtypes: dict):
+        super().__init__()
+        self.keys = list(tensors)
+        self.dtypes = dtypes
+        self.p = nn.ParameterDict({k.replace(".", "__"): nn.Parameter(v.detach().float().clone())
+                                   for k, v in tensors.items()})
+
+    def forward(self, anchor: torch.Tensor) -> dict:
+        """The masters cast to the base dtypes, through autograd (``_Cast``)."""
+        return {k: _Cast.apply(anchor, self.p[k.replace(".", "__")], self.dtypes[k]) for k in self.keys}
+
+
+class Casts(dict):
+    """The student's cast tensors to install for a pass; ``deferred``: per decoder layer index, a callable
+    giving that layer's casts just in time (``activation_checkpointing`` calls it inside the layer's
+    checkpointed region), empty unless ``Student.forward(..., defer_layers=True)``."""
+
+    def __init__(self):
+        super().__init__()
+        self.deferred = {}
+
+
+def _unit_of(key: str) -> str:
+    m = re.search(r"\.layers\.(\d+)\.", key)
+    return f"layer{m.group(1)}" if m else "rest"
+
+
 class Student(nn.Module):
     """Trainable copy of (part of) the generation expert + guidance embedders, fp32 masters.
 
     ``forward(s_txt, s_img)`` returns ``(tensors, extra)``: the replacement tensors cast to the base dtype and
     the guidance embedding; install them with ``installed`` for the pass. Running that through ``forward``
-    lets DDP see every use of the parameters.
+    lets DDP see every use of the parameters and lets FSDP2 gather each layer's ``Masters`` in turn.
     """
 
     def __init__(self, model: nn.Module, expert: DistilledExpert):
         super().__init__()
         self.config = expert.config
         self.keys = list(expert.tensors)
-        self.master = nn.ParameterDict({k.replace(".", "__"): nn.Parameter(v.detach().float().clone())
-                                        for k, v in expert.tensors.items()})
+        params = dict(model.named_parameters())
+        self.dtypes = {k: params[k].dtype for k in self.keys}
+        units: dict = {}
+        for k, v in expert.tensors.items():
+            units.setdefault(_unit_of(k), {})[k] = v
+        self.master = nn.ModuleDict({u: Masters(t, {k: self.dtypes[k] for k in t}) for u, t in units.items()})
         g = expert.guidance
         self.guidance = GuidanceEmbedding(g.text_scale_embedder.mlp[0].weight.shape[0], g.text_range, g.img_range,
                                           zero_init=False)
         self.guidance.load_state_dict({k: v.float() for k, v in g.state_dict().items()})
         self.guidance.to(model.vae2llm.weight.device)
-        params = dict(model.named_parameters())
-        self.dtypes = {k: params[k].dtype for k in self.keys}
         self.compute_dtype = model.dtype
 
     @classmethod
@@ -239,22 +364,38 @@ class Student(nn.Module):
             torch.manual_seed(seed)
             return cls(model, DistilledExpert.from_model(model, keys, **config))
 
-    def forward(self, s_txt, s_img):
-        reps = {k: self.master[k.replace(".", "__")].to(self.dtypes[k]) for k in self.keys}
+    def shard_units(self) -> list:
+        return list(self.master.values())
+
+    def forward(self, s_txt, s_img, defer_layers: bool = False):
+        """``defer_layers``: the decoder layers' casts are made just in time by the checkpointed layers
+        (``Casts.deferred``; ``--shard full --checkpointing``: one layer's gathered masters and casts at a time)."""
         dev = self.guidance.text_scale_embedder.mlp[0].weight.device
+        anchor = torch.zeros((), device=dev, requires_grad=torch.is_grad_enabled())
+        reps = Casts()
+        for name, unit in self.master.items():
+            if defer_layers and name != "rest":
+                reps.deferred[int(name.removeprefix("layer"))] = partial(unit, anchor)
+            else:
+                reps.update(unit(anchor))
         st = torch.as_tensor(s_txt, dtype=torch.float32, device=dev).reshape(-1)
         si = torch.as_tensor(s_img, dtype=torch.float32, device=dev).reshape(-1)
-        extra = self.guidance(st, si, self.compute_dtype)[0]
+        extra = self.guidance(st, si, self.compute_dtype)[0].clone()   # not a view: FSDP2 hooks the outputs
         return reps, extra
 
     def export(self, dtype: torch.dtype | None = None, **config_updates) -> DistilledExpert:
-        """A ``DistilledExpert`` (our file format) with the current weights, in ``dtype`` (default: the base's)."""
+        """A ``DistilledExpert`` (our file format) with the current weights, in ``dtype`` (default: the base's).
+        Sharded masters are gathered (on the CPU): with ``--shard full`` every rank must call this."""
         from dataclasses import replace
-        tensors = {k: self.master[k.replace(".", "__")].detach().to(dtype or self.dtypes[k]).clone()
-                   for k in self.keys}
+        masters = {k: unit.p[k.replace(".", "__")] for unit in self.master.values() for k in unit.keys}
+        tensors = {}
+        for k in self.keys:
+            p = masters[k].detach()
+            t = full_tensor(p)
+            tensors[k] = t.to("cpu" if t is not p else t.device, dtype or self.dtypes[k]).clone()
         g = GuidanceEmbedding(self.guidance.text_scale_embedder.mlp[0].weight.shape[0], self.guidance.text_range,
                               self.guidance.img_range, zero_init=False)
-        g.load_state_dict(self.guidance.state_dict())
+        g.load_state_dict({k: full_tensor(v) for k, v in self.guidance.state_dict().items()})
         g.to(dtype or self.compute_dtype)
         return DistilledExpert(replace(self.config, replaced_keys=tuple(self.keys), **config_updates), g, tensors)
 
@@ -480,28 +621,35 @@ def _opt_state(opt) -> dict:
 
 
 def save_state(out, step: int, modules: dict, opts: dict, history: dict, dist_: Dist) -> None:
-    """Write ``<out>.state/`` atomically (rank 0): weights, optimizer state, step and history."""
+    """Write ``<out>.state/`` atomically (rank 0): weights, optimizer state, step and history. Sharded
+    tensors are gathered one at a time (every rank takes part; only rank 0 keeps them)."""
     from safetensors.torch import save_file
     opt_sds = {name: _opt_state(o) for name, o in opts.items()}
+    tensors, scalars = {}, {"step": step, "history": history, "optimizers": {}}
+
+    def keep(key, v):
+        v = full_tensor(v.detach())
+        if dist_.main:
+            tensors[key] = v.cpu().contiguous().reshape(v.shape)
+
+    for name, m in modules.items():
+        m = getattr(m, "module", m)
+        for k, v in m.state_dict().items():
+            keep(f"module.{name}.{k}", v)
+    for name, sd in opt_sds.items():
+        meta = {"param_groups": sd.get("param_groups"), "state": {}}
+        for idx, st in sd.get("state", {}).items():
+            meta["state"][str(idx)] = {}
+            for k, v in st.items():
+                if torch.is_tensor(v):
+                    keep(f"opt.{name}.{idx}.{k}", v)
+                else:
+                    meta["state"][str(idx)][k] = v
+        scalars["optimizers"][name] = meta
     if not dist_.main:
         return
     d = state_dir(out)
     d.mkdir(parents=True, exist_ok=True)
-    tensors, scalars = {}, {"step": step, "history": history, "optimizers": {}}
-    for name, m in modules.items():
-        m = getattr(m, "module", m)
-        for k, v in m.state_dict().items():
-            tensors[f"module.{name}.{k}"] = v.detach().cpu().contiguous()
-    for name, sd in opt_sds.items():
-        meta = {"param_groups": sd["param_groups"], "state": {}}
-        for idx, st in sd["state"].items():
-            meta["state"][str(idx)] = {}
-            for k, v in st.items():
-                if torch.is_tensor(v):
-                    tensors[f"opt.{name}.{idx}.{k}"] = v.detach().cpu().contiguous().reshape(v.shape)
-                else:
-                    meta["state"][str(idx)][k] = v
-        scalars["optimizers"][name] = meta
     tmp = d / "tensors.safetensors.tmp"
     save_file(tensors, str(tmp))
     os.replace(tmp, d / "tensors.safetensors")
@@ -510,28 +658,34 @@ def save_state(out, step: int, modules: dict, opts: dict, history: dict, dist_: 
 
 
 def load_state(out, modules: dict, opts: dict) -> tuple[int, dict]:
-    """Restore a run from ``<out>.state/``; returns ``(step, history)`` or ``(0, {})`` when there is none."""
-    from safetensors.torch import load_file
+    """Restore a run from ``<out>.state/``; returns ``(step, history)`` or ``(0, {})`` when there is none.
+    Tensors are read one at a time and each rank keeps its shard of sharded ones."""
+    from safetensors import safe_open
     d = state_dir(out)
     if not (d / "state.json").is_file():
         return 0, {}
     scalars = json.loads((d / "state.json").read_text())
-    tensors = load_file(str(d / "tensors.safetensors"))
-    for name, m in modules.items():
-        m = getattr(m, "module", m)
-        pre = f"module.{name}."
-        sd = {k[len(pre):]: v for k, v in tensors.items() if k.startswith(pre)}
-        m.load_state_dict(sd)
-    for name, o in opts.items():
-        meta = scalars["optimizers"][name]
-        state = {}
-        for idx, st in meta["state"].items():
-            state[int(idx)] = dict(st)
-        for k, v in tensors.items():
-            if k.startswith(f"opt.{name}."):
-                idx, key = k[len(f"opt.{name}."):].split(".", 1)
-                state.setdefault(int(idx), {})[key] = v
-        o.load_state_dict({"state": state, "param_groups": meta["param_groups"]})
+    with safe_open(str(d / "tensors.safetensors"), framework="pt") as f:
+        names = list(f.keys())
+        for name, m in modules.items():
+            m = getattr(m, "module", m)
+            pre, live = f"module.{name}.", m.state_dict()
+            sd = {k[len(pre):]: f.get_tensor(k) for k in names if k.startswith(pre)}
+            m.load_state_dict({k: shard_like(v, live[k]) if k in live else v for k, v in sd.items()})
+        for name, o in opts.items():
+            meta = scalars["optimizers"][name]
+            params = [p for g in o.param_groups for p in g["params"]]
+            state = {}
+            for idx, st in meta["state"].items():
+                state[int(idx)] = dict(st)
+            for k in names:
+                if k.startswith(f"opt.{name}."):
+                    idx, key = k[len(f"opt.{name}."):].split(".", 1)
+                    v, p = f.get_tensor(k), params[int(idx)] if int(idx) < len(params) else None
+                    if p is not None and v.shape == p.shape:   # AdamW's moments: sharded like their parameter
+                        v = shard_like(v, p)
+                    state.setdefault(int(idx), {})[key] = v
+            o.load_state_dict({"state": state, "param_groups": meta["param_groups"]})
     return int(scalars["step"]), scalars["history"]
 
 
@@ -601,7 +755,9 @@ def add_common_args(ap) -> None:
     ap.add_argument("--train-keys", default="all", choices=TRAIN_KEY_SETS,
                     help="generation-expert tensors to train (docs/TRAINING.md: what fits one 80 GB GPU)")
     ap.add_argument("--distributed", action="store_true", help="DDP over the ranks torchrun started")
-    ap.add_argument("--shard-optimizer", action="store_true", help="with --distributed: ZeRO-1 AdamW state")
+    ap.add_argument("--shard", default="none", choices=SHARD_MODES,
+                    help="with --distributed: 'optimizer' shards AdamW's state (ZeRO-1); 'full' shards the fp32 "
+                         "masters, gradients and AdamW state (FSDP2; docs/TRAINING.md: needed for all keys)")
     ap.add_argument("--checkpointing", action="store_true", help="activation checkpointing per decoder layer")
     ap.add_argument("--save-every", type=int, default=50)
     ap.add_argument("--eval-every", type=int, default=50)
@@ -644,18 +800,23 @@ def finite(x: float) -> float:
 
 # -- one optimiser step over this rank's share of the global batch --------------------------------------------
 def accumulate(student_ddp: nn.Module, model, works: list, dist_: Dist, global_batch: int,
-               checkpointing: bool = False) -> float:
+               checkpointing: bool = False, defer_layers: bool = True) -> float:
     """``works``: ``[(s_txt or (s_txt, s_img), loss_fn(extra) -> loss)]`` of this rank. Each loss is
     backpropagated inside the student's install (gradient accumulation; DDP syncs on the last one).
-    Returns this rank's mean loss."""
+    Under ``--shard full --checkpointing`` the layers' casts are made just in time, a gather per layer call:
+    ``defer_layers=False`` for works whose number of passes differs between items (and so between ranks),
+    which then gather each unit once per work. Returns this rank's mean loss."""
     scale, total = dist_.loss_scale(global_batch), 0.0
     for j, (scales, fn) in enumerate(works):
         s_txt, s_img = scales if isinstance(scales, tuple) else (scales, 1.0)
         last = j == len(works) - 1
-        sync = student_ddp.no_sync() if dist_.enabled and not last else contextlib.nullcontext()
+        # DDP syncs once per step; FSDP2 reduce-scatters every pass (no unsharded gradient kept in between)
+        sync = (student_ddp.no_sync() if dist_.enabled and dist_.shard != "full" and not last
+                else contextlib.nullcontext())
         with sync:
-            reps, extra = student_ddp(s_txt, s_img)
-            with installed(model, reps), activation_checkpointing(model, checkpointing):
+            reps, extra = student_ddp(s_txt, s_img,
+                                      defer_layers=defer_layers and checkpointing and dist_.shard == "full")
+            with installed(model, reps), activation_checkpointing(model, checkpointing, reps.deferred):
                 loss = fn(extra)
                 (loss * scale).backward()
         total += finite(float(loss.detach()))

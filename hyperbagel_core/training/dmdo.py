@@ -100,7 +100,7 @@ def main(argv=None) -> dict:
     a = ap.parse_args(argv)
     if not a.init:
         ap.error("DMDO starts from the stage-2 expert: pass --init six_tscd.safetensors")
-    dist_ = C.init_distributed(a.distributed)
+    dist_ = C.init_distributed(a.distributed, a.shard)
     pipe, teacher, prompts, held = C.distill_setup(a)
     model = pipe.model
     grid = get_schedule(a.schedule).timesteps
@@ -109,8 +109,8 @@ def main(argv=None) -> dict:
     job = DMDO(pipe, teacher, generator, fake, prompts, grid, tuple(a.scale_range))
     refs = [teacher.reference(it) for it in held]
     g_ddp, f_ddp = dist_.wrap(generator), dist_.wrap(fake)
-    g_opt = C.make_optimizer(generator.parameters(), a.lr, dist_, a.shard_optimizer)
-    f_opt = C.make_optimizer(fake.parameters(), a.fake_lr or a.lr, dist_, a.shard_optimizer)
+    g_opt = C.make_optimizer(generator.parameters(), a.lr, dist_)
+    f_opt = C.make_optimizer(fake.parameters(), a.fake_lr or a.lr, dist_)
     evals = []
 
     def evaluate():
@@ -140,16 +140,19 @@ def main(argv=None) -> dict:
             if i < a.fake_warmup:
                 return f_loss
             works = [job.generator_work(items[n], trajs[n], *gen_draws[n], noise(-1, n)) for n in mine]
-            loss = C.accumulate(g_ddp, model, works, dist_, a.batch, a.checkpointing)
+            # the generator's passes per item depend on its start step: casts made once per work, not per layer call
+            loss = C.accumulate(g_ddp, model, works, dist_, a.batch, a.checkpointing, defer_layers=False)
         C.optimizer_step(g_opt, generator.parameters(), lr=C.lr_at(a.lr, i - a.fake_warmup, a.steps - a.fake_warmup))
         return loss
 
     hist = loop.run(step, evaluate)
     report = {"history": hist, "evals": evals}
-    if dist_.main and loop.stop_after is None:
+    if loop.stop_after is None:
         from ..loading import resolve_dtype
-        generator.export(resolve_dtype(a.save_dtype) if a.save_dtype else None,
-                         stages=tuple(generator.config.stages) + ("dmdo",)).save(a.out)
+        expert = generator.export(resolve_dtype(a.save_dtype) if a.save_dtype else None,   # every rank: a gather
+                                  stages=tuple(generator.config.stages) + ("dmdo",))
+    if dist_.main and loop.stop_after is None:
+        expert.save(a.out)
         m = hist["metric"]
         print(f"held-out Fréchet distance (latent patch tokens) {m[0][1]:.5g} -> {m[-1][1]:.5g}; wrote {a.out}")
     C.write_report(a.report, report, dist_)

@@ -154,7 +154,7 @@ def main(argv=None) -> None:
     ap.add_argument("--eval-samples", type=int, default=4)
     a = ap.parse_args(argv)
     from ..loading import resolve_dtype
-    dist_ = C.init_distributed(a.distributed)
+    dist_ = C.init_distributed(a.distributed, a.shard)
     pipe = C.load_pipe(a)
     expert, rep = distill(pipe, C.read_prompts(a.prompt, a.prompts_file), steps=a.steps, lr=a.lr,
                           train_keys=a.train_keys, size=tuple(a.size), shift=a.shift, seed=a.seed,

@@ -100,7 +100,7 @@ def main(argv=None) -> dict:
                     help="share of draws at a segment start (the points the sampler evaluates); the rest are "
                          "inside segments (docs/TRAINING.md: on the tiny model 0.5 leaves a 2.5x higher floor)")
     a = ap.parse_args(argv)
-    dist_ = C.init_distributed(a.distributed)
+    dist_ = C.init_distributed(a.distributed, a.shard)
     pipe, teacher, prompts, held = C.distill_setup(a)
     model = pipe.model
     grid = get_schedule(a.schedule).timesteps
@@ -112,7 +112,7 @@ def main(argv=None) -> dict:
                start_weight=a.start_weight)
     refs = [teacher.reference(it) for it in held]
     ddp = dist_.wrap(student)
-    opt = C.make_optimizer(student.parameters(), a.lr, dist_, a.shard_optimizer)
+    opt = C.make_optimizer(student.parameters(), a.lr, dist_)
     loop = C.Loop(a.out, a.steps, {"student": student}, {"opt": opt}, dist_, "heldout_mse", a.eval_every,
                   a.save_every, not a.no_resume, a.stop_after)
 
@@ -127,11 +127,17 @@ def main(argv=None) -> dict:
         return loss
 
     hist = loop.run(step, lambda: job.evaluate(held, refs))
-    report = {"history": hist}
-    if dist_.main and loop.stop_after is None:
+    report = {"history": hist, "shards": C.shard_report(student, opt, dist_)}
+    if dist_.main:
+        print("trained bytes held per rank (fp32 masters / AdamW state): " + ", ".join(
+            f"rank {r['rank']} {r['master_bytes']} / {r['optimizer_bytes']}" for r in report["shards"]["ranks"])
+            + f" of {report['shards']['master_bytes_total']} master bytes")
+    if loop.stop_after is None:
         from ..loading import resolve_dtype
-        student.export(resolve_dtype(a.save_dtype) if a.save_dtype else None,
-                       stages=tuple(student.config.stages) + ("tscd",)).save(a.out)
+        expert = student.export(resolve_dtype(a.save_dtype) if a.save_dtype else None,   # every rank: a gather
+                                stages=tuple(student.config.stages) + ("tscd",))
+    if dist_.main and loop.stop_after is None:
+        expert.save(a.out)
         nfe = grid.numel() - 1  # the student's passes: one per step
         report["training_free"] = C.training_free_errors(teacher, held, refs, nfe, unit="passes")
         report["training_free_evaluations"] = C.training_free_errors(teacher, held, refs, nfe)
