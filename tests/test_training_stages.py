@@ -211,7 +211,7 @@ def test_one_nfe_stage_with_reward(six, tiny_ckpt, tmp_path):
     out = tmp_path / "one.safetensors"
     rep = adversarial.main(_args(tiny_ckpt, out, "--init", str(six[0]), "--steps", "3", "--eval-every", "3",
                                  "--lr", "1e-4", "--reward", f"{rfile}:brightness"))
-    assert {"euler-1pass@shift1", "euler-2pass@shift1"} <= set(rep["euler"])
+    assert {"euler-1eval@shift1", "euler-2eval@shift1"} <= set(rep["euler"])
     pipe = BagelPipeline.from_pretrained(tiny_ckpt, device="cpu", dtype=torch.float32)
     pipe.load_distilled_expert(out)
     cfg = pipe.distilled_expert.config
