@@ -12,6 +12,9 @@ M="--model $OUT/tiny"
 # A. TSCD, text scales 1-5, evaluated at 4 (the pipeline's default): 6-NFE expert vs training-free 6-pass solvers
 python3 -m hyperbagel_core.training.tscd $M $P --out "$OUT/A/six.safetensors" --steps 1500 --eval-every 500 \
     --pool 64 --lr 1e-3 --batch 4 --report "$OUT/A/report.json"
+# A2. the same with 200 training prompts and a pool of 1024 teacher trajectories, 8000 steps (about 14 min)
+python3 -m hyperbagel_core.training.tscd $M ${P/train.txt/train_200.txt} --out "$OUT/A2/six.safetensors" --steps 8000 \
+    --eval-every 2000 --pool 1024 --lr 1e-3 --batch 4 --report "$OUT/A2/report.json"
 # B. the same without guidance (scale 1): the trajectory part of the task alone
 python3 -m hyperbagel_core.training.tscd $M $P --out "$OUT/B/six.safetensors" --steps 1500 --eval-every 500 \
     --pool 64 --lr 1e-3 --batch 4 --scale-range 1 1 --eval-scale 1 --report "$OUT/B/report.json"
