@@ -65,28 +65,43 @@ def docstring_pairs(max_chars: int = 400) -> list[tuple[str, str]]:
     return out
 
 
-def train_target(folder: Path, pairs, seconds: float, seed: int, max_len: int = 128) -> dict:
+SMALL = dict(hidden=128, layers=4, heads=4, kv_heads=2, intermediate=384)
+
+
+def text_sequences(tok, pairs, max_len: int = 128) -> list[list[int]]:
+    """``<|im_start|>first line<|im_end|><|im_start|>rest<|im_end|>`` token ids, cut at ``max_len``."""
+    return [(tok.text_block(q) + tok.text_block(a))[:max_len] for q, a in pairs]
+
+
+def sequence_loss(model, ids: torch.Tensor) -> torch.Tensor:
+    """Mean next-token cross-entropy of the understanding expert on one sequence read from position 0."""
+    x = model.embed_ids(ids[:-1])
+    pos = torch.arange(ids.numel() - 1)[None]
+    lm = model.language_model
+    out = lm(x[None], pos, [None], gen=False, causal=True, update=False)
+    return F.cross_entropy(lm.lm_head(out.hidden[0]).float(), ids[1:])
+
+
+def train_target(folder: Path, pairs, seconds: float, seed: int, max_len: int = 128, sizes: dict | None = None,
+                 lr: float = 3e-3) -> dict:
+    """Write a random checkpoint of ``sizes`` (default ``SMALL``) at ``folder`` and train its language model
+    (understanding expert) on ``pairs`` for ``seconds``; the trained weights replace its ema.safetensors."""
     from hyperbagel_core.pipeline import BagelPipeline
     from hyperbagel_core.testing import make_tiny_checkpoint
-    make_tiny_checkpoint(folder, seed=seed, hidden=128, layers=4, heads=4, kv_heads=2, intermediate=384)
+    make_tiny_checkpoint(folder, seed=seed, **(sizes or SMALL))
     pipe = BagelPipeline.from_pretrained(folder, device="cpu", dtype=torch.float32)
-    model, tok = pipe.model, pipe.tokenizer
-    seqs = [(tok.text_block(q) + tok.text_block(a))[:max_len] for q, a in pairs]
-    lm = model.language_model
+    model = pipe.model
+    seqs = text_sequences(pipe.tokenizer, pairs, max_len)
     und = [p for n, p in model.named_parameters()
            if n.startswith("language_model.") and "_moe_gen" not in n]
     model.requires_grad_(False)
     for p in und:
         p.requires_grad_(True)
-    opt = torch.optim.AdamW(und, lr=3e-3, weight_decay=0.01)
+    opt = torch.optim.AdamW(und, lr=lr, weight_decay=0.01)
     rng = random.Random(seed)
     t0, step, losses = time.time(), 0, []
     while time.time() - t0 < seconds:
-        ids = torch.tensor(seqs[rng.randrange(len(seqs))])
-        x = model.embed_ids(ids[:-1])
-        pos = torch.arange(ids.numel() - 1)[None]
-        out = lm(x[None], pos, [None], gen=False, causal=True, update=False)
-        loss = F.cross_entropy(lm.lm_head(out.hidden[0]).float(), ids[1:])
+        loss = sequence_loss(model, torch.tensor(seqs[rng.randrange(len(seqs))]))
         opt.zero_grad(set_to_none=True)
         loss.backward()
         torch.nn.utils.clip_grad_norm_(und, 1.0)
@@ -98,7 +113,8 @@ def train_target(folder: Path, pairs, seconds: float, seed: int, max_len: int = 
     save_file({k: v.to(torch.bfloat16).contiguous() for k, v in model.state_dict().items()},
               str(folder / "ema.safetensors"), metadata={"format": "pt"})
     k = max(1, len(losses) // 10)
-    return {"lm_steps": step, "lm_loss_first": sum(losses[:k]) / k, "lm_loss_last": sum(losses[-k:]) / k}
+    return {"lm_steps": step, "lm_seconds": seconds, "lm_loss_first": sum(losses[:k]) / k,
+            "lm_loss_last": sum(losses[-k:]) / k}
 
 
 def main(argv=None) -> dict:
