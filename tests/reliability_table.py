@@ -70,3 +70,16 @@ def check(section: str, rows: dict) -> list[str]:
     written = doc_rows(section)
     return [f"{g} / {i}: test says {o!r}, doc says {written.get((g, i))!r}"
             for g, i, o in rows.values() if _shape(written.get((g, i))) != _shape(o)]
+
+
+def refused(row, call, base=Exception) -> str:
+    """Run a bad-input row that must be refused: the error is ``row.error``, says what is wrong (``row.what``)
+    and what to do (``row.todo``); returns the outcome line for the table."""
+    import pytest
+    with pytest.raises(base) as info:
+        call()
+    msg = str(info.value)
+    assert isinstance(info.value, row.error), f"{type(info.value).__name__}: {msg}"
+    assert re.search(row.what, msg), f"does not say what is wrong: {msg}"
+    assert re.search(row.todo, msg), f"does not say what to do: {msg}"
+    return f"{type(info.value).__name__}: {msg}"

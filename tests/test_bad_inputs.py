@@ -440,13 +440,7 @@ ROWS += [
 @pytest.mark.parametrize("row", ROWS, ids=[f"{r.group}: {r.input}" for r in ROWS])
 def test_bad_input(env, row):
     if row.what:
-        with pytest.raises(HyperbagelError) as info:
-            row.call(env)
-        msg = str(info.value)
-        assert isinstance(info.value, row.error), f"{type(info.value).__name__}: {msg}"
-        assert re.search(row.what, msg), f"does not say what is wrong: {msg}"
-        assert re.search(row.todo, msg), f"does not say what to do: {msg}"
-        outcome = f"{type(info.value).__name__}: {msg}"
+        outcome = reliability_table.refused(row, lambda: row.call(env), HyperbagelError)
     else:
         import warnings
         with warnings.catch_warnings():
