@@ -58,6 +58,59 @@ def test_resume_continues_the_same_curve(tiny_ckpt, tmp_path):
     assert torch.allclose(torch.tensor(resumed), torch.tensor(full), rtol=1e-5, atol=1e-8), (resumed, full)
 
 
+def _tensors(path) -> dict:
+    from safetensors.torch import load_file
+    return load_file(str(path))
+
+
+def test_ema_resumes_bit_for_bit_is_what_is_exported_and_decay_0_is_the_plain_run(tiny_ckpt, tmp_path):
+    common = ("--steps", "6", "--pool", "3", "--lr", "1e-3", "--eval-every", "0", "--segments", "6",
+              "--save-every", "2")
+    tscd.main(_args(tiny_ckpt, tmp_path / "ema.safetensors", *common, "--ema", "0.5"))
+    tscd.main(_args(tiny_ckpt, tmp_path / "cut.safetensors", *common, "--ema", "0.5", "--stop-after", "3"))
+    with pytest.raises(SystemExit, match="--ema"):   # resuming without the EMA would silently drop it
+        tscd.main(_args(tiny_ckpt, tmp_path / "cut.safetensors", *common))
+    with pytest.raises(SystemExit, match="--ema 0.5"):
+        tscd.main(_args(tiny_ckpt, tmp_path / "cut.safetensors", *common, "--ema", "0.9"))
+    tscd.main(_args(tiny_ckpt, tmp_path / "cut.safetensors", *common, "--ema", "0.5"))
+    state, cut = (_tensors(tmp_path / f"{n}.safetensors.state" / "tensors.safetensors") for n in ("ema", "cut"))
+    assert state.keys() == cut.keys() and any(k.startswith("module.ema.") for k in state)
+    assert all(torch.equal(state[k], cut[k]) for k in state)       # killed + resumed: the same state, bit for bit
+    # the written expert holds the EMA weights, not the last masters
+    out = _tensors(tmp_path / "ema.safetensors")
+    shadow = {k[len("module.ema."):].replace(":", "."): v for k, v in state.items() if k.startswith("module.ema.")}
+    masters = {k[len("module.student."):]: v for k, v in state.items() if k.startswith("module.student.")}
+    def file_key(n):   # master.layer0.p.language_model__model__... -> gen.language_model.model...
+        return n if n.startswith("guidance.") else "gen." + n.split(".p.", 1)[1].replace("__", ".")
+    names = {n: file_key(n) for n in shadow if n != "decay"}
+    assert set(names.values()) == set(out) and len(out) > 10
+    assert all(torch.equal(out[k], shadow[n]) for n, k in names.items())
+    assert not all(torch.equal(out[k], masters[n]) for n, k in names.items())
+    assert torch.equal(_tensors(tmp_path / "cut.safetensors")[next(iter(names.values()))],
+                       out[next(iter(names.values()))])
+    # decay 0: the EMA is the last masters, so the file is the plain run's file
+    tscd.main(_args(tiny_ckpt, tmp_path / "plain.safetensors", *common))
+    tscd.main(_args(tiny_ckpt, tmp_path / "zero.safetensors", *common, "--ema", "0"))
+    plain, zero = _tensors(tmp_path / "plain.safetensors"), _tensors(tmp_path / "zero.safetensors")
+    assert plain.keys() == zero.keys() and all(torch.equal(plain[k], zero[k]) for k in plain)
+
+
+def test_ema_applied_swaps_in_and_back_exactly():
+    lin = torch.nn.Linear(3, 2)
+    ema = C.EMA(lin, 0.9)
+    before = {k: v.clone() for k, v in lin.state_dict().items()}
+    with torch.no_grad():
+        lin.weight.add_(1.0)
+    ema.update(lin)
+    trained = {k: v.clone() for k, v in lin.state_dict().items()}
+    assert torch.allclose(ema.pairs(lin)[0][1], before["weight"] + 0.1)
+    with ema.applied(lin):
+        assert torch.allclose(lin.weight, before["weight"] + 0.1) and torch.allclose(lin.bias, before["bias"])
+    assert all(torch.equal(lin.state_dict()[k], trained[k]) for k in trained)
+    with pytest.raises(ValueError, match="decay"):
+        C.EMA(lin, 1.0)
+
+
 def _free_port() -> int:
     with socket.socket() as s:
         s.bind(("127.0.0.1", 0))
@@ -76,22 +129,33 @@ def _rank(rank, world, port, argv, out_json):
     dist.destroy_process_group()
 
 
-DIST = ("--steps", "5", "--pool", "4", "--lr", "1e-3", "--batch", "2", "--eval-every", "0", "--segments", "6")
+# with an EMA of the masters: equal on every DDP rank, one shard per rank under FSDP2, gathered for the file
+DIST = ("--steps", "5", "--pool", "4", "--lr", "1e-3", "--batch", "2", "--eval-every", "0", "--segments", "6",
+        "--ema", "0.7")
 
 
 @pytest.fixture(scope="module")
 def one_process_curve(tiny_ckpt, tmp_path_factory):
-    return tscd.main(_args(tiny_ckpt, tmp_path_factory.mktemp("one") / "one.safetensors", *DIST))["history"]["loss"]
+    """The 1-process loss curve and written expert (the EMA weights)."""
+    out = tmp_path_factory.mktemp("one") / "one.safetensors"
+    return tscd.main(_args(tiny_ckpt, out, *DIST))["history"]["loss"], _tensors(out)
+
+
+def _close_files(got, want, rtol):
+    assert got.keys() == want.keys()
+    for k in want:
+        assert torch.allclose(got[k], want[k], rtol=rtol, atol=1e-7), k
 
 
 def test_two_gloo_processes_follow_the_one_process_curve(tiny_ckpt, tmp_path, one_process_curve):
-    one = one_process_curve
+    one, one_file = one_process_curve
     out_json = tmp_path / "two.json"
     mp.start_processes(_rank, args=(2, _free_port(), _args(tiny_ckpt, tmp_path / "two.safetensors", *DIST),
                                     str(out_json)), nprocs=2, join=True, start_method="spawn")
     two = json.loads(out_json.read_text())
     # same global batch, gradients averaged by DDP: equal up to float summation order
     assert torch.allclose(torch.tensor(two), torch.tensor(one), rtol=1e-4, atol=1e-7), (two, one)
+    _close_files(_tensors(tmp_path / "two.safetensors"), one_file, 1e-4)
     BagelPipeline.from_pretrained(tiny_ckpt, device="cpu", dtype=torch.float32).load_distilled_expert(
         tmp_path / "two.safetensors")
 
@@ -155,7 +219,7 @@ def test_fsdp2_full_sharding_follows_the_curve_holds_half_and_resumes(tiny_ckpt,
     mp.start_processes(_sharded_rank, args=(2, _free_port(), str(tiny_ckpt), str(tmp_path), str(out_json)),
                        nprocs=2, join=True, start_method="spawn")
     got = json.loads(out_json.read_text())
-    one = torch.tensor(one_process_curve)
+    one, one_file = torch.tensor(one_process_curve[0]), one_process_curve[1]
     # same global batch, gradients reduce-scattered as a mean; the clipping norm sums shards in another order
     assert torch.allclose(torch.tensor(got["full"]), one, rtol=1e-4, atol=1e-7), (got["full"], one)
     assert torch.allclose(torch.tensor(got["resumed"]), torch.tensor(got["full"]), rtol=1e-5, atol=1e-8)
@@ -173,6 +237,9 @@ def test_fsdp2_full_sharding_follows_the_curve_holds_half_and_resumes(tiny_ckpt,
     sizes = g["unit_sizes"]
     layer = max(n for u, n in sizes.items() if u != "rest")
     assert len(sizes) >= 3 and max(g["alive"]) <= sizes.get("rest", 0) + layer, g
+    _close_files(_tensors(tmp_path / "full.safetensors"), one_file, 1e-4)    # the EMA, gathered from the shards
+    full, cut = _tensors(tmp_path / "full.safetensors"), _tensors(tmp_path / "cut.safetensors")
+    assert all(torch.equal(full[k], cut[k]) for k in full)
     for name in ("full", "cut"):
         BagelPipeline.from_pretrained(tiny_ckpt, device="cpu", dtype=torch.float32).load_distilled_expert(
             tmp_path / f"{name}.safetensors")

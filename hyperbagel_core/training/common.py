@@ -400,6 +400,60 @@ class Student(nn.Module):
         return DistilledExpert(replace(self.config, replaced_keys=tuple(self.keys), **config_updates), g, tensors)
 
 
+class EMA(nn.Module):
+    """Exponential moving average of a module's trainable fp32 masters (consistency distillation and
+    Hyper-SD evaluate and ship the EMA weights): ``ema = decay * ema + (1 - decay) * master`` after every
+    optimiser step. Built after ``Dist.wrap``, so under ``--shard full`` each shadow is a shard like its
+    master (each rank averages its own shard, the state file gathers it as it gathers the masters); under
+    DDP the masters are equal on every rank, and so are the shadows. The shadows are buffers: ``Loop``
+    saves and resumes them with the module's state."""
+
+    def __init__(self, module: nn.Module, decay: float):
+        super().__init__()
+        if not 0.0 <= decay < 1.0:
+            raise ValueError(f"--ema {decay}: the decay must be in [0, 1) (e.g. 0.999; 0 keeps the last weights)")
+        self.register_buffer("decay", torch.tensor(float(decay), dtype=torch.float64))
+        self.names = [n for n, p in module.named_parameters() if p.requires_grad]
+        for n, p in module.named_parameters():
+            if p.requires_grad:
+                self.register_buffer(n.replace(".", ":"), p.detach().clone())
+
+    def pairs(self, module: nn.Module):
+        if hasattr(module, "reshard"):   # FSDP2 keeps the root's gathered weights registered after a forward
+            module.reshard()             # without backward (an evaluation): put the shards back first
+        params = dict(module.named_parameters())
+        return [(params[n], getattr(self, n.replace(".", ":"))) for n in self.names]
+
+    @torch.no_grad()
+    def update(self, module: nn.Module) -> None:
+        w = 1.0 - float(self.decay)
+        for p, e in self.pairs(module):
+            e.lerp_(p.detach(), w)      # weight 1 (decay 0) gives p exactly: lerp computes p - (p - e) * 0
+
+    @contextlib.contextmanager
+    def applied(self, module: nn.Module):
+        """Within the block the module's masters hold the EMA weights (evaluation, export); swapped in place
+        one tensor at a time (one tensor's copy of extra memory) and swapped back exactly."""
+        def swap():
+            with torch.no_grad():
+                for p, e in self.pairs(module):
+                    tmp = p.detach().clone()
+                    p.copy_(e)
+                    e.copy_(tmp)
+        swap()
+        try:
+            yield
+        finally:
+            swap()
+
+    def _load_from_state_dict(self, state_dict, prefix, *args, **kwargs):
+        saved = state_dict.get(prefix + "decay")
+        if saved is not None and float(saved) != float(self.decay):
+            raise SystemExit(f"the training state was written with --ema {float(saved):g}, this run has --ema "
+                             f"{float(self.decay):g}: rerun with the same --ema, or start over with --no-resume")
+        super()._load_from_state_dict(state_dict, prefix, *args, **kwargs)
+
+
 def student_from_file(model, path: str | None, keys, **config) -> Student:
     """Start from a distilled-expert file (the previous stage) or from the base weights."""
     if path:
@@ -667,6 +721,10 @@ def load_state(out, modules: dict, opts: dict) -> tuple[int, dict]:
     scalars = json.loads((d / "state.json").read_text())
     with safe_open(str(d / "tensors.safetensors"), framework="pt") as f:
         names = list(f.keys())
+        saved = {k.split(".")[1] for k in names if k.startswith("module.")}
+        if saved != set(modules):   # e.g. a state written with --ema resumed without it: the EMA would be lost
+            raise SystemExit(f"the training state in {d} holds {sorted(saved)}, this run trains {sorted(modules)}: "
+                             "rerun with the flags that wrote it (e.g. --ema), or start over with --no-resume")
         for name, m in modules.items():
             m = getattr(m, "module", m)
             pre, live = f"module.{name}.", m.state_dict()

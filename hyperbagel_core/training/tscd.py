@@ -26,6 +26,7 @@ pure adversarial loss; the adversarial objective lives in stage 4 here).
 from __future__ import annotations
 
 import argparse
+import contextlib
 
 import torch
 import torch.nn.functional as F
@@ -99,6 +100,9 @@ def main(argv=None) -> dict:
     ap.add_argument("--start-weight", type=float, default=1.0,
                     help="share of draws at a segment start (the points the sampler evaluates); the rest are "
                          "inside segments (docs/TRAINING.md: on the tiny model 0.5 leaves a 2.5x higher floor)")
+    ap.add_argument("--ema", type=float, default=None, metavar="DECAY",
+                    help="keep an exponential moving average of the masters (e.g. 0.999); the held-out metric "
+                         "and the written expert use it")
     a = ap.parse_args(argv)
     dist_ = C.init_distributed(a.distributed, a.shard)
     pipe, teacher, prompts, held = C.distill_setup(a)
@@ -113,8 +117,11 @@ def main(argv=None) -> dict:
     refs = [teacher.reference(it) for it in held]
     ddp = dist_.wrap(student)
     opt = C.make_optimizer(student.parameters(), a.lr, dist_)
-    loop = C.Loop(a.out, a.steps, {"student": student}, {"opt": opt}, dist_, "heldout_mse", a.eval_every,
+    ema = C.EMA(student, a.ema) if a.ema is not None else None   # after wrap: under --shard full, per shard
+    modules = {"student": student, **({"ema": ema} if ema is not None else {})}
+    loop = C.Loop(a.out, a.steps, modules, {"opt": opt}, dist_, "heldout_mse", a.eval_every,
                   a.save_every, not a.no_resume, a.stop_after)
+    weights = (lambda: ema.applied(student)) if ema is not None else contextlib.nullcontext
 
     def step(i):
         rng, _ = C.step_rng(a.seed, i)
@@ -124,9 +131,15 @@ def main(argv=None) -> dict:
             loss = C.accumulate(ddp, model, [job.loss_fn(d) for d in dist_.share(draws)], dist_, a.batch,
                                 a.checkpointing)
         C.optimizer_step(opt, student.parameters(), lr=C.lr_at(a.lr, i, a.steps, a.steps // 20))
+        if ema is not None:
+            ema.update(student)
         return loss
 
-    hist = loop.run(step, lambda: job.evaluate(held, refs))
+    def evaluate():
+        with weights():
+            return job.evaluate(held, refs)
+
+    hist = loop.run(step, evaluate)
     report = {"history": hist, "shards": C.shard_report(student, opt, dist_)}
     if dist_.main:
         print("trained bytes held per rank (fp32 masters / AdamW state): " + ", ".join(
@@ -134,8 +147,9 @@ def main(argv=None) -> dict:
             + f" of {report['shards']['master_bytes_total']} master bytes")
     if loop.stop_after is None:
         from ..loading import resolve_dtype
-        expert = student.export(resolve_dtype(a.save_dtype) if a.save_dtype else None,   # every rank: a gather
-                                stages=tuple(student.config.stages) + ("tscd",))
+        with weights():
+            expert = student.export(resolve_dtype(a.save_dtype) if a.save_dtype else None,   # every rank: a gather
+                                    stages=tuple(student.config.stages) + ("tscd",))
     if dist_.main and loop.stop_after is None:
         expert.save(a.out)
         nfe = grid.numel() - 1  # the student's passes: one per step
