@@ -27,6 +27,7 @@ from __future__ import annotations
 
 import argparse
 import contextlib
+import time
 
 import torch
 import torch.nn.functional as F
@@ -114,9 +115,13 @@ def main(argv=None) -> dict:
     student = C.student_from_file(model, a.init, C.train_keys(model, a.train_keys), nfe=grid.numel() - 1,
                                   schedule=a.schedule, timesteps=tuple(grid.tolist()),
                                   shift=float(get_schedule(a.schedule).shift), base_name=str(a.model))
+    t0 = time.perf_counter()
     job = TSCD(pipe, teacher, student, prompts, segments=[int(s) for s in a.segments.split(",")],
                schedule=a.schedule, pool=a.pool, scale_range=tuple(a.scale_range), seed=a.seed,
                start_weight=a.start_weight)
+    if dist_.main:   # the pool's 50-step teacher runs are a large share of a run's time (docs/TRAINING.md)
+        print(f"pool: {a.pool} teacher trajectories of {len(set(it.prompt for it in job.items))} prompts in "
+              f"{time.perf_counter() - t0:.0f} s", flush=True)
     refs = [teacher.reference(it) for it in held]
     ddp = dist_.wrap(student)
     opt = C.make_optimizer(student.parameters(), a.lr, dist_)
