@@ -1,6 +1,7 @@
 #!/usr/bin/env bash
 # The CPU evidence of docs/TRAINING.md: every trainer on a tiny random checkpoint, one thread each,
-# one run at a time. Usage: bash bench/training_evidence.sh OUT_DIR  (about 15 minutes on one core)
+# one run at a time. Usage: bash bench/training_evidence.sh OUT_DIR  (block A2 alone takes about 19 minutes
+# on one core)
 set -euo pipefail
 OUT=${1:?usage: training_evidence.sh OUT_DIR}
 cd "$(dirname "$0")/.."
@@ -12,9 +13,10 @@ M="--model $OUT/tiny"
 # A. TSCD, text scales 1-5, evaluated at 4 (the pipeline's default): 6-NFE expert vs training-free 6-pass solvers
 python3 -m hyperbagel_core.training.tscd $M $P --out "$OUT/A/six.safetensors" --steps 1500 --eval-every 500 \
     --pool 64 --lr 1e-3 --batch 4 --report "$OUT/A/report.json"
-# A2. the same with 200 training prompts and a pool of 1024 teacher trajectories, 8000 steps (about 14 min)
-python3 -m hyperbagel_core.training.tscd $M ${P/train.txt/train_200.txt} --out "$OUT/A2/six.safetensors" --steps 8000 \
-    --eval-every 2000 --pool 1024 --lr 1e-3 --batch 4 --report "$OUT/A2/report.json"
+# A2. the same with 1000 training prompts (make_prompts.py), a pool of 4096 teacher trajectories, 12000 steps and
+# an EMA of the masters: docs/TRAINING.md run A7, the best guided 6-NFE figure (about 19 min, the pool 9.5 of them)
+python3 -m hyperbagel_core.training.tscd $M ${P/train.txt/train_1000.txt} --out "$OUT/A2/six.safetensors" \
+    --steps 12000 --eval-every 2000 --pool 4096 --lr 1e-3 --batch 4 --ema 0.999 --report "$OUT/A2/report.json"
 # B. the same without guidance (scale 1): the trajectory part of the task alone
 python3 -m hyperbagel_core.training.tscd $M $P --out "$OUT/B/six.safetensors" --steps 1500 --eval-every 500 \
     --pool 64 --lr 1e-3 --batch 4 --scale-range 1 1 --eval-scale 1 --report "$OUT/B/report.json"

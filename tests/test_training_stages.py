@@ -356,3 +356,14 @@ def test_training_free_budgets_count_network_passes(tiny_ckpt):
         _, _, evals, passes = teacher.solver_grid(guided, method, 6, 3.0)
         assert evals == 6 and passes > 6, (method, evals, passes)
         assert teacher.solver_grid(plain, method, 6, 3.0, unit="passes")[2:] == (6, 6)
+
+
+def test_tscd_pool_keeps_only_reachable_times_with_the_same_targets(tiny_pipe):
+    """At start weight 1 the pool stores the segment boundaries only; their latents are those of the full path."""
+    model, teacher = tiny_pipe.model, C.Teacher(tiny_pipe, (64, 64))
+    st = C.Student.fresh(model, C.train_keys(model, "all"), nfe=6, stages=())
+    starts, inside = (tscd.TSCD(tiny_pipe, teacher, st, ["a red circle"], segments=(12, 6), pool=1, start_weight=w)
+                      for w in (1.0, 0.5))
+    assert starts.fine.numel() == 13 and inside.fine.numel() > 50
+    for t, x in zip(starts.fine.tolist(), starts.trajs[0]):
+        assert torch.equal(x, inside.trajs[0][C.index_of(inside.fine, t)]), t
