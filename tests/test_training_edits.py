@@ -86,6 +86,10 @@ def test_teacher_edit_reference_is_the_pipelines_edit(tiny_pipe, edits):
     assert want.shape == ref.shape
     assert torch.allclose(want.float(), ref, rtol=1e-5, atol=1e-5), (want - ref).abs().max()
     assert teacher.passes_at(it, 0.2) == 3            # text and image CFG on over (0, 1): three passes
+    teacher.EDIT_CONTEXTS = 1                          # edit contexts are bounded (their image KV is large)
+    other = C.read_edit_pairs(edits / "train.jsonl")[1]
+    teacher.contexts(other)
+    assert other in teacher._ctx_cache and pair not in teacher._ctx_cache
     t2i = teacher.item("a red circle", torch.Generator().manual_seed(3), 4.0)
     assert t2i.task == "t2i" and teacher.passes_at(t2i, 0.2) == 1 and teacher.passes_at(t2i, 0.6) == 2
 
