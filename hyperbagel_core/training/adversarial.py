@@ -83,18 +83,19 @@ def load_reward(spec: str):
 
 class ADP:
     def __init__(self, pipe, teacher: C.Teacher, generator: C.Student, six: C.Student, disc: Discriminators,
-                 prompts: list[str], scale_range=(1.0, 5.0), tau_max: float = 0.5, pair_weight: float = 1.0,
-                 reward=None, reward_weight: float = 0.0, reward_threshold: float = 6.0):
+                 conds: list, scale_range=(1.0, 5.0), tau_max: float = 0.5, pair_weight: float = 1.0,
+                 reward=None, reward_weight: float = 0.0, reward_threshold: float = 6.0, img_scale_range=(1.0, 2.5)):
         self.pipe, self.model, self.teacher = pipe, pipe.model, teacher
-        self.generator, self.six, self.disc, self.prompts = generator, six, disc, prompts
+        self.generator, self.six, self.disc, self.conds = generator, six, disc, conds
         self.scale_range, self.tau_max, self.pair_weight = tuple(scale_range), tau_max, pair_weight
+        self.img_scale_range = tuple(img_scale_range)
         self.reward, self.reward_weight, self.reward_threshold = reward, reward_weight, reward_threshold
         self.grid6 = get_schedule("hyper-6nfe").timesteps if six.config.schedule != "hyper-6nfe-shift3" \
             else get_schedule("hyper-6nfe-shift3").timesteps
         self.base = C.base_tensors(self.model, sorted(set(generator.keys) | set(six.keys)))
 
     def draw(self, rng, gen):
-        it = self.teacher.item(rng.choice(self.prompts), gen, rng.uniform(*self.scale_range))
+        it = self.teacher.draw(self.conds, rng, gen, self.scale_range, self.img_scale_range)
         t = 1.0 if rng.random() < 0.5 else rng.random()
         tau = rng.uniform(0, self.tau_max)
         eps = torch.randn(it.noise.shape, generator=gen).to(it.noise)
@@ -148,7 +149,7 @@ class ADP:
                 disc.requires_grad_(True)
             fn.x0_hat = x0_hat.detach()
             return loss
-        return it.s_txt, fn
+        return it.scales, fn
 
     def disc_loss(self, draw, x_0, x0_hat) -> torch.Tensor:
         it, _, tau, eps = draw
@@ -157,10 +158,10 @@ class ADP:
         return F.relu(1 - real) + F.relu(1 + fake)
 
     @torch.no_grad()
-    def evaluate(self, held, refs) -> float:
+    def evaluate(self, held, refs, per_item: bool = False):
         one = torch.tensor([1.0, 0.0])
-        return sum(C.latent_mse(C.student_sample(self.generator, self.model, it, one), r)
-                   for it, r in zip(held, refs)) / len(held)
+        errs = [C.latent_mse(C.student_sample(self.generator, self.model, it, one), r) for it, r in zip(held, refs)]
+        return errs if per_item else sum(errs) / len(errs)
 
 
 def main(argv=None) -> dict:
@@ -180,7 +181,7 @@ def main(argv=None) -> dict:
     if not a.init:
         ap.error("the 1-NFE stage starts from the 6-NFE expert: pass --init six.safetensors")
     dist_ = C.init_distributed(a.distributed, a.shard)
-    pipe, teacher, prompts, held = C.distill_setup(a)
+    pipe, teacher, conds, held = C.distill_setup(a)
     model = pipe.model
     from ..distill.expert import load_distilled_expert
     generator = C.student_from_file(model, a.init, None)
@@ -190,8 +191,9 @@ def main(argv=None) -> dict:
     torch.manual_seed(a.seed)
     disc = Discriminators(model.vae2llm.weight.shape[0], layers, not a.no_pixel_disc).to(model.device)
     reward = load_reward(a.reward) if a.reward else None
-    job = ADP(pipe, teacher, generator, six, disc, prompts, tuple(a.scale_range), pair_weight=a.pair_weight,
-              reward=reward, reward_weight=a.reward_weight, reward_threshold=a.reward_threshold)
+    job = ADP(pipe, teacher, generator, six, disc, conds, tuple(a.scale_range), pair_weight=a.pair_weight,
+              reward=reward, reward_weight=a.reward_weight, reward_threshold=a.reward_threshold,
+              img_scale_range=tuple(a.img_scale_range))
     refs = [teacher.reference(it) for it in held]
     g_ddp = dist_.wrap(generator)   # the discriminators' gradients are averaged by hand (dist_.average_grads)
     g_opt = C.make_optimizer(generator.parameters(), a.lr, dist_)
@@ -225,9 +227,14 @@ def main(argv=None) -> dict:
                                   schedule="hyper-1nfe", timesteps=tuple(one.tolist()), shift=1.0)   # every rank
     if dist_.main and loop.stop_after is None:
         expert.save(a.out)
-        report["euler"] = {**C.training_free_errors(teacher, held, refs, 1, ("euler",), (1.0,)),
-                           **C.training_free_errors(teacher, held, refs, 2, ("euler",), (1.0, 3.0))}
+        per_item = {**C.training_free_errors(teacher, held, refs, 1, ("euler",), (1.0,), per_item=True),
+                    **C.training_free_errors(teacher, held, refs, 2, ("euler",), (1.0, 3.0), per_item=True)}
+        report["euler"] = {k: sum(v) / len(v) for k, v in per_item.items()}
         report["student"] = hist["metric"][-1][1]
+        if any(it.task == "edit" for it in held):
+            per_item["student"] = job.evaluate(held, refs, per_item=True)
+            report["by_task"] = {task: {"student": means.pop("student"), "euler": means}
+                                 for task, means in C.task_means(held, per_item).items()}
         print(f"held-out final-latent MSE vs the 50-step teacher: 1-NFE student {report['student']:.5g}; stock "
               f"Euler {', '.join(f'{k} {v:.4g}' for k, v in report['euler'].items())}; wrote {a.out}")
     C.write_report(a.report, report, dist_)

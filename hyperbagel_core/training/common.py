@@ -1,6 +1,6 @@
 """What every trainer shares: the loop (resume, progress bar, evaluation), the distributed flag, the
 fp32-master student, weight installation for gradient passes, activation checkpointing, and the teacher's
-guided ODE on prompt/noise items.
+guided ODE on prompt/noise items (text-to-image prompts and, for the CFG-free editor, edit pairs).
 
 Design (docs/TRAINING.md):
   * Determinism per step: every random draw of step ``i`` comes from ``step_rng(seed, i)``; a resumed run
@@ -40,7 +40,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from ..distill.embedders import GuidanceEmbedding
+from ..distill.embedders import IMG_SCALE_RANGE, T2I_IMG_SCALE, GuidanceEmbedding
 from ..distill.expert import DistilledExpert, gen_expert_keys
 from ..generation import CFGSettings, guided_velocity
 from ..sampling.guidance import branches_needed, cfg_active
@@ -498,46 +498,138 @@ TRAIN_KEY_SETS = ("all", "attn", "mlp", "norms", "embedders")
 
 
 # -- the teacher's guided ODE on prompt / noise items -----------------------------------------------------------
+@dataclass(frozen=True)
+class EditPair:
+    """An editing condition: the source image (a file) and the instruction."""
+    image: Path
+    instruction: str
+
+
+def read_edit_pairs(path) -> list[EditPair]:
+    """A JSONL of ``{"image": path, "instruction": text}`` lines (relative paths: from the file's folder).
+    Every line is checked up front, so a bad line stops the run before any teacher work."""
+    from PIL import Image
+    path = Path(path)
+    if not path.is_file():
+        raise SystemExit(f"edit pairs file {path} does not exist; give a JSONL of "
+                         '{"image": "path/to/source.png", "instruction": "..."} lines')
+    pairs = []
+    for n, line in enumerate(path.read_text(encoding="utf-8").splitlines(), 1):
+        if not line.strip():
+            continue
+        try:
+            rec = json.loads(line)
+        except json.JSONDecodeError as e:
+            raise SystemExit(f"{path}:{n}: not JSON ({e.msg}); each line must be "
+                             '{"image": "...", "instruction": "..."}') from None
+        if not isinstance(rec, dict) or not isinstance(rec.get("image"), str) \
+                or not str(rec.get("instruction") or "").strip():
+            raise SystemExit(f"{path}:{n}: needs a string \"image\" (a path) and a non-empty \"instruction\"")
+        img = Path(rec["image"]).expanduser()
+        img = img if img.is_absolute() else path.parent / img
+        try:
+            with Image.open(img) as im:
+                im.verify()
+        except (OSError, SyntaxError) as e:
+            raise SystemExit(f"{path}:{n}: cannot read image {img} ({e}); fix the path (relative paths start "
+                             f"at {path.parent})") from None
+        pairs.append(EditPair(img, rec["instruction"].strip()))
+    if not pairs:
+        raise SystemExit(f"{path} has no edit pairs")
+    return pairs
+
+
+def open_rgb(path):
+    from PIL import Image
+    with Image.open(path) as im:
+        return im.convert("RGB")
+
+
 @dataclass
 class Item:
-    """One text-to-image sample: a prompt's contexts (original weights), its noise, its text scale."""
+    """One sample: a condition's contexts (original weights), its noise, its guidance scales. ``prompt`` is the
+    text (an edit's instruction); ``image`` the edit's source (None for text-to-image)."""
     prompt: str
     ctxs: object
     noise: torch.Tensor      # [h*w, 64] fp32
     s_txt: float
     h: int
     w: int
+    s_img: float = T2I_IMG_SCALE
+    image: Path | None = None
+
+    @property
+    def scales(self) -> tuple[float, float]:
+        return self.s_txt, self.s_img
+
+    @property
+    def task(self) -> str:
+        return "t2i" if self.image is None else "edit"
 
 
 class Teacher:
-    """The stock model with dual CFG: guided velocity, 50-step reference, training-free solvers."""
+    """The stock model with dual CFG: guided velocity, 50-step reference, training-free solvers.
 
-    def __init__(self, pipe, size=(64, 64), cfg_interval=(0.4, 1.0), num_timesteps: int = 50, shift: float = 3.0):
+    Text-to-image uses ``cfg_interval`` and global renorm (``BagelPipeline.generate``'s defaults); edits the
+    image scale too, ``edit_cfg_interval`` and text-channel renorm (``BagelPipeline.edit``'s defaults)."""
+
+    def __init__(self, pipe, size=(64, 64), cfg_interval=(0.4, 1.0), num_timesteps: int = 50, shift: float = 3.0,
+                 edit_cfg_interval=(0.0, 1.0)):
         self.pipe, self.model = pipe, pipe.model
         self.h, self.w = pipe._check_size(*size)
-        self.interval = tuple(cfg_interval)
+        self.interval, self.edit_interval = tuple(cfg_interval), tuple(edit_cfg_interval)
         self.num_timesteps, self.shift = num_timesteps, shift
         self._ctx_cache: dict = {}
 
-    def contexts(self, prompt: str):
-        if prompt not in self._ctx_cache:
-            self._ctx_cache[prompt] = self.pipe.build_contexts([prompt])
-        return self._ctx_cache[prompt]
+    EDIT_CONTEXTS = 8   # an edit's contexts hold its image's KV: ~2 350 tokens x 56 KB = 135 MB on BAGEL at 512²
 
-    def item(self, prompt: str, gen: torch.Generator, s_txt: float) -> Item:
-        noise = torch.randn((self.h * self.w, self.pipe.config.patch_latent_dim), generator=gen)
-        return Item(prompt, self.contexts(prompt), noise.to(self.model.device), float(s_txt), self.h, self.w)
+    def contexts(self, cond: str | EditPair):
+        """Contexts of a prompt (all kept: text only) or an edit (the last ``EDIT_CONTEXTS`` kept)."""
+        if cond in self._ctx_cache:
+            self._ctx_cache[cond] = self._ctx_cache.pop(cond)   # most recently used last
+            return self._ctx_cache[cond]
+        if isinstance(cond, EditPair):
+            edits = [k for k in self._ctx_cache if isinstance(k, EditPair)]
+            for k in edits[:max(0, len(edits) - self.EDIT_CONTEXTS + 1)]:
+                del self._ctx_cache[k]
+            ctxs = self.pipe.build_contexts([open_rgb(cond.image), cond.instruction],
+                                            generator=torch.Generator().manual_seed(0))
+        else:
+            ctxs = self.pipe.build_contexts([cond])
+        self._ctx_cache[cond] = ctxs
+        return ctxs
 
-    def cfg(self, s_txt: float) -> CFGSettings:
-        return CFGSettings(s_txt, 1.0, self.interval, "global", 0.0)
+    def item(self, cond: str | EditPair, gen: torch.Generator, s_txt: float, s_img: float = T2I_IMG_SCALE) -> Item:
+        ctxs = self.contexts(cond)
+        h, w = (self.pipe._check_size(*ctxs.image_shapes) if isinstance(cond, EditPair) else (self.h, self.w))
+        noise = torch.randn((h * w, self.pipe.config.patch_latent_dim), generator=gen).to(self.model.device)
+        if isinstance(cond, EditPair):
+            return Item(cond.instruction, ctxs, noise, float(s_txt), h, w, float(s_img), cond.image)
+        return Item(cond, ctxs, noise, float(s_txt), h, w)
+
+    def draw(self, conds: list, rng: random.Random, gen: torch.Generator, scale_range, img_scale_range) -> Item:
+        """A training item: a condition, a noise, a text scale and (edits only) an image scale."""
+        cond = rng.choice(conds)
+        s_txt = rng.uniform(*scale_range)
+        if isinstance(cond, EditPair):
+            return self.item(cond, gen, s_txt, rng.uniform(*img_scale_range))
+        return self.item(cond, gen, s_txt)
+
+    def interval_of(self, it: Item) -> tuple:
+        return self.edit_interval if it.task == "edit" else self.interval
+
+    def cfg(self, it: Item) -> CFGSettings:
+        if it.task == "edit":
+            return CFGSettings(it.s_txt, it.s_img, self.edit_interval, "text_channel", 0.0)
+        return CFGSettings(it.s_txt, 1.0, self.interval, "global", 0.0)
 
     def velocity(self, it: Item, x, t) -> torch.Tensor:
         c = it.ctxs
         return guided_velocity(self.model, c.gen, c.cfg_text, c.cfg_img, x, float(t), it.h, it.w,
-                               self.cfg(it.s_txt)).float()
+                               self.cfg(it)).float()
 
-    def restarts(self, grid: torch.Tensor) -> list[int]:
-        lo, hi = self.interval
+    def restarts(self, grid: torch.Tensor, it: Item) -> list[int]:
+        lo, hi = self.interval_of(it)
         act = [lo <= float(t) <= hi for t in grid[:-1]]
         return [k for k in range(1, len(act)) if act[k] != act[k - 1]]
 
@@ -561,7 +653,7 @@ class Teacher:
 
     def passes_at(self, it: Item, t) -> int:
         """Network passes of one guided evaluation at ``t``: the main branch plus the uncond branches CFG runs."""
-        cfg = self.cfg(it.s_txt)
+        cfg = self.cfg(it)
         return 1 + sum(branches_needed(cfg.text_scale, cfg.img_scale, cfg_active(float(t), cfg.interval)))
 
     def solver_grid(self, it: Item, method: str, budget: int, shift: float, unit: str = "evaluations"):
@@ -576,7 +668,7 @@ class Teacher:
             grid, opts = grid_for_budget(method, n, shift)
             times = []
             solve(lambda x, t: times.append(float(t)) or torch.zeros_like(x), torch.zeros_like(it.noise), grid, method,
-                  restart_at=self.restarts(grid), **opts)  # a dry run: where this solver evaluates
+                  restart_at=self.restarts(grid, it), **opts)  # a dry run: where this solver evaluates
             passes = sum(self.passes_at(it, t) for t in times)
             if (passes if unit == "passes" else len(times)) <= budget:
                 return grid, opts, len(times), passes
@@ -586,7 +678,7 @@ class Teacher:
     def solver(self, it: Item, method: str, budget: int, shift: float, unit: str = "evaluations") -> torch.Tensor:
         grid, opts, _, _ = self.solver_grid(it, method, budget, shift, unit)
         return solve(lambda x, t: self.velocity(it, x, t), it.noise.float(), grid, method,
-                     restart_at=self.restarts(grid), **opts)
+                     restart_at=self.restarts(grid, it), **opts)
 
 
 def merged_grid(*grids) -> torch.Tensor:
@@ -615,7 +707,7 @@ def student_trajectory(student: Student, model, it: Item, grid: torch.Tensor, x=
     """Euler with the student over ``grid`` (one pass per step, no CFG): [len(grid), h*w, 64] fp32."""
     x = (it.noise if x is None else x).float()
     out = [x]
-    with student_pass(student, model, it.s_txt) as extra:
+    with student_pass(student, model, it.s_txt, it.s_img) as extra:
         for k in range(grid.numel() - 1):
             v = velocity_with_grad(model, it.ctxs.gen, x, float(grid[k]), it.h, it.w, extra)
             x = x - v * float(grid[k] - grid[k + 1])
@@ -642,22 +734,34 @@ def latent_mse(a: torch.Tensor, b: torch.Tensor) -> float:
 
 def training_free_errors(teacher: Teacher, items: list[Item], refs: list[torch.Tensor], budget: int,
                          methods=("euler", "heun", "unipc", "dpmpp_2m"), shifts=(1.0, 3.0),
-                         unit: str = "evaluations") -> dict:
+                         unit: str = "evaluations", per_item: bool = False) -> dict:
     """Mean final-latent MSE vs the reference of each training-free solver within ``budget`` guided
     evaluations (``unit="evaluations"``, keys ``euler-6eval@shift1``) or network passes (``"passes"``, keys
-    ``euler-6pass@shift1``; the distilled student spends one pass per step, so this is the equal-NFE match)."""
+    ``euler-6pass@shift1``; the distilled student spends one pass per step, so this is the equal-NFE match).
+    ``per_item``: the list of per-item errors instead of their mean (``task_means`` splits them by task)."""
     out = {}
     tag = "eval" if unit == "evaluations" else "pass"
+    one_per_task = {it.task: it for it in items}.values()   # the grid depends on the task's CFG branches
     for m in methods:
         if m == "heun" and budget < 2:
             continue
         for s in shifts:
             try:
-                teacher.solver_grid(items[0], m, budget, s, unit)
+                for it in one_per_task:
+                    teacher.solver_grid(it, m, budget, s, unit)
             except ValueError:  # e.g. Heun needs two evaluations, which may cost more passes than the budget
                 continue
-            out[f"{m}-{budget}{tag}@shift{s:g}"] = sum(latent_mse(teacher.solver(it, m, budget, s, unit), r)
-                                                      for it, r in zip(items, refs)) / len(items)
+            errs = [latent_mse(teacher.solver(it, m, budget, s, unit), r) for it, r in zip(items, refs)]
+            out[f"{m}-{budget}{tag}@shift{s:g}"] = errs if per_item else sum(errs) / len(errs)
+    return out
+
+
+def task_means(items: list[Item], per_item: dict) -> dict:
+    """``{task: {key: mean over that task's items}}`` of per-item values ``{key: [value per item]}``."""
+    out: dict = {}
+    for task in dict.fromkeys(it.task for it in items):
+        mask = [it.task == task for it in items]
+        out[task] = {k: sum(x for x, m in zip(v, mask) if m) / sum(mask) for k, v in per_item.items()}
     return out
 
 
@@ -909,24 +1013,43 @@ def add_distill_args(ap) -> None:
     ap.add_argument("--eval-scale", type=float, default=4.0, help="text guidance scale of the evaluation")
     ap.add_argument("--size", type=int, nargs=2, default=(256, 256), metavar=("H", "W"))
     ap.add_argument("--scale-range", type=float, nargs=2, default=(1.0, 5.0), help="training text scales")
-    ap.add_argument("--cfg-interval", type=float, nargs=2, default=(0.4, 1.0), help="the teacher's CFG interval")
+    ap.add_argument("--cfg-interval", type=float, nargs=2, default=(0.4, 1.0),
+                    help="the teacher's CFG interval (text-to-image)")
+    ap.add_argument("--edit-pairs", help='training edits: a JSONL of {"image": path, "instruction": text} lines')
+    ap.add_argument("--eval-edit-pairs", help="held-out edits (same format)")
+    ap.add_argument("--img-scale-range", type=float, nargs=2, default=IMG_SCALE_RANGE,
+                    help="training image scales (edits)")
+    ap.add_argument("--eval-img-scale", type=float, default=1.5, help="image guidance scale of the evaluation")
+    ap.add_argument("--edit-cfg-interval", type=float, nargs=2, default=(0.0, 1.0),
+                    help="the teacher's CFG interval for edits (BagelPipeline.edit's default)")
     ap.add_argument("--init", default=None, help="distilled-expert file of the previous stage (default: base)")
 
 
 def distill_setup(a):
-    """Pipeline, teacher, training prompts and the held-out items + their 50-step references."""
-    pipe = load_pipe(a)
+    """Pipeline, teacher, training conditions (prompts, then edit pairs) and the held-out items (text-to-image,
+    then edits)."""
     prompts = read_prompts(a.prompt, a.prompts_file)
     eval_prompts = read_prompts(a.eval_prompt, a.eval_prompts_file)
-    if not prompts or not eval_prompts:
-        raise SystemExit("give training prompts (--prompt/--prompts-file) and held-out prompts "
-                         "(--eval-prompt/--eval-prompts-file)")
-    teacher = Teacher(pipe, tuple(a.size), tuple(a.cfg_interval))
-    held = heldout_items(teacher, eval_prompts, a.eval_noises, a.eval_scale, a.seed)
-    return pipe, teacher, prompts, held
+    edits = read_edit_pairs(a.edit_pairs) if a.edit_pairs else []
+    eval_edits = read_edit_pairs(a.eval_edit_pairs) if a.eval_edit_pairs else []
+    if not (prompts or edits) or not (eval_prompts or eval_edits):
+        raise SystemExit("give training prompts (--prompt/--prompts-file) or edit pairs (--edit-pairs) and "
+                         "held-out ones (--eval-prompt/--eval-prompts-file, --eval-edit-pairs)")
+    if prompts and not eval_prompts:
+        raise SystemExit("training prompts need held-out prompts (--eval-prompt/--eval-prompts-file) to measure "
+                         "text-to-image")
+    if edits and not eval_edits:
+        raise SystemExit("--edit-pairs needs held-out edits (--eval-edit-pairs) to measure editing")
+    pipe = load_pipe(a)
+    teacher = Teacher(pipe, tuple(a.size), tuple(a.cfg_interval), edit_cfg_interval=tuple(a.edit_cfg_interval))
+    held = heldout_items(teacher, eval_prompts, a.eval_noises, a.eval_scale, a.seed, eval_edits, a.eval_img_scale)
+    return pipe, teacher, prompts + edits, held
 
 
-def heldout_items(teacher: Teacher, prompts: list[str], noises: int, scale: float, seed: int) -> list[Item]:
+def heldout_items(teacher: Teacher, prompts: list[str], noises: int, scale: float, seed: int,
+                  edits: list[EditPair] = (), img_scale: float = 1.5) -> list[Item]:
     """Held-out items: their noises come from a seed domain the training draws never use."""
     gen = torch.Generator().manual_seed(2 ** 40 + int(seed))
-    return [teacher.item(p, gen, scale) for p in prompts for _ in range(noises)]
+    return ([teacher.item(p, gen, scale) for p in prompts for _ in range(noises)]
+            + [teacher.item(e, gen, scale, img_scale) for e in edits for _ in range(noises)])
+

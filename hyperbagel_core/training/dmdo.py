@@ -32,15 +32,15 @@ from . import common as C
 
 
 class DMDO:
-    def __init__(self, pipe, teacher: C.Teacher, generator: C.Student, fake: C.Student, prompts: list[str],
-                 grid: torch.Tensor, scale_range=(1.0, 5.0), t_range=(0.02, 0.98)):
+    def __init__(self, pipe, teacher: C.Teacher, generator: C.Student, fake: C.Student, conds: list,
+                 grid: torch.Tensor, scale_range=(1.0, 5.0), t_range=(0.02, 0.98), img_scale_range=(1.0, 2.5)):
         self.pipe, self.model, self.teacher = pipe, pipe.model, teacher
-        self.generator, self.fake, self.prompts, self.grid = generator, fake, prompts, grid
-        self.scale_range, self.t_range = tuple(scale_range), tuple(t_range)
+        self.generator, self.fake, self.conds, self.grid = generator, fake, conds, grid
+        self.scale_range, self.t_range, self.img_scale_range = tuple(scale_range), tuple(t_range), tuple(img_scale_range)
         self.base = C.base_tensors(self.model, sorted(set(generator.keys) | set(fake.keys)))
 
     def draw(self, rng, gen) -> C.Item:
-        return self.teacher.item(rng.choice(self.prompts), gen, rng.uniform(*self.scale_range))
+        return self.teacher.draw(self.conds, rng, gen, self.scale_range, self.img_scale_range)
 
     def fake_work(self, it: C.Item, traj: torch.Tensor, t: float, noise: torch.Tensor | None = None):
         x0 = traj[-1]
@@ -49,14 +49,14 @@ class DMDO:
 
         def fn(extra):
             return F.mse_loss(C.velocity_with_grad(self.model, it.ctxs.gen, x_t, t, it.h, it.w, extra), target)
-        return it.s_txt, fn
+        return it.scales, fn
 
     @torch.no_grad()
     def scores(self, it: C.Item, x: torch.Tensor, t: float) -> tuple[torch.Tensor, torch.Tensor]:
         """Real (teacher, guided) and fake velocities at x; base weights installed under any student block."""
         with C.teacher_block(self.model, self.base):
             v_real = self.teacher.velocity(it, x, t)
-            reps, extra = self.fake(it.s_txt, 1.0)
+            reps, extra = self.fake(it.s_txt, it.s_img)
             with C.installed(self.model, reps):
                 v_fake = C.velocity_with_grad(self.model, it.ctxs.gen, x, t, it.h, it.w, extra)
         return v_real, v_fake
@@ -77,7 +77,7 @@ class DMDO:
                 norm = (x0_hat - x0_real).abs().mean().clamp_min(1e-6)
                 target = x0_hat - (x0_fake - x0_real) / norm
             return 0.5 * F.mse_loss(x0_hat, target)
-        return it.s_txt, fn
+        return it.scales, fn
 
     @torch.no_grad()
     def evaluate(self, held: list, refs: list) -> dict:
@@ -101,12 +101,13 @@ def main(argv=None) -> dict:
     if not a.init:
         ap.error("DMDO starts from the stage-2 expert: pass --init six_tscd.safetensors")
     dist_ = C.init_distributed(a.distributed, a.shard)
-    pipe, teacher, prompts, held = C.distill_setup(a)
+    pipe, teacher, conds, held = C.distill_setup(a)
     model = pipe.model
     grid = get_schedule(a.schedule).timesteps
     generator = C.student_from_file(model, a.init, None)
     fake = C.student_from_file(model, a.init, None)   # starts at the generator: no spurious first gradient
-    job = DMDO(pipe, teacher, generator, fake, prompts, grid, tuple(a.scale_range))
+    job = DMDO(pipe, teacher, generator, fake, conds, grid, tuple(a.scale_range),
+               img_scale_range=tuple(a.img_scale_range))
     refs = [teacher.reference(it) for it in held]
     g_ddp, f_ddp = dist_.wrap(generator), dist_.wrap(fake)
     g_opt = C.make_optimizer(generator.parameters(), a.lr, dist_)

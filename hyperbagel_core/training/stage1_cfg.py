@@ -14,7 +14,8 @@ through ``latents=`` for data-driven training). Contexts are built with the orig
 The trained tensors are fp32 masters (common.Student) whatever the base dtype; the loop resumes from
 ``<out>.state/``, runs under DDP with ``--distributed`` and shows loss + held-out loss (docs/TRAINING.md).
 
-    python -m hyperbagel_core.training.stage1_cfg --model DIR --out expert.safetensors --prompt "a red cube" ...
+    python -m hyperbagel_core.training.stage1_cfg --model DIR --out expert.safetensors --prompt "a red cube" \
+        [--edit-pairs edits.jsonl]   # {"image": path, "instruction": text} per line: the CFG-free editor
 """
 from __future__ import annotations
 
@@ -147,6 +148,8 @@ def main(argv=None) -> None:
     C.add_common_args(ap)
     ap.add_argument("--prompt", action="append", default=[], help="training prompt (repeatable)")
     ap.add_argument("--prompts-file", help="text file, one prompt per line")
+    ap.add_argument("--edit-pairs", help='edits for the CFG-free editor: a JSONL of {"image": path, '
+                                         '"instruction": text} lines')
     ap.add_argument("--size", type=int, nargs=2, default=(256, 256), metavar=("H", "W"))
     ap.add_argument("--shift", type=float, default=3.0, help="training timestep shift (paper: >= 3)")
     ap.add_argument("--schedule", default="teacher", help="grid the expert is meant for (stored in the file)")
@@ -155,8 +158,13 @@ def main(argv=None) -> None:
     a = ap.parse_args(argv)
     from ..loading import resolve_dtype
     dist_ = C.init_distributed(a.distributed, a.shard)
+    edits = C.read_edit_pairs(a.edit_pairs) if a.edit_pairs else []
+    prompts = C.read_prompts(a.prompt, a.prompts_file)
+    if not prompts and not edits:
+        raise SystemExit("give training prompts (--prompt/--prompts-file) and/or edit pairs (--edit-pairs)")
     pipe = C.load_pipe(a)
-    expert, rep = distill(pipe, C.read_prompts(a.prompt, a.prompts_file), steps=a.steps, lr=a.lr,
+    expert, rep = distill(pipe, prompts, edit_pairs=[(C.open_rgb(e.image), e.instruction) for e in edits],
+                          steps=a.steps, lr=a.lr,
                           train_keys=a.train_keys, size=tuple(a.size), shift=a.shift, seed=a.seed,
                           schedule=a.schedule, num_timesteps=a.num_timesteps, batch=a.batch, out=a.out, dist_=dist_,
                           checkpointing=a.checkpointing, save_every=a.save_every, eval_every=a.eval_every,

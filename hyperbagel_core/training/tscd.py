@@ -11,7 +11,8 @@ the stage-1 embedders). The segment count falls stage by stage (``--segments 12,
 segments, then 6 = the 6-NFE grid), Hyper-SD's progressive schedule, ending on the inference grid: each of
 the 6 inference steps then starts at a segment start and ends at its end.
 
-Targets: the 50-step teacher's own Euler path (the evaluation reference), read at the segment boundaries
+Items are text-to-image prompts and, with ``--edit-pairs``, edits (docs/TRAINING.md: the teacher of an edit is
+``BagelPipeline.edit``'s dual CFG). Targets: the 50-step teacher's own Euler path (the evaluation reference), read at the segment boundaries
 by linear interpolation (exact: Euler moves on straight lines within a step), computed once for a pool of
 (prompt, noise, text scale) items (``--pool``); training points are the segment starts (the points the
 sampler evaluates) and, with ``--start-weight`` below 1, that path's grid points inside the segments.
@@ -21,7 +22,7 @@ Where the paper is silent or differs, see docs/TRAINING.md (loss: MSE on the seg
 pure adversarial loss; the adversarial objective lives in stage 4 here).
 
     python -m hyperbagel_core.training.tscd --model DIR --out six.safetensors --prompts-file p.txt \\
-        --eval-prompts-file held.txt --steps 2000
+        --eval-prompts-file held.txt --steps 2000 [--edit-pairs edits.jsonl --eval-edit-pairs held.jsonl]
 """
 from __future__ import annotations
 
@@ -43,9 +44,9 @@ def segment_bounds(k: int, shift: float) -> torch.Tensor:
 class TSCD:
     """Pool of teacher trajectories + the per-step draw and loss."""
 
-    def __init__(self, pipe, teacher: C.Teacher, student: C.Student, prompts: list[str], *, segments=(12, 6),
+    def __init__(self, pipe, teacher: C.Teacher, student: C.Student, conds: list, *, segments=(12, 6),
                  schedule: str = "hyper-6nfe", pool: int = 32, scale_range=(1.0, 5.0), seed: int = 0,
-                 start_weight: float = 1.0):
+                 start_weight: float = 1.0, img_scale_range=(1.0, 2.5)):
         self.pipe, self.model, self.teacher, self.student = pipe, pipe.model, teacher, student
         sched = get_schedule(schedule)
         self.grid = sched.timesteps.float()
@@ -62,7 +63,7 @@ class TSCD:
         self.start_weight = start_weight
         gen = torch.Generator().manual_seed(int(seed))
         rng = C.step_rng(seed, -1)[0]
-        self.items = [teacher.item(rng.choice(prompts), gen, rng.uniform(*scale_range)) for _ in range(pool)]
+        self.items = [teacher.draw(conds, rng, gen, scale_range, img_scale_range) for _ in range(pool)]
         ref = teacher.reference_grid()
         self.trajs = [C.path_at(teacher.trajectory(it, ref), ref, self.fine) for it in self.items]
 
@@ -86,12 +87,12 @@ class TSCD:
         def fn(extra):
             v = C.velocity_with_grad(self.model, it.ctxs.gen, x_t, t, it.h, it.w, extra)
             return F.mse_loss(v, target_v)
-        return it.s_txt, fn
+        return it.scales, fn
 
     @torch.no_grad()
-    def evaluate(self, held: list, refs: list) -> float:
-        return sum(C.latent_mse(C.student_sample(self.student, self.model, it, self.grid), r)
-                   for it, r in zip(held, refs)) / len(held)
+    def evaluate(self, held: list, refs: list, per_item: bool = False):
+        errs = [C.latent_mse(C.student_sample(self.student, self.model, it, self.grid), r) for it, r in zip(held, refs)]
+        return errs if per_item else sum(errs) / len(errs)
 
 
 def main(argv=None) -> dict:
@@ -109,19 +110,19 @@ def main(argv=None) -> dict:
                          "and the written expert use it")
     a = ap.parse_args(argv)
     dist_ = C.init_distributed(a.distributed, a.shard)
-    pipe, teacher, prompts, held = C.distill_setup(a)
+    pipe, teacher, conds, held = C.distill_setup(a)
     model = pipe.model
     grid = get_schedule(a.schedule).timesteps
     student = C.student_from_file(model, a.init, C.train_keys(model, a.train_keys), nfe=grid.numel() - 1,
                                   schedule=a.schedule, timesteps=tuple(grid.tolist()),
                                   shift=float(get_schedule(a.schedule).shift), base_name=str(a.model))
     t0 = time.perf_counter()
-    job = TSCD(pipe, teacher, student, prompts, segments=[int(s) for s in a.segments.split(",")],
+    job = TSCD(pipe, teacher, student, conds, segments=[int(s) for s in a.segments.split(",")],
                schedule=a.schedule, pool=a.pool, scale_range=tuple(a.scale_range), seed=a.seed,
-               start_weight=a.start_weight)
+               start_weight=a.start_weight, img_scale_range=tuple(a.img_scale_range))
     if dist_.main:   # the pool's 50-step teacher runs are a large share of a run's time (docs/TRAINING.md)
-        print(f"pool: {a.pool} teacher trajectories of {len(set(it.prompt for it in job.items))} prompts in "
-              f"{time.perf_counter() - t0:.0f} s", flush=True)
+        print(f"pool: {a.pool} teacher trajectories of {len(set((it.prompt, it.image) for it in job.items))} "
+              f"conditions in {time.perf_counter() - t0:.0f} s", flush=True)
     refs = [teacher.reference(it) for it in held]
     ddp = dist_.wrap(student)
     opt = C.make_optimizer(student.parameters(), a.lr, dist_)
@@ -161,11 +162,23 @@ def main(argv=None) -> dict:
     if dist_.main and loop.stop_after is None:
         expert.save(a.out)
         nfe = grid.numel() - 1  # the student's passes: one per step
-        report["training_free"] = C.training_free_errors(teacher, held, refs, nfe, unit="passes")
+        per_item = C.training_free_errors(teacher, held, refs, nfe, unit="passes", per_item=True)
+        report["training_free"] = {k: sum(v) / len(v) for k, v in per_item.items()}
         report["training_free_evaluations"] = C.training_free_errors(teacher, held, refs, nfe)
         report["student"] = hist["metric"][-1][1]
+        if any(it.task == "edit" for it in held):   # each task against its own baselines (3 passes per edit CFG step)
+            with weights():
+                per_item["student"] = job.evaluate(held, refs, per_item=True)
+            report["by_task"] = {}
+            for task, means in C.task_means(held, per_item).items():
+                err = means.pop("student")
+                report["by_task"][task] = {"student": err, "training_free": means}
+                best = min(means.items(), key=lambda kv: kv[1])
+                print(f"{task}: student {err:.5g}; best training-free solver within {nfe} network passes: "
+                      f"{best[0]} {best[1]:.5g}")
         for key, what in (("training_free", f"{nfe} network passes (equal NFE)"),
-                          ("training_free_evaluations", f"{nfe} guided evaluations (up to {2 * nfe} passes)")):
+                          ("training_free_evaluations", f"{nfe} guided evaluations (up to "
+                                                        f"{max(teacher.passes_at(it, 1.0) for it in held) * nfe} passes)")):
             best = min(report[key].items(), key=lambda kv: kv[1])
             print(f"held-out final-latent MSE vs the 50-step teacher: student {report['student']:.5g}; best "
                   f"training-free solver within {what}: {best[0]} {best[1]:.5g}")
