@@ -49,3 +49,9 @@ print(json.dumps({"steps": len(one), "max_rel_diff_2proc_vs_1proc": rel(two, one
 PY
 # F, sharded: the same with FSDP2 (--shard full), its bytes per rank, a sharded run killed and resumed
 bash bench/training_sharded.sh "$OUT/F/sharded" "$OUT/tiny"
+# G. editing: TSCD on 24 synthetic edit pairs (make_edit_pairs.py), 4 held-out pairs x 2 noises, vs the
+# training-free solvers within 6 network passes of the edit teacher (3 passes per guided step)
+python3 bench/make_edit_pairs.py "$OUT/G/pairs" --train 24 --held 4
+python3 -m hyperbagel_core.training.tscd $M --edit-pairs "$OUT/G/pairs/train.jsonl" \
+    --eval-edit-pairs "$OUT/G/pairs/held.jsonl" --threads 1 --out "$OUT/G/six.safetensors" --steps 1500 \
+    --eval-every 500 --pool 64 --lr 1e-3 --batch 4 --report "$OUT/G/report.json"
