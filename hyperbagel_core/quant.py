@@ -10,9 +10,10 @@ moves whole modules, or leaves them on the offload device and calls them with in
 unchanged, and ``state_dict`` bytes are the real stored bytes.
 
 Which tensors (``storage_format``): the linears of every LLM decoder layer (both experts), of the ViT
-encoder layers and of the ViT connector; fp8 leaves the understanding expert's first decoder layer out. The token embedding, norms, LM head, latent connectors, timestep
-embedder and the VAE stay in the high-precision dtype, except in ``nf4`` mode, where the embedding and the
-LM head are stored int8 too (4-bit weights plus two 1.1 GB bf16 tables would not fit in 9 GB).
+encoder layers and of the ViT connector; fp8 leaves the understanding expert's first decoder layer out. The
+token embedding, norms, LM head, latent connectors, timestep embedder and the VAE stay in the high-precision
+dtype, except in ``nf4`` mode, where the embedding and the LM head are stored int8 too (4-bit weights plus
+two 1.1 GB bf16 tables would not fit in 9 GB).
 
 A layer whose ``weight`` is a floating tensor of 16 bits or more (a distilled expert swapped in for the
 denoising passes) computes as the plain layer.
@@ -363,10 +364,14 @@ def read_quantized_metadata(path) -> dict | None:
         return None
     version = meta.get("format_version")
     if version in _OLDER:
+        try:
+            mode = json.loads(meta["quantization"])["mode"]
+        except (KeyError, TypeError, ValueError):
+            mode = "MODE"
         raise CheckpointError(f"{path}: quantized format_version {version!r} was written by an older hyperbagel "
                               f"({_OLDER[version]}); version {FORMAT_VERSION!r} stores int8 with one scale per "
                               f"{INT8_GROUP} inputs and keeps the first decoder layer out of fp8. Quantize the bf16 "
-                              "folder again: python -m hyperbagel_core quantize SRC DST --mode MODE")
+                              f"folder again: python -m hyperbagel_core quantize SRC DST --mode {mode}")
     if version != FORMAT_VERSION:
         raise CheckpointError(f"{path}: quantized format_version {version!r} is not supported "
                               f"(this hyperbagel reads {FORMAT_VERSION!r}); update hyperbagel or quantize again")

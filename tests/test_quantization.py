@@ -189,7 +189,7 @@ def test_older_format_versions(tiny_ckpt, tmp_path):
     Q.quantize_folder(tiny_ckpt, folder, "fp8_e4m3fn")
     assert BagelPipeline.from_pretrained(folder, dtype=torch.float32).weight_dtype == "fp8_e4m3fn"
     _set_format_version(folder, "1")
-    with pytest.raises(CheckpointError, match="older hyperbagel.*python -m hyperbagel_core quantize SRC DST"):
+    with pytest.raises(CheckpointError, match="older hyperbagel.*quantize SRC DST --mode fp8_e4m3fn"):
         BagelPipeline.from_pretrained(folder)
     _set_format_version(folder, "3")
     with pytest.raises(CheckpointError, match="format_version '3' is not supported"):
