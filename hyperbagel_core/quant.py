@@ -1,4 +1,5 @@
-"""Quantized weight storage: fp8 (e4m3) and int8 per output channel, NF4 in blocks of 64 (docs/quantization.md).
+"""Quantized weight storage: fp8 (e4m3) per output channel, int8 in groups of 128 inputs, NF4 in blocks of 64
+(docs/quantization.md).
 
 A quantized layer is the model's own layer (a ``ops.Linear`` / ``ops.Embedding``, so ComfyUI's ModelPatcher
 lists, counts and streams it like any other) re-classed with a mixin whose ``forward`` dequantizes on the
@@ -9,9 +10,10 @@ moves whole modules, or leaves them on the offload device and calls them with in
 unchanged, and ``state_dict`` bytes are the real stored bytes.
 
 Which tensors (``storage_format``): the linears of every LLM decoder layer (both experts), of the ViT
-encoder layers and of the ViT connector. The token embedding, norms, LM head, latent connectors, timestep
-embedder and the VAE stay in the high-precision dtype, except in ``nf4`` mode, where the embedding and the
-LM head are stored int8 per row (4-bit weights plus two 1.1 GB bf16 tables would not fit in 9 GB).
+encoder layers and of the ViT connector; fp8 leaves the understanding expert's first decoder layer out. The
+token embedding, norms, LM head, latent connectors, timestep embedder and the VAE stay in the high-precision
+dtype, except in ``nf4`` mode, where the embedding and the LM head are stored int8 too (4-bit weights plus
+two 1.1 GB bf16 tables would not fit in 9 GB).
 
 A layer whose ``weight`` is a floating tensor of 16 bits or more (a distilled expert swapped in for the
 denoising passes) computes as the plain layer.
@@ -31,12 +33,17 @@ log = logging.getLogger(__name__)
 QUANT_MODES = ("fp8_e4m3fn", "fp8_e4m3fn_fast", "int8", "nf4")
 WEIGHT_DTYPES = ("default",) + QUANT_MODES + ("auto",)
 NF4_BLOCK = 64
+INT8_GROUP = 128  # inputs per int8 scale: the finest group whose bf16 scales keep BAGEL's int8 weights <= 16 GB
 FP8_MAX = 448.0  # largest finite float8_e4m3fn
 _STORED = {"fp8": torch.float8_e4m3fn, "int8": torch.int8, "nf4": torch.uint8}
 
 _LINEAR_KEYS = re.compile(r"^(language_model\.model\.layers\.\d+\.(self_attn|mlp|mlp_moe_gen)\."
                           r"|vit_model\.vision_model\.encoder\.layers\.\d+\.(self_attn|mlp)\.|connector\.)")
 _NF4_INT8_KEYS = ("language_model.model.embed_tokens", "language_model.lm_head")
+# fp8 leaves the understanding expert's first decoder layer in the load dtype: on the trained stdlib targets it
+# carried a third of the fp8 error, and keeping it halved the KL to bf16 (docs/quantization.md); 0.23 GB at
+# BAGEL's shapes, fp8 stays <= 16 GB
+_FP8_KEPT = re.compile(r"^language_model\.model\.layers\.0\.(self_attn\.[qkvo]_proj|mlp\.(gate|up|down)_proj)$")
 
 
 def check_mode(mode: str) -> str:
@@ -50,6 +57,8 @@ def storage_format(module_name: str, module: nn.Module, mode: str) -> str | None
     if module_name in _NF4_INT8_KEYS and mode == "nf4":
         return "int8"
     if not isinstance(module, nn.Linear) or not _LINEAR_KEYS.match(module_name):
+        return None
+    if mode.startswith("fp8") and _FP8_KEPT.match(module_name):
         return None
     return {"fp8_e4m3fn": "fp8", "fp8_e4m3fn_fast": "fp8", "int8": "int8", "nf4": "nf4"}[check_mode(mode)]
 
@@ -92,13 +101,15 @@ def _quantize_rows(w: torch.Tensor, fmt: str):
         codes = torch.bucketize((blocks / scale[..., None]).clamp(-1, 1), _NF4_MIDPOINTS.to(w.device))
         codes = codes.to(torch.uint8).view(rows, -1)
         return codes[:, 0::2] | (codes[:, 1::2] << 4), absmax
-    amax = w.abs().amax(1).clamp_min(1e-12)
     if fmt == "fp8":
-        scale = amax / FP8_MAX
+        scale = w.abs().amax(1).clamp_min(1e-12) / FP8_MAX
         return (w / scale[:, None]).clamp(-FP8_MAX, FP8_MAX).to(torch.float8_e4m3fn), scale
     if fmt == "int8":
-        scale = amax / 127.0
-        return (w / scale[:, None]).round().clamp(-127, 127).to(torch.int8), scale
+        rows, n = w.shape
+        groups = F.pad(w, (0, -n % INT8_GROUP)).view(rows, -1, INT8_GROUP)
+        scale = (groups.abs().amax(-1) / 127.0).clamp_min(1e-12).to(torch.bfloat16)  # rounded to what is stored
+        q = (groups / scale.float()[..., None]).round().clamp(-127, 127).to(torch.int8)
+        return q.view(rows, -1)[:, :n].contiguous(), scale
     raise ValueError(f"unknown storage format {fmt!r}")
 
 
@@ -108,7 +119,19 @@ def dequantize(q: torch.Tensor, scale: torch.Tensor, fmt: str, dtype: torch.dtyp
         codes = torch.stack([q & 0xF, q >> 4], dim=-1).view(q.shape[0], -1, NF4_BLOCK)
         w = NF4.to(q.device, dtype)[codes.long()] * scale.to(dtype)[..., None]
         return w.view(q.shape[0], -1)[:, :columns]
+    if fmt == "int8":
+        return scale_groups(q.to(dtype), scale.to(dtype))
     return q.to(dtype) * scale.to(dtype)[:, None]
+
+
+def scale_groups(w: torch.Tensor, scale: torch.Tensor) -> torch.Tensor:
+    """``w`` [..., columns] times its int8 group scales [..., ceil(columns / INT8_GROUP)]."""
+    n = w.shape[-1]
+    pad = -n % INT8_GROUP
+    if pad:
+        w = F.pad(w, (0, pad))
+    w = (w.view(*w.shape[:-1], -1, INT8_GROUP) * scale[..., None]).flatten(-2)
+    return w[..., :n] if pad else w
 
 
 def is_quantized(t: torch.Tensor | None) -> bool:
@@ -157,7 +180,7 @@ def _scaled_fp8_linear(layer, x, q, s, b):
 
 
 class QuantizedEmbedding:
-    """Mixin for an Embedding stored int8 per row: looks up codes, then scales only the rows used."""
+    """Mixin for an Embedding stored int8 (groups of a row): looks up codes, then scales only the rows used."""
     compute_dtype: torch.dtype = torch.bfloat16
 
     def forward(self, ids: torch.Tensor) -> torch.Tensor:
@@ -166,7 +189,7 @@ class QuantizedEmbedding:
             return super().forward(ids)
         ids = ids.to(w.device)
         rows = F.embedding(ids, w).to(self.compute_dtype)
-        return rows * self.weight_scale[ids].to(self.compute_dtype)[..., None]
+        return scale_groups(rows, self.weight_scale[ids].to(self.compute_dtype))
 
 
 _CLASSES: dict[type, type] = {}
@@ -210,6 +233,9 @@ def stored_shapes(module: nn.Module, fmt: str) -> dict[str, tuple[tuple[int, ...
         blocks = math.ceil(cols / NF4_BLOCK)
         return {"weight": ((rows, blocks * NF4_BLOCK // 2), torch.uint8),
                 "weight_scale": ((rows, blocks), torch.bfloat16)}
+    if fmt == "int8":
+        return {"weight": ((rows, cols), torch.int8),
+                "weight_scale": ((rows, math.ceil(cols / INT8_GROUP)), torch.bfloat16)}
     return {"weight": ((rows, cols), _STORED[fmt]), "weight_scale": ((rows,), torch.float32)}
 
 
@@ -277,7 +303,10 @@ def storage_bytes(module: nn.Module) -> int:
 
 
 # -- pre-quantized folders (docs/quantization.md) ------------------------------------------------------------------
-FORMAT, FORMAT_VERSION = "hyperbagel.quantized", "1"
+FORMAT, FORMAT_VERSION = "hyperbagel.quantized", "2"
+# version 1: int8 with one fp32 scale per output channel (nf4 folders too, for the embedding and LM head), and
+# fp8 also for the understanding expert's first decoder layer
+_OLDER = {"1": "int8 with one scale per output channel, fp8 in every decoder layer"}
 _HASHED_LIMIT = 64 << 20  # companion files hashed whole below this size; larger ones by size + header
 
 
@@ -333,8 +362,18 @@ def read_quantized_metadata(path) -> dict | None:
         raise CheckpointError(f"{path}: could not read the safetensors metadata ({e}); re-download it") from e
     if meta.get("format") != FORMAT:
         return None
-    if meta.get("format_version") != FORMAT_VERSION:
-        raise CheckpointError(f"{path}: quantized format_version {meta.get('format_version')!r} is not supported "
+    version = meta.get("format_version")
+    if version in _OLDER:
+        try:
+            mode = json.loads(meta["quantization"])["mode"]
+        except (KeyError, TypeError, ValueError):
+            mode = "MODE"
+        raise CheckpointError(f"{path}: quantized format_version {version!r} was written by an older hyperbagel "
+                              f"({_OLDER[version]}); version {FORMAT_VERSION!r} stores int8 with one scale per "
+                              f"{INT8_GROUP} inputs and keeps the first decoder layer out of fp8. Quantize the bf16 "
+                              f"folder again: python -m hyperbagel_core quantize SRC DST --mode {mode}")
+    if version != FORMAT_VERSION:
+        raise CheckpointError(f"{path}: quantized format_version {version!r} is not supported "
                               f"(this hyperbagel reads {FORMAT_VERSION!r}); update hyperbagel or quantize again")
     try:
         record = json.loads(meta["quantization"])
@@ -402,7 +441,8 @@ def quantize_folder(src, dst, mode: str, progress=None) -> dict:
         model = BagelModel(config)
     check_against(path, header, {k: tuple(v.shape) for k, v in model.state_dict().items()})
     plan = quantized_modules(model, mode)
-    record = {"mode": mode, "nf4_block": NF4_BLOCK, "fingerprints": file_fingerprints(path, list(header)),
+    record = {"mode": mode, "nf4_block": NF4_BLOCK, "int8_group": INT8_GROUP,
+              "fingerprints": file_fingerprints(path, list(header)),
               "base_name": src.name, "quantized_modules": len(plan),
               "companions": {p.name: _file_digest(p) for p in companion_files(src)}}
     out = {}

@@ -38,8 +38,8 @@ class BagelModelLoader(io.ComfyNode):
                                        "after each run to leave VRAM for other models."),
                 io.Combo.Input("weight_dtype", options=runtime.weight_dtype_choices(), default="default",
                                tooltip="How the linear layers are stored. default: in dtype. fp8_e4m3fn / int8: "
-                                       "about 16 GB, per-channel scales. fp8_e4m3fn_fast: fp8 matmuls on RTX 40xx+ "
-                                       "GPUs. nf4: 4-bit, about 8.7 GB. auto: the fastest that fits the free "
+                                       "about 16 GB (int8 is closer to bf16). fp8_e4m3fn_fast: fp8 matmuls on "
+                                       "RTX 40xx+ GPUs. nf4: 4-bit, about 8.7 GB. auto: the fastest that fits the free "
                                        "VRAM (see the log). A pre-quantized folder loads in its own mode."),
             ],
             outputs=[BagelModelType.Output(display_name="model", tooltip="The loaded BAGEL model.")],

@@ -32,11 +32,27 @@ def test_quantize_dequantize_error(fmt, bound):
     d = Q.dequantize(q, s, fmt, torch.float32, 200)
     err = ((d - w).norm(dim=1) / w.norm(dim=1)).max().item()
     assert err < bound, err
+    if fmt == "int8":  # 200 columns: a bf16 scale for inputs 0-127 and one for 128-199
+        assert q.shape == (96, 200) and s.shape == (96, 2) and s.dtype == torch.bfloat16
     if fmt == "nf4":  # 200 columns: 4 blocks of 64, the last one padded; two codes per byte
         assert q.shape == (96, 128) and s.shape == (96, 4)
         # the published NF4 table (QLoRA), here derived from the normal quantiles
         assert torch.allclose(Q.NF4[[0, 1, 7, 8, 14, 15]],
                               torch.tensor([-1.0, -0.69619, 0.0, 0.07958, 0.72296, 1.0]), atol=1e-5)
+
+
+def test_int8_scale_groups_confine_an_outlier():
+    """One scale per 128 inputs: an outlier coarsens only its own group's grid (one scale per row would
+    round the whole row on the outlier's step, 100x coarser here)."""
+    g = torch.Generator().manual_seed(0)
+    w = torch.randn(8, 300, generator=g)
+    w[:, 5] = 100.0
+    q, s = Q.quantize(w, "int8")
+    d = Q.dequantize(q, s, "int8", torch.float32, 300)
+    rest = w[:, 128:]
+    step = rest.view(8, -1).abs().amax(1, keepdim=True) / 127     # upper bound of the two groups' steps
+    assert ((d[:, 128:] - rest).abs() <= 0.51 * step * (1 + 2 ** -7)).all()
+    assert torch.equal(Q.scale_groups(q[:, :1].float(), s[:, :1].float()), q[:, :1] * s[:, :1].float())
 
 
 @pytest.fixture(scope="module")
@@ -100,7 +116,19 @@ def test_bytes_parts_and_meta_accounting(tiny_ckpt):
         assert real == weight_bytes(p.config, mode, torch.bfloat16, torch.float32), mode   # meta == loaded
         sizes[mode] = sum(real.values())
         assert Q.storage_bytes(p.modules) == sizes[mode]
-    assert sizes["default"] > sizes["fp8_e4m3fn"] == sizes["int8"] > sizes["nf4"]
+    assert sizes["default"] > max(sizes["int8"], sizes["fp8_e4m3fn"]) > sizes["nf4"]
+    # a byte per weight in both; int8's scales are bf16 per 128 inputs, fp8's fp32 per row, and fp8 keeps the
+    # understanding expert's first decoder layer in the load dtype (2 bytes per weight, no scale)
+    fp8 = Q.quantized_modules(p.model, "fp8_e4m3fn")
+    kept = [m for m in Q.quantized_modules(p.model, "int8") if m not in fp8]
+    assert sorted(kept) == sorted(f"language_model.model.layers.0.{m}" for m in (
+        "self_attn.q_proj", "self_attn.k_proj", "self_attn.v_proj", "self_attn.o_proj", "mlp.gate_proj",
+        "mlp.up_proj", "mlp.down_proj"))
+    diff = 0
+    for m in Q.quantized_modules(p.model, "int8"):
+        r, c = p.model.get_submodule(m).out_features, p.model.get_submodule(m).in_features
+        diff += r * c + 2 * r * -(-c // Q.INT8_GROUP) - (r * c + 4 * r if m in fp8 else 2 * r * c)
+    assert sizes["int8"] - sizes["fp8_e4m3fn"] == diff
     assert part_of("bagel.language_model.model.layers.0.mlp_moe_gen.up_proj.weight") == "gen"
     assert part_of("bagel.connector.fc1.weight") == "vit" and part_of("vae.model.decoder.conv_in.weight") == "vae"
     assert part_of("bagel.language_model.lm_head.weight") == "und"
@@ -143,6 +171,29 @@ def test_converter_round_trip_and_refusals(tiny_ckpt, extras, tmp_path):
     wrong = save_draft_head(DraftHead.from_target(o.model), tmp_path / "wrong", o.model)
     with pytest.raises(CheckpointError, match="different weights"):
         live.load_draft_head(wrong)
+
+
+def _set_format_version(folder, version):
+    from safetensors import safe_open
+    from safetensors.torch import load_file, save_file
+    path = str(folder / "ema.safetensors")
+    with safe_open(path, framework="pt") as f:
+        meta = f.metadata()
+    save_file(load_file(path), path, metadata={**meta, "format_version": version})
+
+
+def test_older_format_versions(tiny_ckpt, tmp_path):
+    """Version 1 stored int8 per output channel and fp8 in every decoder layer: refused with the command that
+    rewrites the folder; an unknown version is refused too."""
+    folder = tmp_path / "fp8"
+    Q.quantize_folder(tiny_ckpt, folder, "fp8_e4m3fn")
+    assert BagelPipeline.from_pretrained(folder, dtype=torch.float32).weight_dtype == "fp8_e4m3fn"
+    _set_format_version(folder, "1")
+    with pytest.raises(CheckpointError, match="older hyperbagel.*quantize SRC DST --mode fp8_e4m3fn"):
+        BagelPipeline.from_pretrained(folder)
+    _set_format_version(folder, "3")
+    with pytest.raises(CheckpointError, match="format_version '3' is not supported"):
+        BagelPipeline.from_pretrained(folder)
 
 
 def test_auto_plan_picks_fastest_that_fits(tiny_ckpt):
