@@ -38,11 +38,13 @@ from pathlib import Path
 
 import torch
 import torch.nn.functional as F
+from PIL import Image
 from torch import nn
 
 from ..distill.embedders import IMG_SCALE_RANGE, T2I_IMG_SCALE, GuidanceEmbedding
 from ..distill.expert import DistilledExpert, gen_expert_keys
 from ..generation import CFGSettings, guided_velocity
+from ..image import pil_to_rgb
 from ..sampling.guidance import branches_needed, cfg_active
 from ..sampling.schedules import teacher_timesteps
 from ..sampling.solvers import grid_for_budget, solve
@@ -508,7 +510,6 @@ class EditPair:
 def read_edit_pairs(path) -> list[EditPair]:
     """A JSONL of ``{"image": path, "instruction": text}`` lines (relative paths: from the file's folder).
     Every line is checked up front, so a bad line stops the run before any teacher work."""
-    from PIL import Image
     path = Path(path)
     if not path.is_file():
         raise SystemExit(f"edit pairs file {path} does not exist; give a JSONL of "
@@ -540,9 +541,9 @@ def read_edit_pairs(path) -> list[EditPair]:
 
 
 def open_rgb(path):
-    from PIL import Image
+    """The image as the pipeline reads it (``image.pil_to_rgb``: transparency onto white, 16-bit scaled)."""
     with Image.open(path) as im:
-        return im.convert("RGB")
+        return pil_to_rgb(im)
 
 
 @dataclass
