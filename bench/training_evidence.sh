@@ -27,6 +27,23 @@ python3 -m hyperbagel_core.training.dmdo $M $P --init "$OUT/C/six_tscd60.safeten
     --steps 200 --eval-every 50 --lr 1e-5 --fake-lr 1e-4 --batch 2 --report "$OUT/C/dmdo.json"
 python3 -m hyperbagel_core.training.dmdo $M $P --init "$OUT/A/six.safetensors" --out "$OUT/C/six_dmdo_on_A.safetensors" \
     --steps 200 --eval-every 50 --lr 1e-5 --fake-lr 1e-4 --batch 2 --report "$OUT/C/dmdo_on_A.json"
+# C2. DMDO on a teacher trained as a flow model (bench/flow_teacher.py: the tiny checkpoint's generation side
+# trained on synthetic two-mode latents, 8000 steps), unguided, 64²: on top of a short TSCD (30 steps), the
+# paper's pairing and fresh noise, then the same recipe on the untrained checkpoint (about 20 min in all)
+python3 bench/flow_teacher.py --work "$OUT/C2" --steps 8000 --noises 16
+Q="--prompts-file bench/training_prompts/train_1000.txt --eval-prompts-file bench/training_prompts/held.txt \
+    --size 64 64 --threads 1 --scale-range 1 1 --eval-scale 1"
+DM="--steps 600 --eval-every 100 --lr 5e-6 --fake-lr 1e-3 --batch 4 --fake-warmup 100 --eval-noises 64"
+for W in teacher base; do
+    python3 -m hyperbagel_core.training.tscd --model "$OUT/C2/$W" $Q --eval-noises 16 \
+        --out "$OUT/C2/$W-six30.safetensors" --steps 30 --eval-every 30 --pool 16 --lr 1e-3 --batch 4
+done
+for N in fresh pair; do
+    python3 -m hyperbagel_core.training.dmdo --model "$OUT/C2/teacher" $Q $DM --noise $N \
+        --init "$OUT/C2/teacher-six30.safetensors" --out "$OUT/C2/dmdo-$N.safetensors" --report "$OUT/C2/dmdo-$N.json"
+done
+python3 -m hyperbagel_core.training.dmdo --model "$OUT/C2/base" $Q $DM --noise fresh \
+    --init "$OUT/C2/base-six30.safetensors" --out "$OUT/C2/dmdo-random.safetensors" --report "$OUT/C2/dmdo-random.json"
 # D. 1-NFE (ADP, latent + pixel discriminators) from run A's 6-NFE expert vs 1- and 2-step Euler
 python3 -m hyperbagel_core.training.adversarial $M $P --init "$OUT/A/six.safetensors" --out "$OUT/D/one.safetensors" \
     --steps 400 --eval-every 100 --lr 3e-4 --batch 2 --pair-weight 20 --report "$OUT/D/report.json"

@@ -253,11 +253,21 @@ def test_shard_flags_need_processes_and_an_even_batch():
     assert C.Dist(1, 2, True, "full").share([1, 2, 3, 4]) == [2, 4]
 
 
+def test_evaluation_noise_domains_are_not_training_seeds():
+    steps = torch.arange(1_000_000, dtype=torch.int64)
+    for seed in range(4):
+        drawn = (seed * 1_000_003 + steps * 7919 + 17) % 2 ** 62 % 2 ** 32   # step_rng's seed, as torch keeps it
+        assert int(C.step_rng(seed, 12345)[1].initial_seed()) % 2 ** 32 == int(drawn[12345])
+        domains = torch.tensor([(seed + d) % 2 ** 32 for d in (C.HELD_OUT_DOMAIN, C.REFERENCE_DOMAIN)])
+        assert not torch.isin(drawn, domains).any()
+
+
 def test_dmdo_on_top_of_tscd(six, tiny_ckpt, tmp_path):
     out = tmp_path / "dmdo.safetensors"
     rep = dmdo.main(_args(tiny_ckpt, out, "--init", str(six[0]), "--steps", "3", "--fake-warmup", "1",
-                          "--fake-updates", "1", "--lr", "1e-5", "--eval-every", "3"))
-    assert len(rep["evals"]) == 2 and all(e["frechet"] >= 0 for e in rep["evals"])
+                          "--fake-updates", "1", "--lr", "1e-5", "--eval-every", "3", "--fake-init", "base"))
+    assert len(rep["evals"]) == 2 and all(e["frechet"] >= 0 and e["frechet_paired"] >= 0 for e in rep["evals"])
+    assert rep["floor"] > 0            # the teacher against itself on disjoint noises: an unpaired distance
     pipe = BagelPipeline.from_pretrained(tiny_ckpt, device="cpu", dtype=torch.float32)
     pipe.load_distilled_expert(out)
     assert pipe.distilled_expert.config.stages[-2:] == ("tscd", "dmdo")

@@ -32,7 +32,7 @@ import math
 import os
 import random
 import re
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 from functools import partial
 from pathlib import Path
 
@@ -388,7 +388,6 @@ class Student(nn.Module):
     def export(self, dtype: torch.dtype | None = None, **config_updates) -> DistilledExpert:
         """A ``DistilledExpert`` (our file format) with the current weights, in ``dtype`` (default: the base's).
         Sharded masters are gathered (on the CPU): with ``--shard full`` every rank must call this."""
-        from dataclasses import replace
         masters = {k: unit.p[k.replace(".", "__")] for unit in self.master.values() for k in unit.keys}
         tensors = {}
         for k in self.keys:
@@ -1047,10 +1046,26 @@ def distill_setup(a):
     return pipe, teacher, prompts + edits, held
 
 
+# torch's CPU generator keeps 32 bits of its seed: the evaluation noise domains are offsets within them
+# (the held-out one is the run's seed itself; no training step's seed, ``step_rng``, takes either value in
+# the first million steps of seeds 0-3: a test)
+HELD_OUT_DOMAIN, REFERENCE_DOMAIN = 0, 0x5EED_0001
+
+
+def domain_generator(seed: int, domain: int) -> torch.Generator:
+    return torch.Generator().manual_seed((int(seed) + domain) % 2 ** 32)
+
+
+def with_fresh_noises(items: list[Item], seed: int) -> list[Item]:
+    """The same conditions and scales with noises of the reference domain (an unpaired reference set)."""
+    gen = domain_generator(seed, REFERENCE_DOMAIN)
+    return [replace(it, noise=torch.randn(it.noise.shape, generator=gen).to(it.noise)) for it in items]
+
+
 def heldout_items(teacher: Teacher, prompts: list[str], noises: int, scale: float, seed: int,
                   edits: list[EditPair] = (), img_scale: float = 1.5) -> list[Item]:
-    """Held-out items: their noises come from a seed domain the training draws never use."""
-    gen = torch.Generator().manual_seed(2 ** 40 + int(seed))
+    """Held-out items: their noises come from the held-out domain."""
+    gen = domain_generator(seed, HELD_OUT_DOMAIN)
     return ([teacher.item(p, gen, scale) for p in prompts for _ in range(noises)]
             + [teacher.item(e, gen, scale, img_scale) for e in edits for _ in range(noises)])
 
