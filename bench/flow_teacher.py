@@ -65,10 +65,6 @@ class SyntheticLatents:
                 + self.sigma * torch.randn(self.n, self.dim, generator=gen))
 
 
-def lines(path) -> list[str]:
-    return [ln.strip() for ln in open(path, encoding="utf-8") if ln.strip()]
-
-
 def train(pipe, data, prompts, steps, batch, lr, drop, seed, log_every):
     model = pipe.model
     keys = set(gen_expert_keys(model))
@@ -139,10 +135,10 @@ def main(argv=None):
     pipe = BagelPipeline.from_pretrained(str(base), device="cpu", dtype=torch.float32)
     data = SyntheticLatents(4, 4, pipe.config.patch_latent_dim, seed=a.seed,
                             colour_scale=a.colour_scale)   # 64² images: 4 x 4 tokens
-    held = lines(a.eval_prompts_file)
+    held = C.read_prompts([], a.eval_prompts_file)
     before = check(pipe, data, held, a.noises, a.seed)
     print("random teacher:", json.dumps(before), flush=True)
-    train(pipe, data, lines(a.prompts_file), a.steps, a.batch, a.lr, a.drop, a.seed, max(1, a.steps // 20))
+    train(pipe, data, C.read_prompts([], a.prompts_file), a.steps, a.batch, a.lr, a.drop, a.seed, max(1, a.steps // 20))
     after = check(pipe, data, held, a.noises, a.seed)
     print("flow teacher:", json.dumps(after), flush=True)
     out = work / "teacher"
