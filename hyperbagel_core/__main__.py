@@ -116,7 +116,7 @@ def _pipeline(args):
 
 
 def _quantize(args) -> int:
-    from .quant import quantize_folder
+    from .loading import quantize_folder
     t0 = time.perf_counter()
     with ProgressBar("quantizing", unit="tensor") as bar:
         record = quantize_folder(args.src, args.dst, args.mode, progress=bar)

@@ -9,7 +9,19 @@ import json
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
 
-from .model.vae import FLUX_AE_DEFAULTS
+# Spec 6.2: the official FLUX.1 AutoEncoderParams (used when a folder has no ae_config.json).
+FLUX_AE_DEFAULTS: dict = {
+    "resolution": 256,
+    "in_channels": 3,
+    "downsample": 8,
+    "ch": 128,
+    "out_ch": 3,
+    "ch_mult": [1, 2, 4, 4],
+    "num_res_blocks": 2,
+    "z_channels": 16,
+    "scale_factor": 0.3611,
+    "shift_factor": 0.1159,
+}
 
 
 @dataclass(frozen=True)

@@ -23,7 +23,7 @@ from PIL import Image
 
 from . import image as im
 from .generation import CFGSettings
-from .loading import aligned
+from .tensor_io import aligned
 from .pipeline import BagelPipeline
 
 

@@ -10,39 +10,24 @@ from __future__ import annotations
 
 import json
 import logging
-import struct
 from pathlib import Path
 
 import torch
 
+from . import quant
 from .config import BagelConfig
 from .errors import CheckpointError
+from .fingerprint import file_fingerprints
+from .model.bagel import BagelModel
+from .model.vae import FluxVAE
+from .tensor_io import aligned, check_against, check_dtypes, read_safetensors_header
 
 log = logging.getLogger(__name__)
 
 REQUIRED_FILES = ("llm_config.json", "vit_config.json", "ema.safetensors", "ae.safetensors")
 DTYPES = {"float32": torch.float32, "fp32": torch.float32, "bfloat16": torch.bfloat16, "bf16": torch.bfloat16,
           "float16": torch.float16, "fp16": torch.float16, "float64": torch.float64}
-_ST_DTYPES = {"F64", "F32", "F16", "BF16", "I64", "I32", "I16", "I8", "U8", "BOOL", "F8_E4M3", "F8_E5M2"}
-_FLOAT_DTYPES = {"F64", "F32", "F16", "BF16"}
 PICKLE_SUFFIXES = (".bin", ".pt", ".pth", ".ckpt", ".pkl")
-_PICKLE_MAGIC = (b"PK\x03\x04", b"\x80\x02", b"\x80\x03", b"\x80\x04", b"\x80\x05")  # torch.save zip / pickle
-
-
-ALIGNMENT = 64  # bytes; what PyTorch's CPU allocator gives every fresh tensor
-
-
-def aligned(t: torch.Tensor) -> torch.Tensor:
-    """``t`` itself when contiguous and ``ALIGNMENT``-aligned, else a fresh contiguous (aligned) copy.
-
-    safetensors returns tensors at their offset in the file's data (e.g. ``data_ptr() % 64 == 24``). CPU
-    kernels take a different code path for misaligned operands, so a weight read from a file and the same
-    weight held in memory gave fp32 results differing in the last bits. Called tensor by tensor, so loading
-    holds at most one extra tensor at a time.
-    """
-    if t.is_contiguous() and t.data_ptr() % ALIGNMENT == 0:
-        return t
-    return t.clone(memory_format=torch.contiguous_format)
 
 
 def resolve_dtype(dtype) -> torch.dtype:
@@ -51,76 +36,6 @@ def resolve_dtype(dtype) -> torch.dtype:
     if dtype in DTYPES:
         return DTYPES[dtype]
     raise ValueError(f"unknown dtype {dtype!r}; choose one of {sorted(DTYPES)}")
-
-
-def read_safetensors_header(path: str | Path) -> dict[str, tuple[tuple[int, ...], str]]:
-    """Validate a .safetensors file's framing and return {name: (shape, dtype)}; never reads tensor data."""
-    path = Path(path)
-    if not path.exists():
-        raise CheckpointError(f"{path}: file is missing")
-    size = path.stat().st_size
-    what = f"{path}: not a valid safetensors file"
-    with open(path, "rb") as f:
-        head = f.read(8)
-        if head.startswith(_PICKLE_MAGIC):
-            raise CheckpointError(f"{what}: it is a PyTorch pickle (torch.save / .bin / .pt); "
-                                  "hyperbagel never unpickles (loading a pickle can run code): use the "
-                                  ".safetensors file of the release, or convert it with safetensors.torch.save_file")
-        if len(head) < 8:
-            raise CheckpointError(f"{what} (only {size} bytes); re-download it")
-        (n,) = struct.unpack("<Q", head)
-        if n > min(size - 8, 100_000_000):
-            raise CheckpointError(f"{what} (header length {n} does not fit in {size} bytes; is it a pickle/.bin "
-                                  "file renamed, or truncated?); re-download it")
-        try:
-            header = json.loads(f.read(n))
-        except (json.JSONDecodeError, UnicodeDecodeError) as e:
-            raise CheckpointError(f"{what} (header is not JSON: {e}); re-download it") from e
-    if not isinstance(header, dict):
-        raise CheckpointError(f"{what} (header is not a JSON object)")
-    out, end = {}, 0
-    for name, info in header.items():
-        if name == "__metadata__":
-            continue
-        try:
-            shape, dt, (_, b) = tuple(info["shape"]), info["dtype"], info["data_offsets"]
-        except (KeyError, TypeError, ValueError) as e:
-            raise CheckpointError(f"{what} (entry {name!r} is malformed)") from e
-        if dt not in _ST_DTYPES:
-            raise CheckpointError(f"{what} (entry {name!r} has unknown dtype {dt})")
-        out[name] = (shape, dt)
-        end = max(end, b)
-    if 8 + n + end > size:
-        raise CheckpointError(f"{path}: file is truncated ({size} bytes, the header needs {8 + n + end}); "
-                              "the download did not finish: re-download it")
-    return out
-
-
-def check_against(path: Path, header: dict, expected: dict[str, tuple[int, ...]]) -> None:
-    """One message listing missing/unexpected keys and wrong shapes (strict key checking)."""
-    missing = sorted(set(expected) - set(header))
-    unexpected = sorted(set(header) - set(expected))
-    shapes = [f"{k}: file {list(header[k][0])} vs model {list(expected[k])}"
-              for k in sorted(set(header) & set(expected)) if tuple(header[k][0]) != tuple(expected[k])]
-    if not (missing or unexpected or shapes):
-        return
-    parts = []
-    for label, items in (("missing tensors", missing), ("unexpected tensors", unexpected),
-                         ("wrong shapes", shapes)):
-        if items:
-            more = f" (+{len(items) - 8} more)" if len(items) > 8 else ""
-            parts.append(f"{label} ({len(items)}): " + "; ".join(items[:8]) + more)
-    raise CheckpointError(f"{path}: does not match the configs in {path.parent} — " + " | ".join(parts) +
-                          ". The folder mixes files of different models or a file is corrupt; re-download it.")
-
-
-def check_dtypes(path: Path, header: dict) -> None:
-    """Every BAGEL / VAE tensor is floating point; an integer tensor would load and then fail at first use."""
-    bad = [f"{k}: {dt}" for k, (_, dt) in sorted(header.items()) if dt not in _FLOAT_DTYPES]
-    if bad:
-        raise CheckpointError(f"{path}: {len(bad)} tensors are not floating point ({'; '.join(bad[:4])}"
-                              f"{' ...' if len(bad) > 4 else ''}); this is not a BAGEL bf16/fp32 checkpoint file: "
-                              "re-download it")
 
 
 def check_folder(folder: str | Path) -> Path:
@@ -155,7 +70,6 @@ def _load_tensors(path: Path, names, device, dtype=None, quantize_as=None, keep=
     quantized), and quantize the weights of the modules in ``quantize_as`` ({module: format}) as they come,
     so at most one dense tensor exists beside what was already kept."""
     from safetensors import safe_open
-    from .quant import quantize
     quantize_as = quantize_as or {}
     out = {}
     try:
@@ -164,7 +78,7 @@ def _load_tensors(path: Path, names, device, dtype=None, quantize_as=None, keep=
                 t = f.get_tensor(name)
                 module, _, leaf = name.rpartition(".")
                 if leaf == "weight" and module in quantize_as:
-                    q, s = quantize(t, quantize_as[module])
+                    q, s = quant.quantize(t, quantize_as[module])
                     out[name], out[name + "_scale"] = aligned(q), aligned(s)
                     continue
                 keep_it = dtype is None or not t.is_floating_point() or name in keep
@@ -183,8 +97,6 @@ def load_bagel_model(folder: Path, config: BagelConfig, *, device, dtype, ops=No
     reading them. A pre-quantized folder (``python -m hyperbagel_core quantize``) loads in its own mode;
     ``model.base_fingerprints`` then identifies the bf16 weights for draft heads and distilled experts.
     """
-    from . import quant
-    from .model.bagel import BagelModel
     path = folder / "ema.safetensors"
     header = read_safetensors_header(path)
     with torch.device("meta"):
@@ -204,7 +116,7 @@ def load_bagel_model(folder: Path, config: BagelConfig, *, device, dtype, ops=No
         check_against(path, header, expected)
         check_dtypes(path, header)
         if weight_dtype in quant.QUANT_MODES:
-            model.base_fingerprints = quant.file_fingerprints(path, list(header))
+            model.base_fingerprints = file_fingerprints(path, list(header))
             quantize_as = quant.prepare_meta(model, weight_dtype, dtype)
         elif weight_dtype != "default":
             raise ValueError(f"unknown weight_dtype {weight_dtype!r}; choose one of {', '.join(quant.WEIGHT_DTYPES)}")
@@ -217,7 +129,6 @@ def load_bagel_model(folder: Path, config: BagelConfig, *, device, dtype, ops=No
 
 
 def load_vae(folder: Path, config: BagelConfig, *, device, dtype, ops=None):
-    from .model.vae import FluxVAE
     path = folder / "ae.safetensors"
     header = read_safetensors_header(path)
     check_dtypes(path, header)
@@ -232,3 +143,58 @@ def load_vae(folder: Path, config: BagelConfig, *, device, dtype, ops=None):
     sd = FluxVAE.convert_official_state_dict(_load_tensors(path, header, device, dtype), vae.levels)
     vae.load_state_dict(sd, strict=True, assign=True)
     return vae.requires_grad_(False).eval()
+
+
+def quantize_folder(src, dst, mode: str, progress=None) -> dict:
+    """Write ``dst``: ``src``'s BAGEL folder with ``ema.safetensors`` stored in ``mode`` (docs/quantization.md).
+
+    Tensors are read, quantized and kept one at a time (the bf16 model is never held); the companion files
+    are hard-linked when possible, else copied. Returns the quantization record.
+    """
+    import os
+    import shutil
+
+    from safetensors import safe_open
+    from safetensors.torch import save_file
+
+    quant.check_mode(mode)
+    src, dst = check_folder(src), Path(dst)
+    path = src / "ema.safetensors"
+    if quant.read_quantized_metadata(path) is not None:
+        raise CheckpointError(f"{src}: already quantized; quantize the official bf16 folder instead")
+    if dst.resolve() == src.resolve():
+        raise CheckpointError(f"{dst}: the destination must be a new folder, not the source")
+    if dst.exists() and any(dst.iterdir()):
+        raise CheckpointError(f"{dst}: exists and is not empty; choose a new folder")
+    config = load_config(src)
+    header = read_safetensors_header(path)
+    with torch.device("meta"):
+        model = BagelModel(config)
+    check_against(path, header, {k: tuple(v.shape) for k, v in model.state_dict().items()})
+    plan = quant.quantized_modules(model, mode)
+    record = {"mode": mode, "nf4_block": quant.NF4_BLOCK, "int8_group": quant.INT8_GROUP,
+              "fingerprints": file_fingerprints(path, list(header)),
+              "base_name": src.name, "quantized_modules": len(plan),
+              "companions": {p.name: quant.file_digest(p) for p in quant.companion_files(src)}}
+    out = {}
+    with safe_open(str(path), framework="pt", device="cpu") as f:
+        for i, name in enumerate(header):
+            t = f.get_tensor(name)
+            module, _, leaf = name.rpartition(".")
+            if leaf == "weight" and module in plan:
+                out[name], out[name + "_scale"] = quant.quantize(t, plan[module])
+            else:
+                out[name] = t.contiguous()
+            if progress is not None:
+                progress(i + 1, len(header))
+    dst.mkdir(parents=True, exist_ok=True)
+    for p in quant.companion_files(src):
+        try:
+            os.link(p, dst / p.name)
+        except OSError:
+            shutil.copy2(p, dst / p.name)
+    fmt = {"format": quant.FORMAT, "format_version": quant.FORMAT_VERSION}
+    meta = {**fmt, "quantization": json.dumps(record, sort_keys=True)}
+    save_file(out, str(dst / "ema.safetensors"), metadata=meta)
+    (dst / "quantization.json").write_text(json.dumps({**fmt, **record}, indent=1, sort_keys=True) + "\n")
+    return record

@@ -310,22 +310,7 @@ _OLDER = {"1": "int8 with one scale per output channel, fp8 in every decoder lay
 _HASHED_LIMIT = 64 << 20  # companion files hashed whole below this size; larger ones by size + header
 
 
-def file_fingerprints(path, keys) -> dict[str, str]:
-    """The draft-head and distilled-expert fingerprints of the bf16 weights in ``path``, computed exactly as
-    on a loaded model, reading only the few tensors they sample (one at a time)."""
-    from safetensors import safe_open
-
-    from .distill.expert import fingerprint_tensors
-    from .speculative.draft_io import fingerprint_head
-    keys = set(keys)
-    with safe_open(str(path), framework="pt", device="cpu") as f:
-        distilled = fingerprint_tensors(keys, f.get_tensor)
-        head = fingerprint_head(f.get_tensor("language_model.lm_head.weight"),
-                                f.get_tensor("language_model.model.embed_tokens.weight"))
-    return {"distilled_expert": distilled, "draft_head": head}
-
-
-def _file_digest(path) -> str:
+def file_digest(path) -> str:
     import hashlib
     import struct
     h = hashlib.sha256()
@@ -399,7 +384,7 @@ def check_quantized_folder(path, record: dict, weight_dtype: str = "default") ->
         p = folder / name
         if not p.is_file():
             wrong.append(f"{name} is missing")
-        elif _file_digest(p) != digest:
+        elif file_digest(p) != digest:
             wrong.append(f"{name} differs")
     if wrong:
         raise CheckpointError(
@@ -407,63 +392,3 @@ def check_quantized_folder(path, record: dict, weight_dtype: str = "default") ->
             f"{record['fingerprints']['distilled_expert']}), but the files beside it belong to another model ("
             + "; ".join(wrong[:6]) + "). Keep the folder written by 'python -m hyperbagel_core quantize' together, "
             "or quantize this model's bf16 folder again")
-
-
-def quantize_folder(src, dst, mode: str, progress=None) -> dict:
-    """Write ``dst``: ``src``'s BAGEL folder with ``ema.safetensors`` stored in ``mode`` (docs/quantization.md).
-
-    Tensors are read, quantized and kept one at a time (the bf16 model is never held); the companion files
-    are hard-linked when possible, else copied. Returns the quantization record.
-    """
-    import json
-    import os
-    import shutil
-    from pathlib import Path
-
-    from safetensors import safe_open
-    from safetensors.torch import save_file
-
-    from .errors import CheckpointError
-    from .loading import check_against, check_folder, load_config, read_safetensors_header
-    from .model.bagel import BagelModel
-    check_mode(mode)
-    src, dst = check_folder(src), Path(dst)
-    path = src / "ema.safetensors"
-    if read_quantized_metadata(path) is not None:
-        raise CheckpointError(f"{src}: already quantized; quantize the official bf16 folder instead")
-    if dst.resolve() == src.resolve():
-        raise CheckpointError(f"{dst}: the destination must be a new folder, not the source")
-    if dst.exists() and any(dst.iterdir()):
-        raise CheckpointError(f"{dst}: exists and is not empty; choose a new folder")
-    config = load_config(src)
-    header = read_safetensors_header(path)
-    with torch.device("meta"):
-        model = BagelModel(config)
-    check_against(path, header, {k: tuple(v.shape) for k, v in model.state_dict().items()})
-    plan = quantized_modules(model, mode)
-    record = {"mode": mode, "nf4_block": NF4_BLOCK, "int8_group": INT8_GROUP,
-              "fingerprints": file_fingerprints(path, list(header)),
-              "base_name": src.name, "quantized_modules": len(plan),
-              "companions": {p.name: _file_digest(p) for p in companion_files(src)}}
-    out = {}
-    with safe_open(str(path), framework="pt", device="cpu") as f:
-        for i, name in enumerate(header):
-            t = f.get_tensor(name)
-            module, _, leaf = name.rpartition(".")
-            if leaf == "weight" and module in plan:
-                out[name], out[name + "_scale"] = quantize(t, plan[module])
-            else:
-                out[name] = t.contiguous()
-            if progress is not None:
-                progress(i + 1, len(header))
-    dst.mkdir(parents=True, exist_ok=True)
-    for p in companion_files(src):
-        try:
-            os.link(p, dst / p.name)
-        except OSError:
-            shutil.copy2(p, dst / p.name)
-    meta = {"format": FORMAT, "format_version": FORMAT_VERSION, "quantization": json.dumps(record, sort_keys=True)}
-    save_file(out, str(dst / "ema.safetensors"), metadata=meta)
-    (dst / "quantization.json").write_text(json.dumps({"format": FORMAT, "format_version": FORMAT_VERSION,
-                                                       **record}, indent=1, sort_keys=True) + "\n")
-    return record

@@ -9,10 +9,11 @@ import torch
 from safetensors.torch import load_file
 
 from hyperbagel_core.distill import DistilledExpert, load_distilled_expert
-from hyperbagel_core.loading import ALIGNMENT, aligned, load_bagel_model, load_config, load_vae
+from hyperbagel_core.loading import load_bagel_model, load_config, load_vae
 from hyperbagel_core.model.vae import FluxVAE
 from hyperbagel_core.pipeline import BagelPipeline
 from hyperbagel_core.speculative import DraftHead, save_draft_head
+from hyperbagel_core.tensor_io import ALIGNMENT, aligned
 
 
 def misaligned(module_or_tensors) -> list[str]:

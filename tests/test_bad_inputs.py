@@ -157,11 +157,11 @@ def _empty_folder(env):
 
 def _quantized_of_another_model(env):
     """A pre-quantized folder whose ema.safetensors was quantized from another base model (seed 1)."""
-    from hyperbagel_core import quant
+    from hyperbagel_core.loading import quantize_folder
     mixed, other = env.tmp / "q-mixed", env.tmp / "q-other"
     if not mixed.exists():
-        quant.quantize_folder(env.ckpt, mixed, "int8")
-        quant.quantize_folder(env.tmp / "other", other, "int8")
+        quantize_folder(env.ckpt, mixed, "int8")
+        quantize_folder(env.tmp / "other", other, "int8")
         shutil.copy(other / "ema.safetensors", mixed / "ema.safetensors")
     return BagelPipeline.from_pretrained(mixed)
 

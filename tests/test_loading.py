@@ -12,8 +12,8 @@ import torch
 from safetensors.torch import load_file, save_file
 
 from hyperbagel_core.errors import CheckpointError
-from hyperbagel_core.loading import read_safetensors_header
 from hyperbagel_core.pipeline import BagelPipeline
+from hyperbagel_core.tensor_io import read_safetensors_header
 
 ROOT = Path(__file__).resolve().parents[1]
 

@@ -15,6 +15,7 @@ from PIL import Image
 from hyperbagel_core import quant as Q
 from hyperbagel_core.distill import DistilledExpert
 from hyperbagel_core.errors import CheckpointError
+from hyperbagel_core.loading import quantize_folder
 from hyperbagel_core.memory import TASK_PARTS, part_of, plan_weight_dtype, weight_bytes
 from hyperbagel_core.pipeline import BagelPipeline
 from hyperbagel_core.speculative import DraftHead, save_draft_head
@@ -154,15 +155,15 @@ def test_converter_round_trip_and_refusals(tiny_ckpt, extras, tmp_path):
     with pytest.raises(CheckpointError, match="pre-quantized to int8"):
         BagelPipeline.from_pretrained(dst, weight_dtype="nf4")
     with pytest.raises(CheckpointError, match="already quantized"):
-        Q.quantize_folder(dst, tmp_path / "again", "nf4")
+        quantize_folder(dst, tmp_path / "again", "nf4")
     with pytest.raises(CheckpointError, match="not empty"):
-        Q.quantize_folder(tiny_ckpt, dst, "nf4")
+        quantize_folder(tiny_ckpt, dst, "nf4")
 
     # the quantized weights of another base model beside this folder's files: refused, naming what differs
     from hyperbagel_core.testing import make_tiny_checkpoint
     other = make_tiny_checkpoint(tmp_path / "other", seed=1)
     other_q = tmp_path / "other-int8"
-    Q.quantize_folder(other, other_q, "int8")
+    quantize_folder(other, other_q, "int8")
     shutil.copy(other_q / "ema.safetensors", dst / "ema.safetensors")
     with pytest.raises(CheckpointError, match="belong to another model"):
         BagelPipeline.from_pretrained(dst, dtype=torch.float32)
@@ -186,7 +187,7 @@ def test_older_format_versions(tiny_ckpt, tmp_path):
     """Version 1 stored int8 per output channel and fp8 in every decoder layer: refused with the command that
     rewrites the folder; an unknown version is refused too."""
     folder = tmp_path / "fp8"
-    Q.quantize_folder(tiny_ckpt, folder, "fp8_e4m3fn")
+    quantize_folder(tiny_ckpt, folder, "fp8_e4m3fn")
     assert BagelPipeline.from_pretrained(folder, dtype=torch.float32).weight_dtype == "fp8_e4m3fn"
     _set_format_version(folder, "1")
     with pytest.raises(CheckpointError, match="older hyperbagel.*quantize SRC DST --mode fp8_e4m3fn"):

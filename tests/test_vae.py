@@ -9,8 +9,9 @@ from pathlib import Path
 import pytest
 import torch
 
+from hyperbagel_core.config import FLUX_AE_DEFAULTS
 from hyperbagel_core.image import image_to_tensor, pack_latent, to_uint8, vae_transform
-from hyperbagel_core.model.vae import FLUX_AE_DEFAULTS, FluxVAE
+from hyperbagel_core.model.vae import FluxVAE
 
 SHARED = Path(__file__).resolve().parents[1].parent / "shared"
 GOLDEN = SHARED / "golden"

@@ -16,7 +16,6 @@ Only the replaced tensors are held twice; the swap re-points parameters (no copy
 from __future__ import annotations
 
 import contextlib
-import hashlib
 import json
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
@@ -25,8 +24,9 @@ import torch
 from torch import nn
 
 from ..errors import CheckpointError
-from ..loading import aligned, read_safetensors_header
+from ..fingerprint import fingerprint_tensors
 from ..quant import dense_shape, is_quantized
+from ..tensor_io import aligned, read_safetensors_header
 from .embedders import IMG_SCALE_RANGE, T2I_IMG_SCALE, TEXT_SCALE_RANGE, GuidanceEmbedding
 
 FORMAT = "hyperbagel.distilled_expert"
@@ -57,29 +57,6 @@ def base_fingerprint(model: nn.Module, samples: int = 1024) -> str:
         return stored["distilled_expert"]
     params = dict(model.named_parameters())
     return fingerprint_tensors(params, params.get, samples)
-
-
-def fingerprint_tensors(keys, get, samples: int = 1024) -> str:
-    """``base_fingerprint`` of the tensors named ``keys``, read one at a time by ``get(key)``."""
-    layers = [k for k in keys if ".layers." in k and k.startswith("language_model.")]
-    last = max((int(k.split(".layers.")[1].split(".")[0]) for k in layers), default=0)
-    picks = ["language_model.model.embed_tokens.weight", "language_model.lm_head.weight",
-             "language_model.model.layers.0.self_attn.q_proj.weight",
-             "language_model.model.layers.0.self_attn.q_proj_moe_gen.weight",
-             f"language_model.model.layers.{last}.mlp_moe_gen.down_proj.weight",
-             f"language_model.model.layers.{last}.mlp.down_proj.weight",
-             "time_embedder.mlp.0.weight", "vae2llm.weight", "llm2vae.weight", "connector.fc1.weight"]
-    h = hashlib.sha256()
-    for key in picks:
-        p = get(key) if key in keys else None
-        if p is None:
-            continue
-        flat = p.detach().reshape(-1)
-        idx = torch.linspace(0, flat.numel() - 1, min(samples, flat.numel()), device=flat.device).long()
-        vals = flat[idx].to(torch.bfloat16).float().cpu().numpy().tobytes()
-        h.update(f"{key}:{tuple(p.shape)};".encode())
-        h.update(vals)
-    return h.hexdigest()[:24]
 
 
 @dataclass(frozen=True)

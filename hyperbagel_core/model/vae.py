@@ -32,23 +32,11 @@ import re
 import torch
 from torch import nn
 
+from ..config import FLUX_AE_DEFAULTS
 from ..ops import adopt_ops
+from ..tensor_io import aligned
 
-__all__ = ["FLUX_AE_DEFAULTS", "FluxVAE"]
-
-# Spec 6.2: the official FLUX.1 AutoEncoderParams (used when a folder has no ae_config.json).
-FLUX_AE_DEFAULTS: dict = {
-    "resolution": 256,
-    "in_channels": 3,
-    "downsample": 8,
-    "ch": 128,
-    "out_ch": 3,
-    "ch_mult": [1, 2, 4, 4],
-    "num_res_blocks": 2,
-    "z_channels": 16,
-    "scale_factor": 0.3611,
-    "shift_factor": 0.1159,
-}
+__all__ = ["FluxVAE"]
 
 _PREFIX = "model."
 
@@ -227,10 +215,8 @@ class FluxVAE(nn.Module):
         """Convert, strictly check, and load an official-name state dict.
 
         With ``assign`` the given tensors become the weights, so file-backed ones are first moved to aligned
-        storage (``loading.aligned``: misaligned weights change the CPU kernels' results in the last bits).
+        storage (``tensor_io.aligned``: misaligned weights change the CPU kernels' results in the last bits).
         """
-        from ..loading import aligned  # loading -> config -> this module: import when called
-
         converted = self.convert_official_state_dict(sd, self.levels)
         self.check_state_dict(converted)
         if assign:

@@ -18,6 +18,7 @@ import torch
 from safetensors import safe_open
 from safetensors.torch import save_file
 
+from ..fingerprint import fingerprint_head
 from ..quant import dense_dtype
 from .draft_head import TARGET_FIELDS, DraftHead, DraftHeadConfig
 
@@ -39,17 +40,6 @@ def target_fingerprint(model) -> str:
         return stored["draft_head"]
     lm = model.language_model
     return fingerprint_head(lm.lm_head.weight, lm.model.embed_tokens.weight)
-
-
-def fingerprint_head(lm_head: torch.Tensor, embed_tokens: torch.Tensor) -> str:
-    h = hashlib.sha256()
-    for w in (lm_head, embed_tokens):
-        h.update(str(tuple(w.shape)).encode())
-        rows = torch.linspace(0, w.shape[0] - 1, 16).round().long().to(w.device)
-        cols = torch.cat([torch.arange(8), torch.arange(w.shape[1] - 8, w.shape[1])]).to(w.device)
-        sample = w.detach()[rows][:, cols].to(torch.bfloat16).float().cpu()
-        h.update(sample.numpy().tobytes())
-    return h.hexdigest()[:32]
 
 
 def target_record(model) -> dict:
