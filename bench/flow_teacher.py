@@ -36,7 +36,11 @@ from hyperbagel_core.distill.expert import gen_expert_keys  # noqa: E402
 from hyperbagel_core.pipeline import BagelPipeline  # noqa: E402
 from hyperbagel_core.sampling.schedules import get_schedule  # noqa: E402
 from hyperbagel_core.testing import make_tiny_checkpoint  # noqa: E402
-from hyperbagel_core.training import common as C  # noqa: E402
+from hyperbagel_core.training.data import read_prompts  # noqa: E402
+from hyperbagel_core.training.evaluation import frechet_distance  # noqa: E402
+from hyperbagel_core.training.loop import lr_at  # noqa: E402
+from hyperbagel_core.training.student import velocity_with_grad  # noqa: E402
+from hyperbagel_core.training.teacher import HELD_OUT_DOMAIN, Teacher, domain_generator  # noqa: E402
 
 PROMPTS = Path(__file__).parent / "training_prompts"
 COLOURS = ("white", "blue", "pink", "red", "black", "purple", "orange", "brown", "yellow", "green", "golden", "gray")
@@ -84,12 +88,12 @@ def train(pipe, data, prompts, steps, batch, lr, drop, seed, log_every):
             ctx = ctxs[prompt].cfg_text if rng.random() < drop else ctxs[prompt].gen
             x0, xT = data.sample(prompt, gen), torch.randn(data.n, data.dim, generator=gen)
             t = rng.random()
-            v = C.velocity_with_grad(model, ctx, (1 - t) * x0 + t * xT, t, h, w)
+            v = velocity_with_grad(model, ctx, (1 - t) * x0 + t * xT, t, h, w)
             loss = F.mse_loss(v, xT - x0) / batch
             loss.backward()
             total += float(loss.detach())
         for g in opt.param_groups:
-            g["lr"] = C.lr_at(lr, i, steps, steps // 50)
+            g["lr"] = lr_at(lr, i, steps, steps // 50)
         torch.nn.utils.clip_grad_norm_(params, 1.0)
         opt.step()
         opt.zero_grad(set_to_none=True)
@@ -102,17 +106,17 @@ def train(pipe, data, prompts, steps, batch, lr, drop, seed, log_every):
 @torch.no_grad()
 def check(pipe, data, prompts, noises, seed) -> dict:
     """Teacher 50-step samples vs data, and 6-step Euler vs 50-step (Fréchet distance of patch tokens)."""
-    teacher = C.Teacher(pipe, (64, 64))
-    gen = C.domain_generator(seed, C.HELD_OUT_DOMAIN)
+    teacher = Teacher(pipe, (64, 64))
+    gen = domain_generator(seed, HELD_OUT_DOMAIN)
     items = [teacher.item(p, gen, 1.0) for p in prompts for _ in range(noises)]
     ref = torch.cat([teacher.reference(it) for it in items])
     grid6 = get_schedule("hyper-6nfe").timesteps
     euler6 = torch.cat([teacher.trajectory(it, grid6)[-1] for it in items])
     d1 = torch.cat([data.sample(p, gen) for p in prompts for _ in range(noises)])
     d2 = torch.cat([data.sample(p, gen) for p in prompts for _ in range(noises)])
-    return {"teacher50_vs_data": C.frechet_distance(ref, d1), "data_vs_data": C.frechet_distance(d1, d2),
-            "euler6_vs_teacher50_paired": C.frechet_distance(euler6, ref),
-            "euler6_vs_data": C.frechet_distance(euler6, d2), "items": len(items)}
+    return {"teacher50_vs_data": frechet_distance(ref, d1), "data_vs_data": frechet_distance(d1, d2),
+            "euler6_vs_teacher50_paired": frechet_distance(euler6, ref),
+            "euler6_vs_data": frechet_distance(euler6, d2), "items": len(items)}
 
 
 def main(argv=None):
@@ -135,10 +139,10 @@ def main(argv=None):
     pipe = BagelPipeline.from_pretrained(str(base), device="cpu", dtype=torch.float32)
     data = SyntheticLatents(4, 4, pipe.config.patch_latent_dim, seed=a.seed,
                             colour_scale=a.colour_scale)   # 64² images: 4 x 4 tokens
-    held = C.read_prompts([], a.eval_prompts_file)
+    held = read_prompts([], a.eval_prompts_file)
     before = check(pipe, data, held, a.noises, a.seed)
     print("random teacher:", json.dumps(before), flush=True)
-    train(pipe, data, C.read_prompts([], a.prompts_file), a.steps, a.batch, a.lr, a.drop, a.seed, max(1, a.steps // 20))
+    train(pipe, data, read_prompts([], a.prompts_file), a.steps, a.batch, a.lr, a.drop, a.seed, max(1, a.steps // 20))
     after = check(pipe, data, held, a.noises, a.seed)
     print("flow teacher:", json.dumps(after), flush=True)
     out = work / "teacher"

@@ -41,12 +41,16 @@ def _rank(rank, port, model_dir, no_anchor, checkpointing):
                       MASTER_PORT=str(port))
     torch.set_num_threads(1)
     from hyperbagel_core.pipeline import BagelPipeline
-    from hyperbagel_core.training import common as C, tscd
-    dist_ = C.init_distributed(True, "full")
+    from hyperbagel_core.training import tscd
+    from hyperbagel_core.training.distributed import init_distributed
+    from hyperbagel_core.training.loop import accumulate
+    from hyperbagel_core.training.student import Student, _Cast, frozen, train_keys
+    from hyperbagel_core.training.teacher import Teacher
+    dist_ = init_distributed(True, "full")
     pipe = BagelPipeline.from_pretrained(model_dir, device="cpu", dtype=torch.float32)
     model = pipe.model
-    st = C.Student.fresh(model, C.train_keys(model, "all"), nfe=6, stages=())
-    job = tscd.TSCD(pipe, C.Teacher(pipe, (64, 64)), st, ["a red circle"], segments=(6,), pool=1)
+    st = Student.fresh(model, train_keys(model, "all"), nfe=6, stages=())
+    job = tscd.TSCD(pipe, Teacher(pipe, (64, 64)), st, ["a red circle"], segments=(6,), pool=1)
     dist_.wrap(st)
     import weakref
     units, seen, alive, casts = st.shard_units(), [], [], weakref.WeakSet()
@@ -65,18 +69,18 @@ def _rank(rank, port, model_dir, no_anchor, checkpointing):
             def backward(ctx, grad):
                 seen.append(gathered())
                 return _PlainCast.backward(ctx, grad)
-        C._Cast.apply = lambda anchor, master, dtype: made(Counted.apply(master, dtype))
+        _Cast.apply = lambda anchor, master, dtype: made(Counted.apply(master, dtype))
     else:
-        backward = C._Cast.backward
+        backward = _Cast.backward
 
         def counting(ctx, grad):
             seen.append(gathered())
             return backward(ctx, grad)
-        forward = C._Cast.forward
-        C._Cast.backward = staticmethod(counting)
-        C._Cast.forward = staticmethod(lambda ctx, anchor, master, dtype: made(forward(ctx, anchor, master, dtype)))
-    with C.frozen(model):
-        C.accumulate(st, model, [job.loss_fn(job.draw(random.Random(0), 0))], dist_, 2, checkpointing)
+        forward = _Cast.forward
+        _Cast.backward = staticmethod(counting)
+        _Cast.forward = staticmethod(lambda ctx, anchor, master, dtype: made(forward(ctx, anchor, master, dtype)))
+    with frozen(model):
+        accumulate(st, model, [job.loss_fn(job.draw(random.Random(0), 0))], dist_, 2, checkpointing)
     if rank == 0:
         sizes = {n: len(u.keys) for n, u in st.master.items()}
         print(f"{'no anchor' if no_anchor else 'with the anchor'}, checkpointing {checkpointing}: units (casts "

@@ -10,7 +10,10 @@ from PIL import Image
 
 from hyperbagel_core.image import pack_latent
 from hyperbagel_core.pipeline import BagelPipeline
-from hyperbagel_core.training import adversarial, common as C, dmdo, stage1_cfg, tscd
+from hyperbagel_core.training import adversarial, dmdo, stage1_cfg, tscd
+from hyperbagel_core.training.data import read_edit_pairs
+from hyperbagel_core.training.student import Student, train_keys
+from hyperbagel_core.training.teacher import Teacher
 
 PROMPTS = ["a red circle", "a blue square on a table"]
 
@@ -47,7 +50,7 @@ def _pipe(ckpt, expert):
 
 
 def test_edit_pairs_file_is_checked_line_by_line(edits, tmp_path):
-    pairs = C.read_edit_pairs(edits / "train.jsonl")
+    pairs = read_edit_pairs(edits / "train.jsonl")
     assert [p.instruction for p in pairs] == ["make the sky yellow", "add a hat"]
     assert pairs[0].image == edits / "src0.png"          # relative to the JSONL's folder
     good = json.dumps({"image": str(edits / "src0.png"), "instruction": "ok"})
@@ -60,9 +63,9 @@ def test_edit_pairs_file_is_checked_line_by_line(edits, tmp_path):
                          ("\n\n", "has no edit pairs")]:
         bad.write_text(text)
         with pytest.raises(SystemExit, match=needle):
-            C.read_edit_pairs(bad)
+            read_edit_pairs(bad)
     with pytest.raises(SystemExit, match="does not exist"):
-        C.read_edit_pairs(tmp_path / "nope.jsonl")
+        read_edit_pairs(tmp_path / "nope.jsonl")
 
 
 def test_training_edits_needs_held_out_edits(tiny_ckpt, edits, tmp_path):
@@ -75,8 +78,8 @@ def test_training_edits_needs_held_out_edits(tiny_ckpt, edits, tmp_path):
 def test_teacher_edit_reference_is_the_pipelines_edit(tiny_pipe, edits):
     """The training target of an edit is exactly what ``BagelPipeline.edit`` computes (shift 3, dual CFG over
     (0, 1), text-channel renorm; 10 steps here, 50 in training): same contexts, same noise, sequential branches."""
-    teacher = C.Teacher(tiny_pipe, (64, 64), num_timesteps=10)
-    pair = C.read_edit_pairs(edits / "train.jsonl")[0]
+    teacher = Teacher(tiny_pipe, (64, 64), num_timesteps=10)
+    pair = read_edit_pairs(edits / "train.jsonl")[0]
     it = teacher.item(pair, torch.Generator().manual_seed(3), 4.0, 1.5)
     assert it.task == "edit" and it.scales == (4.0, 1.5) and it.image == pair.image
     ref = teacher.reference(it)
@@ -87,7 +90,7 @@ def test_teacher_edit_reference_is_the_pipelines_edit(tiny_pipe, edits):
     assert torch.allclose(want.float(), ref, rtol=1e-5, atol=1e-5), (want - ref).abs().max()
     assert teacher.passes_at(it, 0.2) == 3            # text and image CFG on over (0, 1): three passes
     teacher.EDIT_CONTEXTS = 1                          # edit contexts are bounded (their image KV is large)
-    other = C.read_edit_pairs(edits / "train.jsonl")[1]
+    other = read_edit_pairs(edits / "train.jsonl")[1]
     teacher.contexts(other)
     assert other in teacher._ctx_cache and pair not in teacher._ctx_cache
     t2i = teacher.item("a red circle", torch.Generator().manual_seed(3), 4.0)
@@ -95,9 +98,9 @@ def test_teacher_edit_reference_is_the_pipelines_edit(tiny_pipe, edits):
 
 
 def test_tscd_pool_mixes_tasks_with_their_scales(tiny_pipe, edits):
-    teacher = C.Teacher(tiny_pipe, (64, 64), num_timesteps=4)    # a short teacher path: only the draws matter
-    st = C.Student.fresh(tiny_pipe.model, C.train_keys(tiny_pipe.model, "all"), nfe=6)
-    conds = PROMPTS + C.read_edit_pairs(edits / "train.jsonl")
+    teacher = Teacher(tiny_pipe, (64, 64), num_timesteps=4)    # a short teacher path: only the draws matter
+    st = Student.fresh(tiny_pipe.model, train_keys(tiny_pipe.model, "all"), nfe=6)
+    conds = PROMPTS + read_edit_pairs(edits / "train.jsonl")
     job = tscd.TSCD(tiny_pipe, teacher, st, conds, segments=(6,), pool=6, img_scale_range=(1.2, 2.0))
     tasks = {it.task for it in job.items}
     assert tasks == {"t2i", "edit"}

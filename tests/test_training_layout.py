@@ -43,6 +43,6 @@ def test_speculative_and_distill_do_not_import_the_pipeline():
 
 
 def test_the_check_sees_relative_imports(tmp_path):
-    assert "hyperbagel_core.training.common" in _imports(CORE / "training" / "tscd.py")
-    assert "hyperbagel_core.pipeline.BagelPipeline" in _imports(CORE / "training" / "common.py") or \
-        "hyperbagel_core.pipeline" in _imports(CORE / "training" / "common.py")
+    assert "hyperbagel_core.training.loop" in _imports(CORE / "training" / "tscd.py")
+    assert "hyperbagel_core.pipeline.BagelPipeline" in _imports(CORE / "training" / "cli.py") or \
+        "hyperbagel_core.pipeline" in _imports(CORE / "training" / "cli.py")

@@ -10,7 +10,13 @@ import torch
 import torch.multiprocessing as mp
 
 from hyperbagel_core.pipeline import BagelPipeline
-from hyperbagel_core.training import adversarial, common as C, dmdo, tscd
+from hyperbagel_core.training import adversarial, dmdo, tscd
+from hyperbagel_core.training.distributed import Dist, init_distributed, make_optimizer
+from hyperbagel_core.training.evaluation import latent_mse
+from hyperbagel_core.training.loop import accumulate, lr_at, optimizer_step, step_rng
+from hyperbagel_core.training.student import (EMA, Student, _Cast, frozen, student_pass, student_sample, train_keys,
+                                              velocity_with_grad)
+from hyperbagel_core.training.teacher import HELD_OUT_DOMAIN, REFERENCE_DOMAIN, Teacher, index_of
 
 PROMPTS = ["a red circle", "a blue square on a table", "a cat sits on the mat", "a house under the stars"]
 HELD = ["a green bird in the park"]
@@ -97,7 +103,7 @@ def test_ema_resumes_bit_for_bit_is_what_is_exported_and_decay_0_is_the_plain_ru
 
 def test_ema_applied_swaps_in_and_back_exactly():
     lin = torch.nn.Linear(3, 2)
-    ema = C.EMA(lin, 0.9)
+    ema = EMA(lin, 0.9)
     before = {k: v.clone() for k, v in lin.state_dict().items()}
     with torch.no_grad():
         lin.weight.add_(1.0)
@@ -108,7 +114,7 @@ def test_ema_applied_swaps_in_and_back_exactly():
         assert torch.allclose(lin.weight, before["weight"] + 0.1) and torch.allclose(lin.bias, before["bias"])
     assert all(torch.equal(lin.state_dict()[k], trained[k]) for k in trained)
     with pytest.raises(ValueError, match="decay"):
-        C.EMA(lin, 1.0)
+        EMA(lin, 1.0)
 
 
 def _free_port() -> int:
@@ -190,11 +196,11 @@ def _gathered_units_in_backward(ckpt) -> dict:
     import random
     import weakref
     pipe = BagelPipeline.from_pretrained(ckpt, device="cpu", dtype=torch.float32)
-    model, dist_ = pipe.model, C.init_distributed(True, "full")
-    st = C.Student.fresh(model, C.train_keys(model, "all"), nfe=6, stages=())
-    job = tscd.TSCD(pipe, C.Teacher(pipe, (64, 64)), st, ["a red circle"], segments=(6,), pool=1)
+    model, dist_ = pipe.model, init_distributed(True, "full")
+    st = Student.fresh(model, train_keys(model, "all"), nfe=6, stages=())
+    job = tscd.TSCD(pipe, Teacher(pipe, (64, 64)), st, ["a red circle"], segments=(6,), pool=1)
     dist_.wrap(st)
-    seen, alive, casts, forward, backward = [], [], weakref.WeakSet(), C._Cast.forward, C._Cast.backward
+    seen, alive, casts, forward, backward = [], [], weakref.WeakSet(), _Cast.forward, _Cast.backward
 
     def counting_backward(ctx, grad):
         seen.append(sum(u._get_fsdp_state()._fsdp_param_group.is_unsharded for u in st.shard_units()))
@@ -205,12 +211,12 @@ def _gathered_units_in_backward(ckpt) -> dict:
         casts.add(out)
         alive.append(len(casts))
         return out
-    C._Cast.backward, C._Cast.forward = staticmethod(counting_backward), staticmethod(counting_forward)
+    _Cast.backward, _Cast.forward = staticmethod(counting_backward), staticmethod(counting_forward)
     try:
-        with C.frozen(model):
-            C.accumulate(st, model, [job.loss_fn(job.draw(random.Random(0), 0))], dist_, dist_.world, True)
+        with frozen(model):
+            accumulate(st, model, [job.loss_fn(job.draw(random.Random(0), 0))], dist_, dist_.world, True)
     finally:
-        C._Cast.backward, C._Cast.forward = staticmethod(backward), staticmethod(forward)
+        _Cast.backward, _Cast.forward = staticmethod(backward), staticmethod(forward)
     return {"gathered": seen, "alive": alive, "unit_sizes": {n: len(u.keys) for n, u in st.master.items()}}
 
 
@@ -247,18 +253,18 @@ def test_fsdp2_full_sharding_follows_the_curve_holds_half_and_resumes(tiny_ckpt,
 
 def test_shard_flags_need_processes_and_an_even_batch():
     with pytest.raises(SystemExit, match="--distributed"):
-        C.init_distributed(False, "full")
+        init_distributed(False, "full")
     with pytest.raises(ValueError, match="--batch 4"):
-        C.Dist(0, 2, True, "full").share([1, 2, 3, 4, 5])
-    assert C.Dist(1, 2, True, "full").share([1, 2, 3, 4]) == [2, 4]
+        Dist(0, 2, True, "full").share([1, 2, 3, 4, 5])
+    assert Dist(1, 2, True, "full").share([1, 2, 3, 4]) == [2, 4]
 
 
 def test_evaluation_noise_domains_are_not_training_seeds():
     steps = torch.arange(1_000_000, dtype=torch.int64)
     for seed in range(4):
         drawn = (seed * 1_000_003 + steps * 7919 + 17) % 2 ** 62 % 2 ** 32   # step_rng's seed, as torch keeps it
-        assert int(C.step_rng(seed, 12345)[1].initial_seed()) % 2 ** 32 == int(drawn[12345])
-        domains = torch.tensor([(seed + d) % 2 ** 32 for d in (C.HELD_OUT_DOMAIN, C.REFERENCE_DOMAIN)])
+        assert int(step_rng(seed, 12345)[1].initial_seed()) % 2 ** 32 == int(drawn[12345])
+        domains = torch.tensor([(seed + d) % 2 ** 32 for d in (HELD_OUT_DOMAIN, REFERENCE_DOMAIN)])
         assert not torch.isin(drawn, domains).any()
 
 
@@ -300,13 +306,13 @@ def test_one_nfe_stage_with_reward(six, tiny_ckpt, tmp_path):
 
 def test_activation_checkpointing_and_fp32_masters(tiny_pipe):
     model = tiny_pipe.model
-    teacher = C.Teacher(tiny_pipe, (64, 64))
+    teacher = Teacher(tiny_pipe, (64, 64))
     it = teacher.item("a red circle", torch.Generator().manual_seed(0), 3.0)
     grads = []
     for ck in (False, True):
-        st = C.Student.fresh(model, C.train_keys(model, "all"))
-        with C.frozen(model), C.student_pass(st, model, it.s_txt, checkpointing=ck) as extra:
-            v = C.velocity_with_grad(model, it.ctxs.gen, it.noise, 0.7, it.h, it.w, extra)
+        st = Student.fresh(model, train_keys(model, "all"))
+        with frozen(model), student_pass(st, model, it.s_txt, checkpointing=ck) as extra:
+            v = velocity_with_grad(model, it.ctxs.gen, it.noise, 0.7, it.h, it.w, extra)
             v.square().mean().backward()
         grads.append({k: p.grad.clone() for k, p in st.named_parameters() if p.grad is not None})
         assert all(p.dtype == torch.float32 for p in st.parameters())
@@ -333,21 +339,21 @@ def test_tscd_fits_one_item_to_the_reference(tiny_pipe):
     final latent, and on ONE prompt + noise its 6-NFE sample converges to that latent."""
     import random
     model = tiny_pipe.model
-    teacher = C.Teacher(tiny_pipe, (64, 64))
-    st = C.Student.fresh(model, C.train_keys(model, "all"), nfe=6, stages=())
+    teacher = Teacher(tiny_pipe, (64, 64))
+    st = Student.fresh(model, train_keys(model, "all"), nfe=6, stages=())
     job = tscd.TSCD(tiny_pipe, teacher, st, ["a red circle"], segments=(6,), pool=1, scale_range=(1.0, 1.0))
     it, end = job.items[0], job.trajs[0][-1]
     assert torch.equal(end, teacher.reference(it))
     rng = random.Random(0)
-    starts = {C.index_of(job.fine, b) for b in job.bounds[0][:-1].tolist()}
+    starts = {index_of(job.fine, b) for b in job.bounds[0][:-1].tolist()}
     assert all(job.draw(rng, 0)[1] in starts for _ in range(20))   # default: the points the sampler evaluates
-    before = C.latent_mse(C.student_sample(st, model, it, job.grid), end)
-    opt = C.make_optimizer(st.parameters(), 1e-3, C.Dist())
+    before = latent_mse(student_sample(st, model, it, job.grid), end)
+    opt = make_optimizer(st.parameters(), 1e-3, Dist())
     for i in range(120):
-        with C.frozen(model):
-            C.accumulate(st, model, [job.loss_fn(job.draw(rng, 0)) for _ in range(4)], C.Dist(), 4)
-        C.optimizer_step(opt, st.parameters(), lr=C.lr_at(1e-3, i, 120, 6))
-    after = C.latent_mse(C.student_sample(st, model, it, job.grid), end)
+        with frozen(model):
+            accumulate(st, model, [job.loss_fn(job.draw(rng, 0)) for _ in range(4)], Dist(), 4)
+        optimizer_step(opt, st.parameters(), lr=lr_at(1e-3, i, 120, 6))
+    after = latent_mse(student_sample(st, model, it, job.grid), end)
     assert after < 0.02 * before, (before, after)
 
 
@@ -355,7 +361,7 @@ def test_training_free_budgets_count_network_passes(tiny_ckpt):
     """The paper's NFE counts every CFG branch (100 NFE = 50 steps x 2): a solver matched to the 6-NFE student
     gets 6 network passes, so fewer guided evaluations where CFG runs two branches."""
     pipe = BagelPipeline.from_pretrained(tiny_ckpt, device="cpu", dtype=torch.float32)
-    teacher = C.Teacher(pipe, size=(64, 64))
+    teacher = Teacher(pipe, size=(64, 64))
     gen = torch.Generator().manual_seed(0)
     guided, plain = teacher.item("a red circle", gen, 4.0), teacher.item("a red circle", gen, 1.0)
     assert teacher.passes_at(guided, 0.9) == 2 and teacher.passes_at(guided, 0.2) == 1
@@ -370,10 +376,10 @@ def test_training_free_budgets_count_network_passes(tiny_ckpt):
 
 def test_tscd_pool_keeps_only_reachable_times_with_the_same_targets(tiny_pipe):
     """At start weight 1 the pool stores the segment boundaries only; their latents are those of the full path."""
-    model, teacher = tiny_pipe.model, C.Teacher(tiny_pipe, (64, 64))
-    st = C.Student.fresh(model, C.train_keys(model, "all"), nfe=6, stages=())
+    model, teacher = tiny_pipe.model, Teacher(tiny_pipe, (64, 64))
+    st = Student.fresh(model, train_keys(model, "all"), nfe=6, stages=())
     starts, inside = (tscd.TSCD(tiny_pipe, teacher, st, ["a red circle"], segments=(12, 6), pool=1, start_weight=w)
                       for w in (1.0, 0.5))
     assert starts.fine.numel() == 13 and inside.fine.numel() > 50
     for t, x in zip(starts.fine.tolist(), starts.trajs[0]):
-        assert torch.equal(x, inside.trajs[0][C.index_of(inside.fine, t)]), t
+        assert torch.equal(x, inside.trajs[0][index_of(inside.fine, t)]), t

@@ -30,7 +30,13 @@ from torch import nn
 
 from ..image import unpack_latent
 from ..sampling.schedules import get_schedule
-from . import common as C
+from .cli import add_common_args, add_distill_args, distill_setup, write_report
+from .distributed import init_distributed, make_optimizer
+from .evaluation import latent_mse, task_means, training_free_errors
+from .loop import Loop, accumulate, lr_at, optimizer_step, step_rng
+from .student import (Student, base_tensors, frozen, student_from_file, student_sample, student_trajectory,
+                      teacher_block, velocity_with_grad)
+from .teacher import Item, Teacher
 
 
 class LatentDiscriminator(nn.Module):
@@ -82,7 +88,7 @@ def load_reward(spec: str):
 
 
 class ADP:
-    def __init__(self, pipe, teacher: C.Teacher, generator: C.Student, six: C.Student, disc: Discriminators,
+    def __init__(self, pipe, teacher: Teacher, generator: Student, six: Student, disc: Discriminators,
                  conds: list, scale_range=(1.0, 5.0), tau_max: float = 0.5, pair_weight: float = 1.0,
                  reward=None, reward_weight: float = 0.0, reward_threshold: float = 6.0, img_scale_range=(1.0, 2.5)):
         self.pipe, self.model, self.teacher = pipe, pipe.model, teacher
@@ -92,7 +98,7 @@ class ADP:
         self.reward, self.reward_weight, self.reward_threshold = reward, reward_weight, reward_threshold
         self.grid6 = get_schedule("hyper-6nfe").timesteps if six.config.schedule != "hyper-6nfe-shift3" \
             else get_schedule("hyper-6nfe-shift3").timesteps
-        self.base = C.base_tensors(self.model, sorted(set(generator.keys) | set(six.keys)))
+        self.base = base_tensors(self.model, sorted(set(generator.keys) | set(six.keys)))
 
     def draw(self, rng, gen):
         it = self.teacher.draw(self.conds, rng, gen, self.scale_range, self.img_scale_range)
@@ -101,12 +107,12 @@ class ADP:
         eps = torch.randn(it.noise.shape, generator=gen).to(it.noise)
         return it, t, tau, eps
 
-    def pixels(self, it: C.Item, x: torch.Tensor) -> torch.Tensor:
+    def pixels(self, it: Item, x: torch.Tensor) -> torch.Tensor:
         cfg = self.pipe.config
         lat = unpack_latent(x.float(), it.h, it.w, cfg.latent_channels, cfg.latent_patch_size)[None]
         return self.pipe.vae.decode(lat)
 
-    def features(self, it: C.Item, x: torch.Tensor, tau: float, eps: torch.Tensor) -> list:
+    def features(self, it: Item, x: torch.Tensor, tau: float, eps: torch.Tensor) -> list:
         """Teacher (original weights) hidden states of the latent tokens at the discriminator's layers."""
         feats, hooks = {}, []
         layers = self.model.language_model.model.layers
@@ -114,8 +120,8 @@ class ADP:
             hooks.append(layers[i].register_forward_hook(
                 lambda m, args, out, i=i: feats.__setitem__(i, out[0, 1:-1])))
         try:
-            with C.teacher_block(self.model, self.base):
-                C.velocity_with_grad(self.model, it.ctxs.gen, (1 - tau) * x + tau * eps, tau, it.h, it.w)
+            with teacher_block(self.model, self.base):
+                velocity_with_grad(self.model, it.ctxs.gen, (1 - tau) * x + tau * eps, tau, it.h, it.w)
         finally:
             for h in hooks:
                 h.remove()
@@ -128,8 +134,8 @@ class ADP:
         return out
 
     @torch.no_grad()
-    def pair(self, it: C.Item):
-        traj = C.student_trajectory(self.six, self.model, it, self.grid6)
+    def pair(self, it: Item):
+        traj = student_trajectory(self.six, self.model, it, self.grid6)
         return traj[0], traj[-1]
 
     def generator_work(self, draw, x_T, x_0, disc):
@@ -137,7 +143,7 @@ class ADP:
         x_t = (1 - t) * x_0 + t * x_T
 
         def fn(extra):
-            x0_hat = x_t - t * C.velocity_with_grad(self.model, it.ctxs.gen, x_t, t, it.h, it.w, extra)
+            x0_hat = x_t - t * velocity_with_grad(self.model, it.ctxs.gen, x_t, t, it.h, it.w, extra)
             disc.requires_grad_(False)
             try:
                 loss = -self.d_logits(it, x0_hat, tau, eps) + self.pair_weight * F.mse_loss(x0_hat, x_0)
@@ -160,15 +166,15 @@ class ADP:
     @torch.no_grad()
     def evaluate(self, held, refs, per_item: bool = False):
         one = torch.tensor([1.0, 0.0])
-        errs = [C.latent_mse(C.student_sample(self.generator, self.model, it, one), r) for it, r in zip(held, refs)]
+        errs = [latent_mse(student_sample(self.generator, self.model, it, one), r) for it, r in zip(held, refs)]
         return errs if per_item else sum(errs) / len(errs)
 
 
 def main(argv=None) -> dict:
     ap = argparse.ArgumentParser(prog="python -m hyperbagel_core.training.adversarial",
                                  description=__doc__.split("\n")[0])
-    C.add_common_args(ap)
-    C.add_distill_args(ap)
+    add_common_args(ap)
+    add_distill_args(ap)
     ap.add_argument("--six", default=None, help="the 6-NFE expert making the pairs (default: --init)")
     ap.add_argument("--d-lr", type=float, default=1e-4)
     ap.add_argument("--disc-layers", default=None, help="teacher layers the heads read (default: 3 spread)")
@@ -180,12 +186,12 @@ def main(argv=None) -> dict:
     a = ap.parse_args(argv)
     if not a.init:
         ap.error("the 1-NFE stage starts from the 6-NFE expert: pass --init six.safetensors")
-    dist_ = C.init_distributed(a.distributed, a.shard)
-    pipe, teacher, conds, held = C.distill_setup(a)
+    dist_ = init_distributed(a.distributed, a.shard)
+    pipe, teacher, conds, held = distill_setup(a)
     model = pipe.model
     from ..distill.expert import load_distilled_expert
-    generator = C.student_from_file(model, a.init, None)
-    six = C.Student(model, load_distilled_expert(a.six or a.init, model)).requires_grad_(False)
+    generator = student_from_file(model, a.init, None)
+    six = Student(model, load_distilled_expert(a.six or a.init, model)).requires_grad_(False)
     L = model.config.llm.num_hidden_layers
     layers = [int(x) for x in a.disc_layers.split(",")] if a.disc_layers else sorted({L // 3, (2 * L) // 3, L - 1})
     torch.manual_seed(a.seed)
@@ -196,25 +202,25 @@ def main(argv=None) -> dict:
               img_scale_range=tuple(a.img_scale_range))
     refs = [teacher.reference(it) for it in held]
     g_ddp = dist_.wrap(generator)   # the discriminators' gradients are averaged by hand (dist_.average_grads)
-    g_opt = C.make_optimizer(generator.parameters(), a.lr, dist_)
-    d_opt = C.make_optimizer(disc.parameters(), a.d_lr, dist_)
-    loop = C.Loop(a.out, a.steps, {"generator": generator, "disc": disc}, {"g": g_opt, "d": d_opt}, dist_,
-                  "heldout_mse", a.eval_every, a.save_every, not a.no_resume, a.stop_after)
+    g_opt = make_optimizer(generator.parameters(), a.lr, dist_)
+    d_opt = make_optimizer(disc.parameters(), a.d_lr, dist_)
+    loop = Loop(a.out, a.steps, {"generator": generator, "disc": disc}, {"g": g_opt, "d": d_opt}, dist_,
+                "heldout_mse", a.eval_every, a.save_every, not a.no_resume, a.stop_after)
 
     def step(i):
-        rng, gen = C.step_rng(a.seed, i)
+        rng, gen = step_rng(a.seed, i)
         draws = [job.draw(rng, gen) for _ in range(a.batch)]
         mine = dist_.share(draws)
         pairs = [job.pair(d[0]) for d in mine]
-        with C.frozen(model):
+        with frozen(model):
             works = [job.generator_work(d, xT, x0, disc) for d, (xT, x0) in zip(mine, pairs)]
-            loss = C.accumulate(g_ddp, model, works, dist_, a.batch, a.checkpointing)
-            C.optimizer_step(g_opt, generator.parameters(), lr=C.lr_at(a.lr, i, a.steps))
+            loss = accumulate(g_ddp, model, works, dist_, a.batch, a.checkpointing)
+            optimizer_step(g_opt, generator.parameters(), lr=lr_at(a.lr, i, a.steps))
             scale = dist_.loss_scale(a.batch)
             for d, (_, x0), (_, fn) in zip(mine, pairs, works):
                 (job.disc_loss(d, x0, fn.x0_hat) * scale).backward()
             dist_.average_grads(disc.parameters())
-            C.optimizer_step(d_opt, disc.parameters())
+            optimizer_step(d_opt, disc.parameters())
         return loss
 
     hist = loop.run(step, lambda: job.evaluate(held, refs))
@@ -227,17 +233,17 @@ def main(argv=None) -> dict:
                                   schedule="hyper-1nfe", timesteps=tuple(one.tolist()), shift=1.0)   # every rank
     if dist_.main and loop.stop_after is None:
         expert.save(a.out)
-        per_item = {**C.training_free_errors(teacher, held, refs, 1, ("euler",), (1.0,), per_item=True),
-                    **C.training_free_errors(teacher, held, refs, 2, ("euler",), (1.0, 3.0), per_item=True)}
+        per_item = {**training_free_errors(teacher, held, refs, 1, ("euler",), (1.0,), per_item=True),
+                    **training_free_errors(teacher, held, refs, 2, ("euler",), (1.0, 3.0), per_item=True)}
         report["euler"] = {k: sum(v) / len(v) for k, v in per_item.items()}
         report["student"] = hist["metric"][-1][1]
         if any(it.task == "edit" for it in held):
             per_item["student"] = job.evaluate(held, refs, per_item=True)
             report["by_task"] = {task: {"student": means.pop("student"), "euler": means}
-                                 for task, means in C.task_means(held, per_item).items()}
+                                 for task, means in task_means(held, per_item).items()}
         print(f"held-out final-latent MSE vs the 50-step teacher: 1-NFE student {report['student']:.5g}; stock "
               f"Euler {', '.join(f'{k} {v:.4g}' for k, v in report['euler'].items())}; wrote {a.out}")
-    C.write_report(a.report, report, dist_)
+    write_report(a.report, report, dist_)
     return report
 
 

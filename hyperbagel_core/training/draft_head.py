@@ -12,7 +12,7 @@ Recipe (the CLI): a JSONL of ``{"question": ..., "image": path?}`` lines; the ta
 regenerated once and cached on disk (``--cache``, keyed by target fingerprint, image bytes, question and
 length); a deterministic held-out split (``--holdout``) by that key; the mean acceptance length (tokens per
 drafting round, bonus included) on the held-out split is the progress bar's metric, next to the untrained
-head's and prompt lookup's, measured once at the start. Resume, DDP and the progress bar: ``common``.
+head's and prompt lookup's, measured once at the start. Resume, DDP and the progress bar: ``loop``, ``distributed``.
 
 CLI:
     python -m hyperbagel_core.training.draft_head --model DIR --data pairs.jsonl --out head.safetensors
@@ -269,7 +269,9 @@ def _pipeline_setup(args):
 
 
 def main(argv=None) -> dict:
-    from . import common as C
+    from .cli import write_report
+    from .distributed import init_distributed
+    from .loop import Loop, finite, step_rng
     ap = argparse.ArgumentParser(prog="python -m hyperbagel_core.training.draft_head", description=__doc__,
                                  formatter_class=argparse.RawDescriptionHelpFormatter)
     src = ap.add_mutually_exclusive_group(required=True)
@@ -301,7 +303,7 @@ def main(argv=None) -> dict:
     if args.model and not args.data:
         ap.error("--model needs --data")
     args.max_new_tokens = args.max_new_tokens or (24 if args.tiny else 256)
-    dist_ = C.init_distributed(args.distributed)
+    dist_ = init_distributed(args.distributed)
     model, items, bos, eos = _tiny_setup(args) if args.tiny else _pipeline_setup(args)
     cfg = TrainConfig(steps=args.steps or (60 if args.tiny else 1000), lr=args.lr or (3e-3 if args.tiny else 3e-4),
                       unroll=args.unroll, max_new_tokens=args.max_new_tokens, seed=args.seed)
@@ -327,18 +329,18 @@ def main(argv=None) -> dict:
     shared = [p for m in head._shared.values() for p in m.parameters()]
     for p in shared:
         p.requires_grad_(False)
-    loop = C.Loop(args.out, cfg.steps, {"head": head}, {"opt": opt}, dist_, "accept_len", args.eval_every,
-                  args.save_every, not args.no_resume, args.stop_after)
+    loop = Loop(args.out, cfg.steps, {"head": head}, {"opt": opt}, dist_, "accept_len", args.eval_every,
+                args.save_every, not args.no_resume, args.stop_after)
 
     def step(i):
-        rng, _ = C.step_rng(cfg.seed, i)
+        rng, _ = step_rng(cfg.seed, i)
         picks = dist_.share([rng.randrange(len(samples)) for _ in range(args.batch)])
         head.train()
         total = 0.0
         for n in picks:
             loss = head_step_loss(head, samples[n], cfg)
             (loss * dist_.loss_scale(args.batch)).backward()
-            total += C.finite(float(loss.detach()))
+            total += finite(float(loss.detach()))
         dist_.average_grads(params)
         torch.nn.utils.clip_grad_norm_(params, cfg.grad_clip)
         opt.step()
@@ -357,7 +359,7 @@ def main(argv=None) -> dict:
         from ..speculative.draft_io import save_draft_head
         report["out"] = str(save_draft_head(head.to(dense_dtype(model.language_model.lm_head)), args.out, model))
         print(json.dumps({k: v for k, v in report.items() if k != "history"}))
-    C.write_report(args.report, report, dist_)
+    write_report(args.report, report, dist_)
     return report
 
 

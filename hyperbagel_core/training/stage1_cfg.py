@@ -11,7 +11,7 @@ n ~ N(0, 1), shift 3 (the paper needed >= 3); x_t = (1 - t) x0 + t eps, x0 ~ N(0
 target is the teacher's velocity at x_t, any x_t covering the sampling region will do; pass real latents
 through ``latents=`` for data-driven training). Contexts are built with the original weights.
 
-The trained tensors are fp32 masters (common.Student) whatever the base dtype; the loop resumes from
+The trained tensors are fp32 masters (student.Student) whatever the base dtype; the loop resumes from
 ``<out>.state/``, runs under DDP with ``--distributed`` and shows loss + held-out loss (docs/TRAINING.md).
 
     python -m hyperbagel_core.training.stage1_cfg --model DIR --out expert.safetensors --prompt "a red cube" \
@@ -28,10 +28,12 @@ import torch.nn.functional as F
 
 from ..generation import CFGSettings, guided_velocity
 from ..sampling.schedules import get_schedule, shift_timesteps
-from . import common as C
-
-TRAIN_KEY_SETS = C.TRAIN_KEY_SETS
-select_keys = C.train_keys
+from .cli import add_common_args, load_pipe, write_report
+from .data import open_rgb, read_edit_pairs, read_prompts
+from .distributed import Dist, init_distributed, make_optimizer
+from .loop import Loop, accumulate, optimizer_step, step_rng
+from .student import Student, frozen, installed, velocity_with_grad
+from .student import train_keys as select_keys
 
 
 @dataclass
@@ -49,7 +51,7 @@ class Sample:
 class CFGDistiller:
     """Teacher contexts, the student (fp32 masters) and the per-step draw / target / loss."""
 
-    def __init__(self, pipe, student: C.Student, prompts: list[str], edit_pairs=(), *, size=(64, 64),
+    def __init__(self, pipe, student: Student, prompts: list[str], edit_pairs=(), *, size=(64, 64),
                  shift: float = 3.0, seed: int = 0, latents=None):
         if not prompts and not edit_pairs:
             raise ValueError("CFG distillation needs at least one prompt or (image, instruction) pair")
@@ -85,7 +87,7 @@ class CFGDistiller:
         target = self.teacher(s)
 
         def fn(extra):
-            return F.mse_loss(C.velocity_with_grad(self.model, s.ctxs.gen, s.x_t, s.t, s.h, s.w, extra), target)
+            return F.mse_loss(velocity_with_grad(self.model, s.ctxs.gen, s.x_t, s.t, s.h, s.w, extra), target)
         return (s.s_txt, s.s_img), fn
 
     @torch.no_grad()
@@ -93,45 +95,45 @@ class CFGDistiller:
         total = 0.0
         for s, y in zip(samples, targets):
             reps, extra = self.student((s.s_txt,), (s.s_img,))
-            with C.installed(self.model, reps):
-                total += float(F.mse_loss(C.velocity_with_grad(self.model, s.ctxs.gen, s.x_t, s.t, s.h, s.w,
-                                                               extra), y))
+            with installed(self.model, reps):
+                total += float(F.mse_loss(velocity_with_grad(self.model, s.ctxs.gen, s.x_t, s.t, s.h, s.w,
+                                                             extra), y))
         return total / len(samples)
 
 
 def distill(pipe, prompts: list[str], *, steps: int = 100, lr: float = 1e-4, train_keys: str = "all",
             edit_pairs=(), size=(64, 64), shift: float = 3.0, seed: int = 0, eval_samples: int = 4,
             schedule: str = "teacher", num_timesteps: int = 50, batch: int = 1, out: str | None = None,
-            dist_: C.Dist | None = None, checkpointing: bool = False, save_every: int = 0, eval_every: int = 0,
+            dist_: Dist | None = None, checkpointing: bool = False, save_every: int = 0, eval_every: int = 0,
             resume: bool = True, stop_after: int | None = None, save_dtype=None):
     """Run CFG distillation; returns ``(expert, report)`` with ``report = {"losses", "eval_before", "eval_after"}``.
 
     ``out``: with it, the state is saved in ``<out>.state/`` (resumable) and the expert written to ``out``.
     """
-    dist_ = dist_ or C.Dist()
+    dist_ = dist_ or Dist()
     grid = get_schedule(schedule, num_timesteps=num_timesteps, shift=shift)
     model = pipe.model
-    student = C.Student.fresh(model, select_keys(model, train_keys), nfe=grid.nfe, schedule=schedule,
-                              timesteps=tuple(grid.timesteps.tolist()),
-                              shift=float(getattr(grid, "shift", shift)), base_name=str(pipe.path or ""))
+    student = Student.fresh(model, select_keys(model, train_keys), nfe=grid.nfe, schedule=schedule,
+                            timesteps=tuple(grid.timesteps.tolist()),
+                            shift=float(getattr(grid, "shift", shift)), base_name=str(pipe.path or ""))
     d = CFGDistiller(pipe, student, prompts, edit_pairs, size=size, shift=shift, seed=seed)
-    rng, gen = C.step_rng(seed, -1)
+    rng, gen = step_rng(seed, -1)
     held = [d.draw(rng, gen) for _ in range(eval_samples)]
     targets = [d.teacher(s) for s in held]
     ddp = dist_.wrap(student)
-    opt = C.make_optimizer(student.parameters(), lr, dist_)
-    loop = C.Loop(out or "", steps, {"student": student}, {"opt": opt}, dist_, "heldout_loss", eval_every,
-                  save_every if out else 0, resume and out is not None, stop_after)
+    opt = make_optimizer(student.parameters(), lr, dist_)
+    loop = Loop(out or "", steps, {"student": student}, {"opt": opt}, dist_, "heldout_loss", eval_every,
+                save_every if out else 0, resume and out is not None, stop_after)
     before = d.evaluate(held, targets)
 
     def step(i):
-        rng, gen = C.step_rng(seed, i)
+        rng, gen = step_rng(seed, i)
         draws = [d.draw(rng, gen) for _ in range(batch)]
-        with C.frozen(model):
+        with frozen(model):
             works = [d.work(s) for s in dist_.share(draws)]
-            loss = C.accumulate(ddp, model, works, dist_, batch,
-                                checkpointing)
-        C.optimizer_step(opt, student.parameters(), grad_clip=None)
+            loss = accumulate(ddp, model, works, dist_, batch,
+                              checkpointing)
+        optimizer_step(opt, student.parameters(), grad_clip=None)
         return loss
 
     hist = loop.run(step, (lambda: d.evaluate(held, targets)) if eval_every else None)
@@ -145,7 +147,7 @@ def distill(pipe, prompts: list[str], *, steps: int = 100, lr: float = 1e-4, tra
 def main(argv=None) -> None:
     ap = argparse.ArgumentParser(prog="python -m hyperbagel_core.training.stage1_cfg",
                                  description=__doc__.split("\n")[0])
-    C.add_common_args(ap)
+    add_common_args(ap)
     ap.add_argument("--prompt", action="append", default=[], help="training prompt (repeatable)")
     ap.add_argument("--prompts-file", help="text file, one prompt per line")
     ap.add_argument("--edit-pairs", help='edits for the CFG-free editor: a JSONL of {"image": path, '
@@ -157,20 +159,20 @@ def main(argv=None) -> None:
     ap.add_argument("--eval-samples", type=int, default=4)
     a = ap.parse_args(argv)
     from ..loading import resolve_dtype
-    dist_ = C.init_distributed(a.distributed, a.shard)
-    edits = C.read_edit_pairs(a.edit_pairs) if a.edit_pairs else []
-    prompts = C.read_prompts(a.prompt, a.prompts_file)
+    dist_ = init_distributed(a.distributed, a.shard)
+    edits = read_edit_pairs(a.edit_pairs) if a.edit_pairs else []
+    prompts = read_prompts(a.prompt, a.prompts_file)
     if not prompts and not edits:
         raise SystemExit("give training prompts (--prompt/--prompts-file) and/or edit pairs (--edit-pairs)")
-    pipe = C.load_pipe(a)
-    expert, rep = distill(pipe, prompts, edit_pairs=[(C.open_rgb(e.image), e.instruction) for e in edits],
+    pipe = load_pipe(a)
+    expert, rep = distill(pipe, prompts, edit_pairs=[(open_rgb(e.image), e.instruction) for e in edits],
                           steps=a.steps, lr=a.lr,
                           train_keys=a.train_keys, size=tuple(a.size), shift=a.shift, seed=a.seed,
                           schedule=a.schedule, num_timesteps=a.num_timesteps, batch=a.batch, out=a.out, dist_=dist_,
                           checkpointing=a.checkpointing, save_every=a.save_every, eval_every=a.eval_every,
                           resume=not a.no_resume, stop_after=a.stop_after, eval_samples=a.eval_samples,
                           save_dtype=resolve_dtype(a.save_dtype) if a.save_dtype else None)
-    C.write_report(a.report, rep, dist_)
+    write_report(a.report, rep, dist_)
     if dist_.main:
         print(f"held-out loss {rep['eval_before']:.6f} -> {rep['eval_after']:.6f}; wrote {a.out}")
 

@@ -34,7 +34,12 @@ import torch
 import torch.nn.functional as F
 
 from ..sampling.schedules import get_schedule, shift_timesteps
-from . import common as C
+from .cli import add_common_args, add_distill_args, distill_setup, write_report
+from .distributed import init_distributed, make_optimizer, shard_report
+from .evaluation import latent_mse, task_means, training_free_errors
+from .loop import Loop, accumulate, lr_at, optimizer_step, step_rng
+from .student import EMA, Student, frozen, student_from_file, student_sample, train_keys, velocity_with_grad
+from .teacher import Teacher, index_of, merged_grid, path_at
 
 
 def segment_bounds(k: int, shift: float) -> torch.Tensor:
@@ -44,7 +49,7 @@ def segment_bounds(k: int, shift: float) -> torch.Tensor:
 class TSCD:
     """Pool of teacher trajectories + the per-step draw and loss."""
 
-    def __init__(self, pipe, teacher: C.Teacher, student: C.Student, conds: list, *, segments=(12, 6),
+    def __init__(self, pipe, teacher: Teacher, student: Student, conds: list, *, segments=(12, 6),
                  schedule: str = "hyper-6nfe", pool: int = 32, scale_range=(1.0, 5.0), seed: int = 0,
                  start_weight: float = 1.0, img_scale_range=(1.0, 2.5)):
         self.pipe, self.model, self.teacher, self.student = pipe, pipe.model, teacher, student
@@ -59,13 +64,13 @@ class TSCD:
         # the times a draw can reach: the segment boundaries, and with start_weight < 1 the reference grid too
         # (at start_weight 1 a pool item then holds 13 latents instead of ~60: a pool of 4096 at 128² fits in 1 GB)
         inside = (teacher.reference_grid(),) if start_weight < 1 else ()
-        self.fine = C.merged_grid(*inside, *self.bounds)
+        self.fine = merged_grid(*inside, *self.bounds)
         self.start_weight = start_weight
         gen = torch.Generator().manual_seed(int(seed))
-        rng = C.step_rng(seed, -1)[0]
+        rng = step_rng(seed, -1)[0]
         self.items = [teacher.draw(conds, rng, gen, scale_range, img_scale_range) for _ in range(pool)]
         ref = teacher.reference_grid()
-        self.trajs = [C.path_at(teacher.trajectory(it, ref), ref, self.fine) for it in self.items]
+        self.trajs = [path_at(teacher.trajectory(it, ref), ref, self.fine) for it in self.items]
 
     def stage_of(self, step: int, total: int) -> int:
         return min(len(self.segments) - 1, step * len(self.segments) // max(1, total))
@@ -74,7 +79,7 @@ class TSCD:
         """(item index, t index on the fine grid, segment-end index)."""
         b = self.bounds[stage]
         j = rng.randrange(b.numel() - 1)
-        i0, i1 = C.index_of(self.fine, b[j]), C.index_of(self.fine, b[j + 1])
+        i0, i1 = index_of(self.fine, b[j]), index_of(self.fine, b[j + 1])
         p = i0 if rng.random() < self.start_weight else rng.randrange(i0, i1)
         return rng.randrange(len(self.items)), p, i1
 
@@ -85,20 +90,20 @@ class TSCD:
         x_t, target_v = tr[p], (tr[p] - tr[e]) / (t - s)   # the segment's mean velocity
 
         def fn(extra):
-            v = C.velocity_with_grad(self.model, it.ctxs.gen, x_t, t, it.h, it.w, extra)
+            v = velocity_with_grad(self.model, it.ctxs.gen, x_t, t, it.h, it.w, extra)
             return F.mse_loss(v, target_v)
         return it.scales, fn
 
     @torch.no_grad()
     def evaluate(self, held: list, refs: list, per_item: bool = False):
-        errs = [C.latent_mse(C.student_sample(self.student, self.model, it, self.grid), r) for it, r in zip(held, refs)]
+        errs = [latent_mse(student_sample(self.student, self.model, it, self.grid), r) for it, r in zip(held, refs)]
         return errs if per_item else sum(errs) / len(errs)
 
 
 def main(argv=None) -> dict:
     ap = argparse.ArgumentParser(prog="python -m hyperbagel_core.training.tscd", description=__doc__.split("\n")[0])
-    C.add_common_args(ap)
-    C.add_distill_args(ap)
+    add_common_args(ap)
+    add_distill_args(ap)
     ap.add_argument("--segments", default="12,6", help="segment counts per stage, ending at the grid's NFE")
     ap.add_argument("--schedule", default="hyper-6nfe", choices=["hyper-6nfe", "hyper-6nfe-shift3"])
     ap.add_argument("--pool", type=int, default=64, help="teacher trajectories computed up front")
@@ -109,13 +114,13 @@ def main(argv=None) -> dict:
                     help="keep an exponential moving average of the masters (e.g. 0.999); the held-out metric "
                          "and the written expert use it")
     a = ap.parse_args(argv)
-    dist_ = C.init_distributed(a.distributed, a.shard)
-    pipe, teacher, conds, held = C.distill_setup(a)
+    dist_ = init_distributed(a.distributed, a.shard)
+    pipe, teacher, conds, held = distill_setup(a)
     model = pipe.model
     grid = get_schedule(a.schedule).timesteps
-    student = C.student_from_file(model, a.init, C.train_keys(model, a.train_keys), nfe=grid.numel() - 1,
-                                  schedule=a.schedule, timesteps=tuple(grid.tolist()),
-                                  shift=float(get_schedule(a.schedule).shift), base_name=str(a.model))
+    student = student_from_file(model, a.init, train_keys(model, a.train_keys), nfe=grid.numel() - 1,
+                                schedule=a.schedule, timesteps=tuple(grid.tolist()),
+                                shift=float(get_schedule(a.schedule).shift), base_name=str(a.model))
     t0 = time.perf_counter()
     job = TSCD(pipe, teacher, student, conds, segments=[int(s) for s in a.segments.split(",")],
                schedule=a.schedule, pool=a.pool, scale_range=tuple(a.scale_range), seed=a.seed,
@@ -125,21 +130,21 @@ def main(argv=None) -> dict:
               f"conditions in {time.perf_counter() - t0:.0f} s", flush=True)
     refs = [teacher.reference(it) for it in held]
     ddp = dist_.wrap(student)
-    opt = C.make_optimizer(student.parameters(), a.lr, dist_)
-    ema = C.EMA(student, a.ema) if a.ema is not None else None   # after wrap: under --shard full, per shard
+    opt = make_optimizer(student.parameters(), a.lr, dist_)
+    ema = EMA(student, a.ema) if a.ema is not None else None   # after wrap: under --shard full, per shard
     modules = {"student": student, **({"ema": ema} if ema is not None else {})}
-    loop = C.Loop(a.out, a.steps, modules, {"opt": opt}, dist_, "heldout_mse", a.eval_every,
-                  a.save_every, not a.no_resume, a.stop_after)
+    loop = Loop(a.out, a.steps, modules, {"opt": opt}, dist_, "heldout_mse", a.eval_every,
+                a.save_every, not a.no_resume, a.stop_after)
     weights = (lambda: ema.applied(student)) if ema is not None else contextlib.nullcontext
 
     def step(i):
-        rng, _ = C.step_rng(a.seed, i)
+        rng, _ = step_rng(a.seed, i)
         stage = job.stage_of(i, a.steps)
         draws = [job.draw(rng, stage) for _ in range(a.batch)]
-        with C.frozen(model):
-            loss = C.accumulate(ddp, model, [job.loss_fn(d) for d in dist_.share(draws)], dist_, a.batch,
-                                a.checkpointing)
-        C.optimizer_step(opt, student.parameters(), lr=C.lr_at(a.lr, i, a.steps, a.steps // 20))
+        with frozen(model):
+            loss = accumulate(ddp, model, [job.loss_fn(d) for d in dist_.share(draws)], dist_, a.batch,
+                              a.checkpointing)
+        optimizer_step(opt, student.parameters(), lr=lr_at(a.lr, i, a.steps, a.steps // 20))
         if ema is not None:
             ema.update(student)
         return loss
@@ -149,7 +154,7 @@ def main(argv=None) -> dict:
             return job.evaluate(held, refs)
 
     hist = loop.run(step, evaluate)
-    report = {"history": hist, "shards": C.shard_report(student, opt, dist_)}
+    report = {"history": hist, "shards": shard_report(student, opt, dist_)}
     if dist_.main:
         print("trained bytes held per rank (fp32 masters / AdamW state): " + ", ".join(
             f"rank {r['rank']} {r['master_bytes']} / {r['optimizer_bytes']}" for r in report["shards"]["ranks"])
@@ -162,15 +167,15 @@ def main(argv=None) -> dict:
     if dist_.main and loop.stop_after is None:
         expert.save(a.out)
         nfe = grid.numel() - 1  # the student's passes: one per step
-        per_item = C.training_free_errors(teacher, held, refs, nfe, unit="passes", per_item=True)
+        per_item = training_free_errors(teacher, held, refs, nfe, unit="passes", per_item=True)
         report["training_free"] = {k: sum(v) / len(v) for k, v in per_item.items()}
-        report["training_free_evaluations"] = C.training_free_errors(teacher, held, refs, nfe)
+        report["training_free_evaluations"] = training_free_errors(teacher, held, refs, nfe)
         report["student"] = hist["metric"][-1][1]
         if any(it.task == "edit" for it in held):   # each task against its own baselines (3 passes per edit CFG step)
             with weights():
                 per_item["student"] = job.evaluate(held, refs, per_item=True)
             report["by_task"] = {}
-            for task, means in C.task_means(held, per_item).items():
+            for task, means in task_means(held, per_item).items():
                 err = means.pop("student")
                 report["by_task"][task] = {"student": err, "training_free": means}
                 best = min(means.items(), key=lambda kv: kv[1])
@@ -183,7 +188,7 @@ def main(argv=None) -> dict:
             print(f"held-out final-latent MSE vs the 50-step teacher: student {report['student']:.5g}; best "
                   f"training-free solver within {what}: {best[0]} {best[1]:.5g}")
         print(f"wrote {a.out}")
-    C.write_report(a.report, report, dist_)
+    write_report(a.report, report, dist_)
     return report
 
 
