@@ -27,7 +27,6 @@ from pathlib import Path
 
 import torch
 import torch.nn.functional as F
-from PIL import Image
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 sys.path.insert(0, str(Path(__file__).resolve().parent))
@@ -151,7 +150,7 @@ def run_mode(cfg, mode: str, device, args) -> dict:
     _, _, ans = timed(answer, device, args.repeats)
     row.update(tokens_per_second=ans.stats.get("tokens_per_second"), decoder=ans.stats.get("decoder"),
                context_tokens=len(AnswerTokenizer().text_block(question)))
-    row["t2i_peak_bytes"], row["t2i_s"], img = timed(t2i, device, args.repeats)
+    row["t2i_peak_bytes"], row["t2i_s"], _ = timed(t2i, device, args.repeats)
     row["t2i_s_per_step"] = row["t2i_s"] / args.steps
     if mode != "default":   # greedy agreement and logits of these kernels against the dequantizing path
         ids = torch.tensor(AnswerTokenizer().text_block(question))
