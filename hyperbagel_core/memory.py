@@ -118,7 +118,10 @@ PARTS = ("und", "vit", "gen", "vae")
 TASK_PARTS = {"answer": ("und", "vit"), "generate": ("und", "gen", "vae"), "edit": ("und", "vit", "gen", "vae")}
 _GEN_PREFIXES = ("time_embedder.", "vae2llm.", "llm2vae.", "latent_pos_embed", "distilled_expert.")
 _VIT_PREFIXES = ("vit_model.", "connector.", "vit_pos_embed")
-AUTO_ORDER = ("default", "fp8_e4m3fn_fast", "int8", "nf4")  # fastest first (see docs/quantization.md)
+# default first: exact, taken whenever it fits. The quantized modes after it are ordered fastest first by the
+# 1024x1024 seconds per image of bench/quant_gpu.py ("auto_order"); PROVISIONAL: not yet measured on a GPU,
+# this order is the bytes-read argument (docs/quantization.md, "auto")
+AUTO_ORDER = ("default", "fp8_e4m3fn_fast", "int8", "nf4")
 HEADROOM = 0.95  # of the free memory a plan may fill (allocator fragmentation, other tensors)
 
 
@@ -170,9 +173,9 @@ def plan_weight_dtype(config: BagelConfig, free: int, task: str = "generate", *,
                       **run) -> WeightPlan:
     """The fastest weight dtype whose task parts plus working memory fit in ``free`` bytes (x HEADROOM).
 
-    Order: default (no dequantization), fp8_e4m3fn_fast (only when the GPU has fp8 matmuls), int8 (as large
-    as fp8 within 0.3 %, closer to bf16 in our measurements, same dequantizing speed), nf4. When nothing fits:
-    nf4, and the model manager streams what does not fit.
+    Order (``AUTO_ORDER``): default (exact), then fp8_e4m3fn_fast (only when the GPU has fp8 matmuls), int8,
+    nf4 -- provisional until bench/quant_gpu.py has measured it on a GPU (docs/quantization.md). When nothing
+    fits: nf4, and the model manager streams what does not fit.
     """
     if task not in TASK_PARTS:
         raise ValueError(f"unknown task {task!r}; choose one of {tuple(TASK_PARTS)}")

@@ -193,7 +193,7 @@ class BagelPipeline:
         vae = load_vae(folder, config, device=device, dtype=vae_dtype, ops=ops)
         log.info("loaded BAGEL from %s in %.1fs (%s, %s)", folder, time.perf_counter() - t0, device, dtype)
         pipe = cls(model, vae, tokenizer, config, str(folder), ops=ops, cuda_graphs=cuda_graphs)
-        pipe.compute_device, pipe.model.compute_dtype = device, compute_dtype
+        pipe.model.compute_dtype, pipe.compute_device = compute_dtype, device
         pipe.weight_plan = plan
         if draft_head is not None:
             pipe.load_draft_head(draft_head)
@@ -218,6 +218,13 @@ class BagelPipeline:
         self.model.compute_device = self.vae.compute_device = device
         if self.draft_head is not None:
             self.draft_head.compute_device = device
+        from .quant import select_kernels   # quantized layers choose their matmul for this device, once
+        select_kernels(self.model, device)
+
+    @property
+    def weight_kernels(self) -> str | None:
+        """How the quantized layers multiply on the compute device (``quant.select_kernels``), or None."""
+        return getattr(self.model, "weight_kernels", None) or None
 
     @property
     def device(self) -> torch.device:
@@ -333,6 +340,8 @@ class BagelPipeline:
         finally:
             self._static_decoder.release()      # the graphs pin this answer's KV storage
         stats["decoder"] = "static" if target is self._static_decoder else "eager"
+        if self.weight_kernels:
+            stats["weight_kernels"] = self.weight_kernels
         return ids, stats
 
     def answer(self, image=None, question: str = "", *, max_new_tokens: int = 512, do_sample: bool = False,
@@ -400,6 +409,8 @@ class BagelPipeline:
                                             evaluations=evaluations_for(solver, grid.numel() - 1),
                                             distilled=bool(distilled)))
         res.stats["seconds"] = time.perf_counter() - t_start  # end to end, VAE decode included
+        if self.weight_kernels:
+            res.stats["weight_kernels"] = self.weight_kernels
         return res
 
     @torch.no_grad()

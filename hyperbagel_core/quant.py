@@ -15,6 +15,11 @@ token embedding, norms, LM head, latent connectors, timestep embedder and the VA
 dtype, except in ``nf4`` mode, where the embedding and the LM head are stored int8 too (4-bit weights plus
 two 1.1 GB bf16 tables would not fit in 9 GB).
 
+How a layer multiplies (``select_kernels``, chosen once per model and compute device, logged once): on a
+GPU, kernels that read the stored codes and never write a dense weight (a compiled fused dequant-matmul for
+a few rows, ``torch._scaled_mm`` for fp8_e4m3fn_fast, bitsandbytes' 4-bit matmul for NF4); on the CPU, and
+wherever those are missing, the dequantizing path (dequantize to the input's dtype, then ``F.linear``).
+
 A layer whose ``weight`` is a floating tensor of 16 bits or more (a distilled expert swapped in for the
 denoising passes) computes as the plain layer.
 """
@@ -22,7 +27,9 @@ from __future__ import annotations
 
 import logging
 import math
+import os
 import re
+from collections import Counter
 
 import torch
 import torch.nn.functional as F
@@ -113,13 +120,30 @@ def _quantize_rows(w: torch.Tensor, fmt: str):
     raise ValueError(f"unknown storage format {fmt!r}")
 
 
-def dequantize(q: torch.Tensor, scale: torch.Tensor, fmt: str, dtype: torch.dtype, columns: int) -> torch.Tensor:
-    """The dense [rows, columns] weight in ``dtype`` (on ``q``'s device)."""
+_LEVELS: dict = {}
+
+
+def nf4_levels(device, dtype) -> torch.Tensor:
+    """``NF4`` on ``device`` in ``dtype``, copied there once: a copy per call would be a host-to-device
+    transfer inside every forward, which a CUDA graph cannot capture."""
+    key = (torch.device(device), dtype)
+    if key not in _LEVELS:
+        _LEVELS[key] = NF4.to(*key)
+    return _LEVELS[key]
+
+
+def dequantize(q: torch.Tensor, scale: torch.Tensor, fmt: str, dtype: torch.dtype, columns: int,
+               levels: torch.Tensor | None = None) -> torch.Tensor:
+    """The dense [rows, columns] weight in ``dtype`` (on ``q``'s device). ``levels``: the NF4 table in
+    ``dtype`` on that device (default ``nf4_levels``)."""
     if fmt == "nf4":
+        levels = nf4_levels(q.device, dtype) if levels is None else levels
         codes = torch.stack([q & 0xF, q >> 4], dim=-1).view(q.shape[0], -1, NF4_BLOCK)
-        w = NF4.to(q.device, dtype)[codes.long()] * scale.to(dtype)[..., None]
+        w = levels[codes.long()] * scale.to(dtype)[..., None]
         return w.view(q.shape[0], -1)[:, :columns]
     if fmt == "int8":
+        if columns % INT8_GROUP == 0:  # one kernel: int8 x scale promotes to ``dtype`` (same rounding as below)
+            return (q.view(q.shape[0], -1, INT8_GROUP) * scale.to(dtype)[..., None]).view(q.shape)
         return scale_groups(q.to(dtype), scale.to(dtype))
     return q.to(dtype) * scale.to(dtype)[:, None]
 
@@ -146,7 +170,10 @@ def _fmt_of(q: torch.Tensor) -> str:
 class QuantizedLinear:
     """Mixin put in front of the model's Linear class (see ``_quantized_class``)."""
     compute_dtype: torch.dtype = torch.bfloat16   # the dtype it dequantizes to when no input tells
-    fp8_matmul: bool = False                      # fp8_e4m3fn_fast: torch._scaled_mm on GPUs that have it
+    fp8_matmul: bool = False                      # fp8_e4m3fn_fast: fp8 x fp8 matmul where the GPU has it
+    kernel: str = "dequant"                       # how it multiplies on ``kernel_device`` (``select_kernels``)
+    kernel_device: str | None = None              # the device type the kernel was chosen for
+    fused_compiled: bool = True                   # "fused": torch.compile'd (False: the same function, eager)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         w = self.weight
@@ -155,28 +182,210 @@ class QuantizedLinear:
         dev = x.device
         q, s = w.to(dev, non_blocking=True), self.weight_scale.to(dev, non_blocking=True)
         b = None if self.bias is None else self.bias.to(dev, x.dtype, non_blocking=True)
-        if self.fp8_matmul and q.dtype == torch.float8_e4m3fn and dev.type == "cuda":
-            y = _scaled_fp8_linear(self, x, q, s, b)
+        if self.kernel != "dequant" and dev.type == self.kernel_device:
+            y = _KERNELS[self.kernel](self, x, q, s, b)
             if y is not None:
                 return y
         return F.linear(x, dequantize(q, s, _fmt_of(q), x.dtype, self.in_features), b)
 
 
-def _scaled_fp8_linear(layer, x, q, s, b):
-    """fp8 x fp8 matmul (sm89+): the activations quantized per row on the fly, the weight's per-channel
-    scales applied in the epilogue. Any failure turns the layer back to the dequantizing path for good."""
-    try:
-        if torch.cuda.get_device_capability(x.device) < (8, 9) or x.dtype not in (torch.bfloat16, torch.float16):
-            raise RuntimeError("needs an sm89+ GPU and bf16/fp16 activations")
-        x2 = x.reshape(-1, x.shape[-1])
-        xs = (x2.abs().amax(-1, keepdim=True).float() / FP8_MAX).clamp_min(1e-12)
-        xq = (x2 / xs).clamp(-FP8_MAX, FP8_MAX).to(torch.float8_e4m3fn)
-        y = torch._scaled_mm(xq, q.t(), scale_a=xs, scale_b=s.float()[None, :], bias=b, out_dtype=x.dtype)
-        return y.view(*x.shape[:-1], -1)
-    except (RuntimeError, TypeError) as e:
-        layer.fp8_matmul = False
-        log.warning("fp8 scaled matmul unavailable (%s); dequantizing fp8 weights instead", e)
+# -- matmul kernels that read the stored codes (docs/quantization.md, "Kernels") -------------------------------------
+# A kernel takes (layer, x, codes, scales, bias) on x's device and returns y, or None where it does not apply to
+# this call (the layer then dequantizes). Which one a layer uses is chosen once per device (``select_kernels``);
+# within a call only shapes and dtypes decide, never values, so a forward stays capturable in a CUDA graph and
+# traceable by torch.compile.
+FUSED_MAX_ROWS = 16  # rows (tokens) up to which "fused" runs: a decode step, a speculative block (the static
+#                      decoder's buckets); above, the matmul is compute-bound and dequantize + F.linear is used
+KERNEL_NAMES = {"dequant": "dequantize + matmul", "fused": "fused dequant-matmul (torch.compile)",
+                "scaled_mm": "torch._scaled_mm (fp8 x fp8)", "bnb": "bitsandbytes 4-bit matmul"}
+KERNELS_FOR = {"fp8": ("scaled_mm", "fused", "dequant"), "int8": ("fused", "dequant"),
+               "nf4": ("bnb", "fused", "dequant")}   # preference order on a GPU
+
+
+def fused_rows(x2: torch.Tensor, q: torch.Tensor, s: torch.Tensor, levels: torch.Tensor | None) -> torch.Tensor:
+    """x2 [M, K] times the dequantized weight [N, K], written as one multiply-and-reduce over K (products of
+    bf16 values are exact in fp32, summed in fp32 as a matmul does). Compiled by inductor this is a single
+    reduction kernel that loads the stored codes and scales and never writes a dense weight; N is the outer
+    and M the inner output index, so the M rows of one output channel read its codes together."""
+    w = dequantize(q, s, _fmt_of(q), x2.dtype, x2.shape[-1], levels=levels)
+    return (w.unsqueeze(1).float() * x2.unsqueeze(0).float()).sum(-1).t().to(x2.dtype)
+
+
+class _Compiled:
+    """``fused_rows`` compiled once per process (dynamic shapes: one graph serves every layer shape), at its
+    first call. If compiling fails (no Triton on a GPU, no C++ compiler on a CPU), every layer falls back to
+    the dequantizing path, logged once."""
+
+    def __init__(self):
+        self.fn, self.failed = None, False
+
+    def __call__(self, x2, q, s, levels):
+        if self.failed:
+            return None
+        if self.fn is None:
+            options = {"coordinate_descent_tuning": True} if x2.device.type == "cuda" else None
+            self.fn = torch.compile(fused_rows, dynamic=True, options=options)
+        try:
+            return self.fn(x2, q, s, levels)
+        except torch.OutOfMemoryError:
+            raise
+        except Exception as e:  # inductor/Triton raise many error types
+            self.failed = True
+            log.warning("hyperbagel: the compiled fused dequant-matmul failed (%s: %s); quantized layers "
+                        "dequantize their weights instead", type(e).__name__, str(e).splitlines()[0][:300])
+            return None
+
+
+_FUSED = _Compiled()
+
+
+def _fused(layer, x, q, s, b):
+    x2 = x.reshape(-1, x.shape[-1])
+    if x2.shape[0] > FUSED_MAX_ROWS:
         return None
+    levels = nf4_levels(x.device, x.dtype) if q.dtype == torch.uint8 else None
+    y = _FUSED(x2, q, s, levels) if layer.fused_compiled else fused_rows(x2, q, s, levels)
+    if y is None:
+        return None
+    y = y.view(*x.shape[:-1], y.shape[-1])
+    return y if b is None else y + b
+
+
+def _scaled_mm(layer, x, q, s, b):
+    """fp8 x fp8 (fp8_e4m3fn_fast): the activations quantized per row on the fly (amax / 448), the weight's
+    per-channel scales applied in the matmul's epilogue; bf16 activations only (row-wise scaling's output)."""
+    if x.dtype != torch.bfloat16:
+        return None
+    x2 = x.reshape(-1, x.shape[-1])
+    xs = (x2.abs().amax(-1, keepdim=True).float() / FP8_MAX).clamp_min(1e-12)
+    xq = (x2 / xs).clamp(-FP8_MAX, FP8_MAX).to(torch.float8_e4m3fn)
+    y = torch._scaled_mm(xq, q.t(), scale_a=xs, scale_b=s.float().view(1, -1), bias=b, out_dtype=x.dtype)
+    return y.view(*x.shape[:-1], y.shape[-1])
+
+
+_BNB = None  # the bitsandbytes module, imported when a layer first chooses it (the import takes seconds)
+
+
+def _bnb(layer, x, q, s, b):
+    """bitsandbytes' 4-bit matmul (its GEMV at one row, its own kernels for a few rows, dequantize + matmul
+    above) on the stored NF4 bytes, in place: bitsandbytes reads the rows' blocks of 64 as ours (when the
+    inputs are a multiple of 64) but takes the high nibble as the even column, so the activations' column
+    pairs are swapped instead of the weight's nibbles (a copy of the activations per call), and the bf16
+    block absmax is widened to the fp32 it takes (1/16 byte per weight per call)."""
+    k = x.shape[-1]
+    xs = x.unflatten(-1, (k // 2, 2)).flip(-1).flatten(-2)
+    state = _BNB.functional.QuantState(absmax=s.float().view(-1), shape=torch.Size([q.shape[0], k]),
+                                       code=nf4_levels(x.device, torch.float32), blocksize=NF4_BLOCK,
+                                       quant_type="nf4", dtype=x.dtype)
+    return _BNB.matmul_4bit(xs, q.view(-1, 1).t(), quant_state=state, bias=b)
+
+
+_KERNELS = {"fused": _fused, "scaled_mm": _scaled_mm, "bnb": _bnb}
+
+
+def _probe(kernel: str, fmt: str, device: torch.device, dtype: torch.dtype) -> str | None:
+    """None if ``kernel`` runs ``fmt`` on ``device`` and matches the dequantizing path on a small layer, else
+    why not (the reason is logged)."""
+    global _BNB
+    if kernel == "scaled_mm":
+        if device.type == "cuda" and torch.cuda.get_device_capability(device) < (8, 9):
+            return "fp8 matmuls need an sm89+ GPU (RTX 40xx, L40, H100, ...)"
+        if dtype != torch.bfloat16:
+            return f"row-wise scaled fp8 matmuls output bf16, the model computes in {dtype}"
+    if kernel == "bnb" and _BNB is None:
+        import importlib.util
+        if importlib.util.find_spec("bitsandbytes") is None:
+            return "bitsandbytes is not installed (pip install bitsandbytes)"
+        try:
+            import bitsandbytes
+        except Exception as e:  # a broken install raises anything
+            return f"bitsandbytes does not import ({type(e).__name__}: {e})"
+        _BNB = bitsandbytes
+    if kernel == "fused":
+        if device.type == "cuda":
+            from torch.utils._triton import has_triton
+            if not has_triton():
+                return "torch.compile needs Triton on this GPU (pip install triton, or triton-windows)"
+        return None  # compiling is tried at the first call (slow to probe), with a fallback
+    g = torch.Generator().manual_seed(0)
+    w, x = torch.randn(32, 128, generator=g), torch.randn(3, 128, generator=g)
+    qs = quantize(w, fmt)
+    q, s, x = qs[0].to(device), qs[1].to(device), x.to(device, dtype)
+    try:
+        y = _KERNELS[kernel](None, x, q, s, None)
+        ref = F.linear(x, dequantize(q, s, fmt, dtype, 128))
+        err = ((y.float() - ref.float()).norm() / ref.float().norm()).item()
+    except (RuntimeError, TypeError, ValueError, NotImplementedError, AttributeError) as e:
+        return f"{type(e).__name__}: {str(e).splitlines()[0][:200] if str(e) else ''}"
+    return None if err < 0.1 else f"differs from the dequantizing path by {err:.1%}"
+
+
+def select_kernels(model: nn.Module, device, kernels: str | dict | None = None, compiled: bool | None = None) -> str:
+    """Choose, once for computing on ``device``, how each quantized linear layer of ``model`` multiplies,
+    log the choice (once per model and choice) and return its summary (also ``model.weight_kernels``).
+
+    ``kernels``: "auto" (on CUDA each format's first available kernel in ``KERNELS_FOR``; elsewhere the
+    dequantizing path), "dequant", or {format: kernel} (tests, benchmarks; an unavailable kernel is an
+    error). The environment variable HYPERBAGEL_QUANT_KERNELS=dequant forces the dequantizing path.
+    ``compiled=False`` runs "fused" eagerly (tests: the same function without a compile; it holds an
+    [N, rows, K] fp32 product, so only for small layers). None: what was last asked for this model (at
+    first "auto", compiled), so a model manager's later calls keep an explicit choice.
+    """
+    device = torch.device(device)
+    if kernels is None and compiled is None:
+        kernels, compiled = getattr(model, "_kernel_request", ("auto", True))
+    else:
+        kernels, compiled = kernels or "auto", True if compiled is None else compiled
+        model._kernel_request = (kernels, compiled)
+    if os.environ.get("HYPERBAGEL_QUANT_KERNELS", "auto") == "dequant":
+        kernels = "dequant"
+    layers = [(n, m) for n, m in model.named_modules() if isinstance(m, QuantizedLinear) and is_quantized(m.weight)]
+    key = (device.type, repr(kernels), compiled)
+    if not layers or getattr(model, "_kernel_choice", None) == key:
+        return getattr(model, "weight_kernels", "")
+    dtype = getattr(model, "compute_dtype", None) or layers[0][1].compute_dtype
+    wanted = dict(kernels) if isinstance(kernels, dict) else {}
+    unavailable: dict[tuple[str, str], str | None] = {}
+
+    def available(kernel, fmt):
+        if kernel == "dequant":
+            return None
+        if (kernel, fmt) not in unavailable:
+            unavailable[kernel, fmt] = _probe(kernel, fmt, device, dtype)
+        return unavailable[kernel, fmt]
+
+    for fmt, kernel in wanted.items():
+        if kernel not in KERNELS_FOR.get(fmt, ()):
+            raise ValueError(f"no kernel {kernel!r} for {fmt} weights; choose one of {KERNELS_FOR.get(fmt)}")
+        if available(kernel, fmt):
+            raise ValueError(f"kernel {kernel!r} cannot run {fmt} weights on {device}: {available(kernel, fmt)}")
+    counts = Counter()
+    for _, m in layers:
+        fmt = _fmt_of(m.weight)
+        if kernels == "auto" and device.type == "cuda":
+            options = [k for k in KERNELS_FOR[fmt] if k != "scaled_mm" or m.fp8_matmul]
+        else:
+            options = [wanted.get(fmt, "dequant")]
+        choice = next(k for k in options + ["dequant"] if _fits(k, m) and not available(k, fmt))
+        m.kernel, m.kernel_device, m.fused_compiled = choice, device.type, compiled
+        counts[fmt, choice] += 1
+    names = dict(KERNEL_NAMES, fused=KERNEL_NAMES["fused"] if compiled else "fused dequant-matmul (eager)")
+    summary = "; ".join(f"{fmt} {names[k]}: {n} layers" for (fmt, k), n in sorted(counts.items()))
+    missing = sorted({f"{k} ({why})" for (k, _), why in unavailable.items() if why})
+    log.info("hyperbagel: quantized matmuls on %s: %s%s", device, summary,
+             f"; not available: {', '.join(missing)}" if missing else "")
+    model.weight_kernels, model._kernel_choice = summary, key
+    return summary
+
+
+def _fits(kernel: str, layer: nn.Module) -> bool:
+    """Shapes a kernel takes: fp8 matmuls want multiples of 16; bitsandbytes' blocks are ours only when the
+    inputs are a multiple of 64 (else our last block is padded and its flat blocks straddle rows)."""
+    if kernel == "scaled_mm":
+        return layer.in_features % 16 == 0 and layer.out_features % 16 == 0
+    if kernel == "bnb":
+        return layer.in_features % NF4_BLOCK == 0
+    return True
 
 
 class QuantizedEmbedding:

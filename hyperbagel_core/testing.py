@@ -100,15 +100,9 @@ def random_model(llm: LLMConfig, seed: int = 0, std: float = 0.02, dtype=torch.f
     return model.requires_grad_(False).eval()
 
 
-def make_tiny_checkpoint(path, seed: int = 0, **sizes) -> Path:
-    """Write a random BAGEL checkpoint folder of tiny sizes (see ``tiny_config``) and return its path."""
-    from safetensors.torch import save_file
-    from .model.bagel import BagelModel
-    from .model.vae import FluxVAE
-    folder = Path(path)
-    folder.mkdir(parents=True, exist_ok=True)
-    vocab = write_tokenizer(folder)
-    cfg = tiny_config(vocab_size=vocab, **sizes)
+def write_configs(folder: Path, cfg: BagelConfig) -> None:
+    """The official folder's llm_config.json, vit_config.json (one ViT layer more than built, as the
+    release's) and ae_config.json for ``cfg``."""
     llm = cfg.llm
     (folder / "llm_config.json").write_text(json.dumps(dict(
         architectures=["Qwen2ForCausalLM"], model_type="qwen2", hidden_act="silu", hidden_size=llm.hidden_size,
@@ -124,6 +118,18 @@ def make_tiny_checkpoint(path, seed: int = 0, **sizes) -> Path:
         num_attention_heads=vit.num_attention_heads, patch_size=vit.patch_size, image_size=vit.image_size,
         hidden_act="gelu_pytorch_tanh", layer_norm_eps=vit.layer_norm_eps, num_channels=3), indent=1))
     (folder / "ae_config.json").write_text(json.dumps(cfg.vae, indent=1))
+
+
+def make_tiny_checkpoint(path, seed: int = 0, **sizes) -> Path:
+    """Write a random BAGEL checkpoint folder of tiny sizes (see ``tiny_config``) and return its path."""
+    from safetensors.torch import save_file
+    from .model.bagel import BagelModel
+    from .model.vae import FluxVAE
+    folder = Path(path)
+    folder.mkdir(parents=True, exist_ok=True)
+    vocab = write_tokenizer(folder)
+    cfg = tiny_config(vocab_size=vocab, **sizes)
+    write_configs(folder, cfg)
     gen = torch.Generator().manual_seed(seed)
     model = BagelModel(cfg)
     _randomise(model, gen)

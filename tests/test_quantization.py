@@ -223,3 +223,139 @@ def test_unknown_weight_dtype_is_refused(tiny_ckpt):
     from hyperbagel_core.errors import InputError
     with pytest.raises(InputError, match="choose one of"):
         BagelPipeline.from_pretrained(tiny_ckpt, weight_dtype="fp4")
+
+
+# -- matmul kernels that read the stored codes (issue 22) ------------------------------------------------------------
+# Tolerances (relative norm of the difference to the dequantizing path's output): fp32 activations 1e-5 (the
+# same products, summed in another order); bf16 1e-2 (each path rounds every output to bf16 once, 2^-9
+# relative, from sums in other orders); scaled_mm 0.06 (it also rounds the activations to e4m3: each by at
+# most 2^-4 relative).
+KERNEL_CASES = [("int8", "fused"), ("fp8", "fused"), ("nf4", "fused"), ("fp8", "scaled_mm"), ("nf4", "bnb")]
+
+
+def _rel(a, b):
+    return ((a.float() - b.float()).norm() / b.float().norm()).item()
+
+
+def _layer(fmt, n, k, dtype, seed=0):
+    g = torch.Generator().manual_seed(seed)
+    lin = torch.nn.Linear(k, n)
+    w = torch.randn(n, k, generator=g) * torch.rand(n, 1, generator=g)
+    q, s = Q.quantize(w, fmt)
+    Q.set_storage(lin, q, s, dtype, fp8_matmul=True)
+    lin.bias.data = (0.1 * torch.randn(n, generator=g)).to(dtype)
+    return lin
+
+
+def _need(kernel, fmt):
+    if kernel == "bnb":
+        pytest.importorskip("bitsandbytes", reason="bitsandbytes (optional) is not installed")
+    why = Q._probe(kernel, fmt, torch.device("cpu"), torch.bfloat16)
+    if why:
+        pytest.skip(f"{kernel} does not run on this CPU: {why}")
+
+
+@pytest.mark.parametrize("fmt, kernel", KERNEL_CASES)
+def test_kernel_matches_dequantizing_path(fmt, kernel):
+    """Layer level: 1, 5 and 20 rows, fp32 and bf16 activations, with a bias; a layer whose inputs the kernel
+    does not take (200: no multiple of 64 / of 16 x 8 columns per byte) keeps the dequantizing path, and so does
+    "fused" above FUSED_MAX_ROWS rows."""
+    _need(kernel, fmt)
+    g = torch.Generator().manual_seed(1)
+    for dtype in (torch.float32, torch.bfloat16):
+        if kernel == "scaled_mm" and dtype == torch.float32:
+            continue   # row-wise scaled fp8 matmuls output bf16 only
+        for k in (256, 200):
+            lin = _layer(fmt, 48, k, dtype)
+            Q.select_kernels(torch.nn.Sequential(lin), "cpu", {fmt: kernel}, compiled=False)
+            fits = k == 256 or kernel == "fused"
+            assert lin.kernel == (kernel if fits else "dequant")
+            for rows in (1, 5, 20):
+                x = torch.randn(rows, k, generator=g).to(dtype)
+                ref = torch.nn.functional.linear(x, Q.dequantize(lin.weight, lin.weight_scale, fmt, dtype, k),
+                                                 lin.bias)
+                y = lin(x)
+                if not fits or (kernel == "fused" and rows > Q.FUSED_MAX_ROWS):
+                    assert torch.equal(y, ref)
+                    continue
+                tol = 0.06 if kernel == "scaled_mm" else 1e-5 if dtype == torch.float32 else 1e-2
+                assert y.dtype == dtype and _rel(y, ref) < tol, (dtype, k, rows, _rel(y, ref))
+
+
+def test_compiled_fused_kernel_matches_its_eager_function():
+    """The one torch.compile of the suite: inductor's kernel for int8 codes (one row, the decode case) equals
+    the function it compiles, and its generated code writes no [N, K] weight."""
+    lin = _layer("int8", 48, 384, torch.float32)
+    x2 = torch.randn(1, 384, generator=torch.Generator().manual_seed(2))
+    want = Q.fused_rows(x2, lin.weight, lin.weight_scale, None)
+    compiled = Q._Compiled()
+    got = compiled(x2, lin.weight, lin.weight_scale, None)
+    assert not compiled.failed and got is not None
+    assert _rel(got, want) < 1e-5
+
+
+def test_int8_single_kernel_dequantize_is_bitwise_the_grouped_one():
+    g = torch.Generator().manual_seed(3)
+    q, s = Q.quantize(torch.randn(16, 256, generator=g), "int8")
+    for dtype in (torch.float32, torch.bfloat16):
+        assert torch.equal(Q.dequantize(q, s, "int8", dtype, 256), Q.scale_groups(q.to(dtype), s.to(dtype)))
+
+
+@pytest.mark.parametrize("mode, kernels", [("int8", {"int8": "fused"}), ("nf4", {"nf4": "fused", "int8": "fused"}),
+                                           ("nf4", {"nf4": "bnb"}), ("fp8_e4m3fn", {"fp8": "fused"})])
+def test_tiny_checkpoint_fused_paths_match_dequantizing(tiny_ckpt, mode, kernels):
+    """Must-show 1 of issue 22 on the tiny checkpoint (fp32): prefill logits, greedy tokens and a denoised
+    latent of the fused kernels against the dequantizing path of the same loaded model."""
+    if "bnb" in kernels.values():
+        pytest.importorskip("bitsandbytes", reason="bitsandbytes (optional) is not installed")
+    from hyperbagel_core.context import Context
+    p = BagelPipeline.from_pretrained(tiny_ckpt, dtype=torch.float32, weight_dtype=mode)
+    img = Image.new("RGB", (64, 48), (120, 30, 200))
+    ids = torch.tensor(p.tokenizer.text_block("a red circle on a blue square"))
+
+    def run():
+        logits = p.model.forward_text(Context(p.config.llm.num_hidden_layers), ids).logits
+        tokens = p.answer(img, "describe it", max_new_tokens=8).token_ids
+        latent = p.generate("a red circle", height=32, width=32, num_timesteps=3, seed=3).latent
+        return logits, tokens, latent
+
+    want = run()
+    summary = Q.select_kernels(p.model, "cpu", kernels, compiled=False)
+    p.compute_device = "cpu"              # what a model manager does before each run: the choice stays
+    assert p.weight_kernels == summary and "fused" in summary or "bitsandbytes" in summary
+    got = run()
+    assert _rel(got[0], want[0]) < 1e-5 and got[1] == want[1] and _rel(got[2], want[2]) < 1e-5
+    Q.select_kernels(p.model, "cpu", "dequant")
+    assert torch.equal(run()[0], want[0])   # back on the dequantizing path: bitwise what it was
+
+
+def test_fp8_scaled_matmul_on_the_tiny_checkpoint(tiny_ckpt):
+    """fp8_e4m3fn_fast with torch._scaled_mm (bf16 model; it rounds activations to e4m3 too): prefill logits
+    within 0.1 of the dequantizing path (relative norm, after every decoder layer's 7 matmuls)."""
+    _need("scaled_mm", "fp8")
+    from hyperbagel_core.context import Context
+    p = BagelPipeline.from_pretrained(tiny_ckpt, dtype=torch.bfloat16, weight_dtype="fp8_e4m3fn_fast")
+    ids = torch.tensor(p.tokenizer.text_block("a red circle on a blue square"))
+    want = p.model.forward_text(Context(p.config.llm.num_hidden_layers), ids).logits
+    assert "scaled_mm" in Q.select_kernels(p.model, "cpu", {"fp8": "scaled_mm"})
+    got = p.model.forward_text(Context(p.config.llm.num_hidden_layers), ids).logits
+    assert 0 < _rel(got, want) < 0.1, _rel(got, want)
+
+
+def test_kernel_choice_is_logged_once_and_can_be_forced(tiny_ckpt, caplog, monkeypatch):
+    import logging
+    with caplog.at_level(logging.INFO, logger="hyperbagel_core.quant"):
+        p = BagelPipeline.from_pretrained(tiny_ckpt, dtype=torch.float32, weight_dtype="int8")
+        p.compute_device = "cpu"
+        p.compute_device = "cpu"
+    lines = [r for r in caplog.records if "quantized matmuls on cpu" in r.getMessage()]
+    assert len(lines) == 1 and "int8 dequantize + matmul" in lines[0].getMessage()   # the CPU path
+    layers = [m for m in p.model.modules() if isinstance(m, Q.QuantizedLinear) and Q.is_quantized(m.weight)]
+    assert {m.kernel for m in layers} == {"dequant"}
+    with pytest.raises(ValueError, match="no kernel 'bnb' for int8"):
+        Q.select_kernels(p.model, "cpu", {"int8": "bnb"})
+    Q.select_kernels(p.model, "cpu", {"int8": "fused"}, compiled=False)
+    assert {m.kernel for m in layers} == {"fused"}
+    monkeypatch.setenv("HYPERBAGEL_QUANT_KERNELS", "dequant")
+    p.compute_device = "cpu"
+    assert {m.kernel for m in layers} == {"dequant"}

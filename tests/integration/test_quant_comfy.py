@@ -8,10 +8,13 @@ from comfy_server import COMFYUI_DIR, run_in_comfy
 pytestmark = pytest.mark.skipif(not COMFYUI_DIR, reason="set COMFYUI_DIR to a ComfyUI checkout to run")
 
 SCRIPT = """
-    mode, = args
+    import json
+    mode, kernels = args[0], json.loads(args[1])
 
     def load(weight_dtype):
         model = runtime.apply_draft_head(runtime.load_bagel(path, "fp32", "sdpa", "auto", weight_dtype), head)
+        if weight_dtype != "default":   # kept through every later prepare() (the compute device's choice)
+            quant.select_kernels(model.pipe.model, "cpu", kernels, compiled=False)
         return runtime.apply_distilled_expert(model, folder + "/expert.safetensors")
 
     def runs(m, prepare):
@@ -50,7 +53,9 @@ SCRIPT = """
             if getattr(m, "comfy_patched_weights", False):
                 continue
             assert getattr(m, "comfy_cast_weights", False) or type(m).__name__ in ("RMSNorm", "PositionEmbedding2D"), n
-            streamed_q += isinstance(m, quant.QuantizedLinear) and quant.is_quantized(m.weight)
+            if isinstance(m, quant.QuantizedLinear) and quant.is_quantized(m.weight):
+                streamed_q += 1
+                assert m.kernel == ("fused" if kernels != "dequant" else "dequant"), (n, m.kernel)
     assert streamed_q > 0, "no quantized layer was streamed"
     part.bind()                                       # what prepare does before loading
     got = runs(part, prepare=False)
@@ -61,9 +66,9 @@ SCRIPT = """
 """
 
 
-@pytest.mark.parametrize("mode", ["int8", "nf4"])
-def test_partial_loading_per_part_on_quantized_weights(tmp_path, mode):
-    run_in_comfy(SCRIPT, tmp_path, mode)
+@pytest.mark.parametrize("mode, kernels", [("int8", '{"int8": "fused"}'), ("nf4", '"dequant"')])
+def test_partial_loading_per_part_on_quantized_weights(tmp_path, mode, kernels):
+    run_in_comfy(SCRIPT, tmp_path, mode, kernels)
 
 
 def test_shipped_workflow_runs_with_int8_weights(server, object_info):
