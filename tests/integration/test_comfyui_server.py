@@ -402,9 +402,9 @@ def _write_random_taesd_decoder(path: str) -> None:
     """A TAESD decoder for 16 latent channels built by ComfyUI's own class (random weights), saved at ``path``."""
     import subprocess
 
-    code = ("import sys, torch; comfy_dir, path = sys.argv[1:]; sys.path.insert(0, comfy_dir); sys.argv[1:] = ['--cpu']; "
-            "import comfy.options; comfy.options.enable_args_parsing(); from comfy.taesd.taesd import Decoder; "
-            "from safetensors.torch import save_file; torch.manual_seed(0); "
+    code = ("import sys, torch; comfy_dir, path = sys.argv[1:]; sys.path.insert(0, comfy_dir); "
+            "sys.argv[1:] = ['--cpu']; import comfy.options; comfy.options.enable_args_parsing(); "
+            "from comfy.taesd.taesd import Decoder; from safetensors.torch import save_file; torch.manual_seed(0); "
             "save_file({k: v.contiguous() for k, v in Decoder(16).state_dict().items()}, path)")
     out = subprocess.run([os.environ.get("COMFYUI_PYTHON", sys.executable), "-c", code, COMFYUI_DIR, path],
                          capture_output=True, text=True, timeout=120, cwd=COMFYUI_DIR)

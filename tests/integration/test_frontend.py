@@ -184,7 +184,8 @@ const state = async () => page.evaluate(async (id) => {
   const q = await (await fetch("/queue")).json();
   const img = node.imgs?.[0];
   return { previews: window.__hbPreviews.filter((x) => x === id).length, running: q.queue_running.length > 0,
-           shown: (window.app.nodePreviewImages[id] || []).length, img: img ? [img.naturalWidth, img.naturalHeight] : null,
+           shown: (window.app.nodePreviewImages[id] || []).length,
+           img: img ? [img.naturalWidth, img.naturalHeight] : null,
            badge: node.hyperbagelBadge || "" };
 }, id);
 let mid = null;

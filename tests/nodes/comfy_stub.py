@@ -220,7 +220,8 @@ def install(models_dir: str | None = None) -> _State:
         "comfy_api": _module("comfy_api", latest=latest), "comfy_api.latest": latest,
         "comfy": comfy, "comfy.model_management": mm, "comfy.utils": comfy.utils, "comfy.ops": comfy.ops,
         "comfy.model_patcher": comfy.model_patcher, "folder_paths": fp,
-        "comfy.latent_formats": comfy.latent_formats, "latent_preview": _module("latent_preview", get_previewer=get_previewer),
+        "comfy.latent_formats": comfy.latent_formats,
+        "latent_preview": _module("latent_preview", get_previewer=get_previewer),
     })
     return STATE
 
