@@ -12,6 +12,7 @@ import torch
 
 from .context import Context
 from .sampling.guidance import branches_needed, cfg_active, cfg_combine
+from .sampling.preview import report
 from .sampling.schedules import teacher_timesteps
 
 
@@ -67,9 +68,9 @@ def teacher_sample(model, main: Context, text_ctx: Context | None, img_ctx: Cont
         v = guided_velocity(model, main, text_ctx, img_ctx, x, t, h, w, cfg, batch_cfg, rec)
         if trace is not None:
             _record(trace, k, t, ts[k] - ts[k + 1], x, rec)
-        x = x - v * dt
+        x_k, x = x, x - v * dt
         if callback is not None:
-            callback(k + 1, steps)
+            report(callback, k + 1, steps, x_k, t, v)
     return x
 
 

@@ -26,6 +26,7 @@ from .generation import CFGSettings, solver_sample, teacher_sample
 from .model.static_decode import StaticTextDecoder, use_static_decoding
 from .loading import check_folder, load_bagel_model, load_config, load_vae, resolve_dtype
 from .ops import adopt_ops
+from .sampling.preview import unpacking
 from .sampling.schedules import FIXED_GRIDS, get_schedule
 from .sampling.solvers import SOLVERS, evaluations_for
 from .tokenizer import BagelTokenizer
@@ -391,6 +392,8 @@ class BagelPipeline:
         noise = self._noise(h, w, generator, init_noise)
         if trace is not None:
             trace["init_noise"] = noise.clone()
+        callback = unpacking(callback, lambda tokens: im.unpack_latent(
+            tokens, h, w, self.config.latent_channels, self.config.latent_patch_size)[None])
         if distilled:  # one pass per step on the main context, distilled weights swapped in for denoising only
             img_scale = cfg.img_scale if ctxs.image_shapes is not None else None
             x = distilled_sample(self.model, self.distilled_expert, ctxs.gen, h, w, noise, grid, cfg.text_scale,

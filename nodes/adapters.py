@@ -117,6 +117,17 @@ def bagel_latent_to_comfy(latent: torch.Tensor, scale_factor: float = FLUX_SCALE
     return {"samples": raw.contiguous()}
 
 
+def bagel_latent_to_format(latent: torch.Tensor, scale_factor: float, shift_factor: float, latent_format):
+    """A BAGEL-normalised latent in a ComfyUI latent format's model space (what its previewers take).
+
+    BAGEL normalises as ``(z - shift) * scale`` exactly like ``latent_format.process_in``; with the same factors
+    (FLUX's 0.3611 / 0.1159) the latent is returned as it is, on its device.
+    """
+    if (scale_factor, shift_factor) == (latent_format.scale_factor, latent_format.shift_factor):
+        return latent
+    return latent_format.process_in(latent / scale_factor + shift_factor)
+
+
 def concat_latents(latents: Sequence[dict]) -> dict:
     return {"samples": torch.cat([lat["samples"] for lat in latents], dim=0)}
 
@@ -341,26 +352,45 @@ class StepProgress:
     """Turns per-item ``callback(step, total)`` calls into one overall fraction for a batch.
 
     ``report(value, total)`` receives absolute progress in units of ``steps``; ``check()`` is called first on
-    every step (ComfyUI's interrupt check goes there).
+    every step (ComfyUI's interrupt check goes there). With ``preview`` (a latent -> preview image function),
+    ``callback`` asks the core for the denoised estimate (``wants_denoised``, see ``sampling.preview``) and a
+    denoising step reports ``report(value, total, preview(denoised))``; without it nothing is asked for.
     """
 
-    def __init__(self, items: int, report, check=None) -> None:
+    def __init__(self, items: int, report, check=None, preview=None) -> None:
         self.items = max(1, int(items))
         self.report = report
         self.check = check
+        self.preview = preview
         self.item = 0
         self.calls = 0
+        if preview is not None:
+            self.callback = self._previewing_callback()
 
     def start_item(self, index: int) -> None:
         self.item = index
 
     def callback(self, step: int, total: int) -> None:
+        self._step(step, total, None)
+
+    def _previewing_callback(self):
+        def callback(step: int, total: int, denoised=None) -> None:
+            self._step(step, total, denoised)
+
+        callback.wants_denoised = True
+        return callback
+
+    def _step(self, step: int, total: int, denoised) -> None:
         self.calls += 1
         if self.check is not None:
             self.check()
         total = max(1, int(total))
         step = min(max(0, int(step)), total)
-        self.report(self.item * total + step, self.items * total)
+        value = (self.item * total + step, self.items * total)
+        if denoised is None:
+            self.report(*value)
+        else:
+            self.report(*value, self.preview(denoised))
 
 
 # ----------------------------------------------------------------------------------------- stats

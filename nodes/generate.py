@@ -63,7 +63,7 @@ def run_images(bagel, method: str, plan: A.SchedulePlan, items: list, seeds: lis
     Returns ``(results, stats)``; the model is released (per memory mode) even on error or interrupt.
     """
     kwargs = dict(kwargs, **distilled_flag(plan, bagel))
-    progress = runtime.make_progress(len(items), plan.steps)
+    progress = runtime.make_progress(len(items), plan.steps, preview=runtime.latent_previewer(bagel))
     pipe = bagel.prepare(method, **run_shape(method, items, kwargs))
     results, stats, notes = [], [], set()
     try:

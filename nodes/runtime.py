@@ -191,12 +191,39 @@ def interrupt_check() -> None:
     mm.throw_exception_if_processing_interrupted()
 
 
-def make_progress(items: int, steps_hint: int, node_id: str | None = None) -> StepProgress:
-    """A batch-aware progress reporter driving ``comfy.utils.ProgressBar`` and checking for interrupts."""
+def make_progress(items: int, steps_hint: int, node_id: str | None = None, preview=None) -> StepProgress:
+    """A batch-aware progress reporter driving ``comfy.utils.ProgressBar`` and checking for interrupts; with
+    ``preview`` (``latent_previewer``) each denoising step also sends a preview image through the bar."""
     import comfy.utils
 
     bar = comfy.utils.ProgressBar(max(1, items * max(1, steps_hint)), node_id=node_id)
-    return StepProgress(items, lambda v, t: bar.update_absolute(v, t), interrupt_check)
+    return StepProgress(items, bar.update_absolute, interrupt_check, preview)
+
+
+def latent_previewer(bagel: BagelModel):
+    """``latent -> preview`` for the bar, made by ComfyUI's own previewer for the FLUX latent format, or None.
+
+    ``latent_preview.get_previewer`` applies the user's setting (``--preview-method`` and the per-run override
+    ComfyUI sets before a prompt runs): None when previews are off, then the core computes no estimate at all;
+    TAEF1 (``models/vae_approx/taef1_decoder.*``) or the FLUX latent-to-RGB factors otherwise. Built per run,
+    as core samplers build theirs.
+    """
+    import comfy.latent_formats
+    import latent_preview
+
+    from .adapters import bagel_latent_to_format
+
+    fmt = comfy.latent_formats.Flux()
+    previewer = latent_preview.get_previewer(bagel.patcher.load_device, fmt)
+    if previewer is None:
+        return None
+    vae = getattr(getattr(bagel.pipe, "config", None), "vae", None) or {}
+    scale, shift = vae.get("scale_factor", fmt.scale_factor), vae.get("shift_factor", fmt.shift_factor)
+
+    def preview(latent):
+        return previewer.decode_latent_to_preview_image("JPEG", bagel_latent_to_format(latent, scale, shift, fmt))
+
+    return preview
 
 
 def load_bagel(checkpoint_dir: str, dtype_choice: str, attn_backend: str, memory_mode: str,

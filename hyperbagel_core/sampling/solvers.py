@@ -24,6 +24,7 @@ from typing import Callable
 
 import torch
 
+from .preview import tap
 from .schedules import teacher_timesteps
 
 logger = logging.getLogger(__name__)
@@ -142,7 +143,8 @@ def solve(velocity_fn: VelocityFn, x: torch.Tensor, timesteps: torch.Tensor, met
         x: initial latent at ``timesteps[0]`` (fp32).
         timesteps: fp32 grid, strictly decreasing, ending at 0.
         method: a key of ``SOLVERS``.
-        callback: ``callback(step, total)`` after every step (may raise to interrupt).
+        callback: ``callback(step, total)`` after every step (may raise to interrupt); one that wants the
+            denoised estimate (``sampling.preview``) also gets ``denoised=`` x0 of the step's last evaluation.
         restart_at: grid indices where the velocity field jumps (e.g. the CFG interval edge); multistep
             solvers restart there (history never mixes the two sides), at no extra evaluations. Single-step
             methods (euler, heun) ignore it.
@@ -154,6 +156,7 @@ def solve(velocity_fn: VelocityFn, x: torch.Tensor, timesteps: torch.Tensor, met
     if method not in SOLVERS:
         raise ValueError(f"unknown solver {method!r}; valid solvers: {', '.join(SOLVERS)}")
     t = _check_grid(timesteps)
+    velocity_fn, callback = tap(velocity_fn, callback)
     cuts = sorted({int(k) for k in (restart_at or ()) if 0 < int(k) < t.numel() - 1})
     if not cuts or method in SINGLE_STEP:
         return SOLVERS[method](velocity_fn, x.float(), t, callback, **options)

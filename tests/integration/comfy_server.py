@@ -47,7 +47,11 @@ def _free_port() -> int:
 
 
 class Server:
-    def __init__(self, base: str, extra_paths: str | None = None):
+    """ComfyUI ``main.py --cpu`` on a free port; ``wait=False`` returns once the process is started (call
+    ``wait_ready`` before use), so that a second server can start while the first one runs tests."""
+
+    def __init__(self, base: str, extra_paths: str | None = None, preview_method: str | None = None,
+                 wait: bool = True):
         import requests
 
         self.requests = requests
@@ -55,13 +59,23 @@ class Server:
         self.url = f"http://127.0.0.1:{self.port}"
         self.log_path = os.path.join(base, "server.log")
         self.client_id = str(uuid.uuid4())
+        self.ws = None
         python = os.environ.get("COMFYUI_PYTHON", sys.executable)
         cmd = [python, os.path.join(COMFYUI_DIR, "main.py"), "--cpu", "--listen", "127.0.0.1", "--port",
                str(self.port), "--base-directory", base, "--disable-auto-launch"]
         if extra_paths:
             cmd += ["--extra-model-paths-config", extra_paths]
+        if preview_method:  # ComfyUI's default is none: no previews
+            cmd += ["--preview-method", preview_method]
         self.log = open(self.log_path, "w")
         self.proc = subprocess.Popen(cmd, cwd=COMFYUI_DIR, stdout=self.log, stderr=subprocess.STDOUT)
+        if wait:
+            self.wait_ready()
+
+    def wait_ready(self) -> "Server":
+        if self.ws is not None:
+            return self
+        requests = self.requests
         deadline = time.time() + 180
         while time.time() < deadline:
             if self.proc.poll() is not None:
@@ -78,6 +92,7 @@ class Server:
         import websocket
 
         self.ws = websocket.create_connection(f"ws://127.0.0.1:{self.port}/ws?clientId={self.client_id}", timeout=5)
+        return self
 
     def read_log(self) -> str:
         with open(self.log_path, encoding="utf-8", errors="replace") as f:
@@ -94,7 +109,13 @@ class Server:
         return r.json()["prompt_id"]
 
     def events(self, prompt_id: str, timeout: float = 120):
-        """Yield websocket messages of ``prompt_id`` until it finishes (success, error or interrupt)."""
+        """Yield websocket messages of ``prompt_id`` until it finishes (success, error or interrupt).
+
+        Binary frames (they carry no prompt id) come as ``{"type": "binary", "event": n, "payload": bytes}`` in
+        the order received; event 1 is a preview image (4-byte image type, 1 = JPEG, then the image).
+        """
+        import struct
+
         import websocket
 
         deadline = time.time() + timeout
@@ -104,7 +125,8 @@ class Server:
             except websocket.WebSocketTimeoutException:
                 continue
             if not isinstance(raw, str):
-                continue  # binary previews
+                yield {"type": "binary", "event": struct.unpack(">I", raw[:4])[0], "payload": raw[4:], "data": {}}
+                continue
             msg = json.loads(raw)
             data = msg.get("data", {})
             if data.get("prompt_id") not in (None, prompt_id):
@@ -136,7 +158,8 @@ class Server:
 
     def stop(self):
         try:
-            self.ws.close()
+            if self.ws is not None:
+                self.ws.close()
         except Exception:
             pass
         if self.proc.poll() is None:
@@ -168,12 +191,13 @@ def _flux_sized_ae(folder: str) -> None:
         json.dump(FLUX_AE, f, indent=1)
 
 
-def start(base: str) -> "Server":
+def start(base: str, previews_base: str | None = None) -> "Server":
     """Build the base folder (tiny checkpoints and an input image, no other model file) and start ComfyUI on it.
 
     A second ``bagel`` folder comes from an extra_model_paths.yaml, as a user's would; the draft head and the
     distilled expert are written into its sub-folders only when a test asks for them (``attachments``), so that
-    the shipped workflows first run with nothing but checkpoint folders present.
+    the shipped workflows first run with nothing but checkpoint folders present. With ``previews_base`` a second
+    server with previews on starts beside it (``start_previews``; ``srv.previews``, not waited for).
     """
     import numpy as np
     from PIL import Image
@@ -193,8 +217,29 @@ def start(base: str) -> "Server":
         f.write(f"hyperbagel_test:\n    base_path: {os.path.join(base, 'extra')}\n    bagel: bagel\n")
     rng = np.random.default_rng(0)
     Image.fromarray(rng.integers(0, 256, (48, 64, 3), dtype=np.uint8)).save(os.path.join(base, "input", "example.png"))
-    srv = Server(base, extra)
+    srv = Server(base, extra, wait=False)
     srv.checkpoint = str(ckpt)
+    srv.previews = start_previews(previews_base, srv) if previews_base else None
+    try:
+        return srv.wait_ready()
+    except Exception:
+        if srv.previews is not None:
+            srv.previews.stop()
+        raise
+
+
+def start_previews(base: str, models_from: "Server") -> "Server":
+    """A second ComfyUI started with ``--preview-method taesd`` (previews on), reading the first server's
+    checkpoints through an extra_model_paths.yaml; ``models/vae_approx`` starts empty, so ComfyUI falls back to
+    the latent-to-RGB factors until a test writes a TAEF1 decoder there. Not waited for (``wait_ready``)."""
+    for d in ("custom_nodes", "input", "output", "models/vae_approx"):
+        os.makedirs(os.path.join(base, d), exist_ok=True)
+    os.symlink(REPO, os.path.join(base, "custom_nodes", "hyperbagel"))
+    extra = os.path.join(base, "extra_model_paths.yaml")
+    with open(extra, "w") as f:
+        f.write(f"hyperbagel_first_server:\n    base_path: {models_from.base}\n    bagel: models/bagel\n")
+    srv = Server(base, extra, preview_method="taesd", wait=False)
+    srv.checkpoint = models_from.checkpoint
     return srv
 
 
@@ -226,7 +271,7 @@ def attachments(server: "Server") -> dict:
 
 
 __all__ = ["COMFYUI_DIR", "DISTILLED_FILE", "DRAFT_FILE", "OUR_NODES", "OVERRIDES", "Server", "attachments",
-           "model_files", "start", "wc"]
+           "model_files", "start", "start_previews", "wc"]
 
 
 REPO = os.path.dirname(os.path.dirname(HERE))

@@ -307,3 +307,105 @@ def test_comfyui_can_unload_the_model_and_reload_it(server, object_info):
     assert not _errors(msgs) and hist["status"]["status_str"] == "success"
     # loaded again: the two parts an answer runs (understanding expert, ViT), one log line each
     assert server.read_log().count("Requested to load BagelPart") == loads + 2
+
+
+def _flux_latent2rgb(latent_path: str):
+    """What ComfyUI's latent-to-RGB previewer draws for the LATENT saved at ``latent_path`` (raw FLUX-AE values, as
+    our node outputs it): its FLUX format's ``process_in``, the format's RGB factors, ComfyUI's 0..255 mapping."""
+    import importlib.util
+
+    import torch
+    from PIL import Image
+    from safetensors.torch import load_file
+
+    spec = importlib.util.spec_from_file_location("comfyui_latent_formats",
+                                                  os.path.join(COMFYUI_DIR, "comfy", "latent_formats.py"))
+    formats = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(formats)
+    flux = formats.Flux()
+    x0 = flux.process_in(load_file(latent_path)["latent_tensor"].float())[0]
+    rgb = torch.nn.functional.linear(x0.movedim(0, -1), torch.tensor(flux.latent_rgb_factors).T,
+                                     torch.tensor(flux.latent_rgb_factors_bias))
+    return Image.fromarray(((rgb + 1) / 2).clamp(0, 1).mul(255).to(torch.uint8).numpy())
+
+
+def _preview_run(srv, prompt, sampler):
+    """Run ``prompt``; the sampler's progress values and the preview frames, in the order they arrived."""
+    from io import BytesIO
+
+    from PIL import Image
+
+    msgs, hist = srv.run(prompt)
+    assert not _errors(msgs), _errors(msgs)[0]["exception_message"]
+    seq = []
+    for m in msgs:
+        if m["type"] == "progress" and m["data"].get("node") == sampler:
+            seq.append(m["data"]["value"])
+        elif m["type"] == "binary":
+            assert m["event"] == 1 and m["payload"][:4] == b"\x00\x00\x00\x01", m["event"]  # PREVIEW_IMAGE, JPEG
+            seq.append(Image.open(BytesIO(m["payload"][4:])).convert("RGB"))
+    assert msgs[-1]["type"] == "execution_success" or hist["status"]["status_str"] == "success"
+    return seq, hist
+
+
+def test_sampler_sends_a_preview_every_step_and_none_when_previews_are_off(server, preview_server, object_info):
+    """Previews off (ComfyUI's default, the first server): progress only. On (``--preview-method taesd``, the
+    second server): one JPEG preview after each step's progress, during the run. With no TAEF1 decoder ComfyUI
+    falls back to FLUX's latent-to-RGB factors: with Euler the last step's x0 estimate is the result, so the last
+    preview is the factors applied to the saved LATENT (raw FLUX values) in FLUX's model space, which checks that
+    BAGEL's normalisation is FLUX's. With a TAEF1 decoder in models/vae_approx, TAEF1 draws the previews."""
+    prompt = _api("hyperbagel_text_to_image.json", object_info, HyperBagelFewStepSampler={
+        "schedule": "training-free", "solver": "euler", "steps": 3, "width": 64, "height": 48})
+    sampler = next(k for k, v in prompt.items() if v["class_type"] == "HyperBagelFewStepSampler")
+    prompt["901"] = {"class_type": "SaveLatent", "inputs": {"samples": [sampler, 1], "filename_prefix": "preview"}}
+    seq, _ = _preview_run(server, prompt, sampler)
+    assert seq == [1, 2, 3]  # no frames
+    seq, hist = _preview_run(preview_server, prompt, sampler)
+    assert _shape(seq) == [1, "frame", 2, "frame", 3, "frame"]
+    last, first = _mean_diff(seq[-1], preview_server, hist), _mean_diff(seq[1], preview_server, hist)
+    print(f"latent-to-RGB previews vs the saved LATENT's: last {last:.2f}, first {first:.2f} levels (mean |diff|); "
+          f"size {seq[-1].size}")
+    assert seq[-1].size == (512, 384) and last < 2.0 and last < first / 2
+    # a TAEF1 decoder (random weights, ComfyUI's own TAESD decoder layout) in models/vae_approx: TAEF1 draws them
+    taef1 = os.path.join(preview_server.base, "models", "vae_approx", "taef1_decoder.safetensors")
+    _write_random_taesd_decoder(taef1)
+    try:
+        missing = preview_server.read_log().count("could not find models/vae_approx/taef1_decoder")
+        prompt[sampler]["inputs"]["seed"] += 1  # a new run, not ComfyUI's cached outputs
+        seq, hist = _preview_run(preview_server, prompt, sampler)
+        assert _shape(seq) == [1, "frame", 2, "frame", 3, "frame"]
+        assert preview_server.read_log().count("could not find models/vae_approx/taef1_decoder") == missing
+        taef1 = _mean_diff(seq[-1], preview_server, hist)
+        print(f"TAEF1 (random) last preview vs the latent-to-RGB one: {taef1:.2f} levels")
+        assert taef1 > 10 * last
+    finally:
+        os.remove(os.path.join(preview_server.base, "models", "vae_approx", "taef1_decoder.safetensors"))
+
+
+def _shape(seq):
+    return [x if isinstance(x, int) else "frame" for x in seq]
+
+
+def _mean_diff(frame, srv, hist) -> float:
+    """Mean |difference| in levels between a preview frame and the latent-to-RGB preview of the saved LATENT."""
+    import numpy as np
+    from PIL import Image, ImageOps
+
+    saved = hist["outputs"]["901"]["latents"][0]
+    path = os.path.join(srv.base, "output", saved["subfolder"], saved["filename"])
+    # the server sizes previews to fit --preview-size (512) with PIL's bilinear filter
+    expected = ImageOps.contain(_flux_latent2rgb(path), frame.size, Image.Resampling.BILINEAR)
+    return float(np.abs(np.asarray(frame, np.float32) - np.asarray(expected, np.float32)).mean())
+
+
+def _write_random_taesd_decoder(path: str) -> None:
+    """A TAESD decoder for 16 latent channels built by ComfyUI's own class (random weights), saved at ``path``."""
+    import subprocess
+
+    code = ("import sys, torch; comfy_dir, path = sys.argv[1:]; sys.path.insert(0, comfy_dir); "
+            "sys.argv[1:] = ['--cpu']; import comfy.options; comfy.options.enable_args_parsing(); "
+            "from comfy.taesd.taesd import Decoder; from safetensors.torch import save_file; torch.manual_seed(0); "
+            "save_file({k: v.contiguous() for k, v in Decoder(16).state_dict().items()}, path)")
+    out = subprocess.run([os.environ.get("COMFYUI_PYTHON", sys.executable), "-c", code, COMFYUI_DIR, path],
+                         capture_output=True, text=True, timeout=120, cwd=COMFYUI_DIR)
+    assert out.returncode == 0, out.stderr[-2000:]

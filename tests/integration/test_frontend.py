@@ -26,7 +26,7 @@ pytestmark = pytest.mark.skipif(
          and os.path.isdir(os.path.join(PW_DIR, "node_modules", "playwright-core"))),
     reason="needs COMFYUI_DIR, Chromium and PLAYWRIGHT_DIR with playwright-core")
 
-SCRIPT = r"""
+OPEN = r"""
 import { chromium } from "playwright-core";
 const [url, chromiumPath, shots, workflowsJson] = process.argv.slice(2);
 const workflows = JSON.parse(workflowsJson);
@@ -42,6 +42,9 @@ await page.evaluate(async () => {
   try { await window.app.extensionManager.setting.set("Comfy.TutorialCompleted", true); } catch (e) {}
 });
 await page.keyboard.press("Escape");
+"""
+
+SCRIPT = OPEN + r"""
 const results = {};
 for (const [name, wf] of Object.entries(workflows)) {
   await page.evaluate(async (wf) => { await window.app.loadGraphData(wf); }, wf);
@@ -114,7 +117,25 @@ def _patched(name: str, object_info: dict, overrides: dict) -> dict:
     return wf
 
 
-def test_extension_renders_answer_badges_warnings_and_hides_inert_widgets(server, object_info, tmp_path):
+def _run_browser(script: str, server, workflows: dict) -> dict:
+    """Run a playwright script (``OPEN`` + steps) against ``server``; what it printed after ``RESULT ``."""
+    shots = os.environ.get("HYPERBAGEL_SCREENSHOTS", "")
+    env = dict(os.environ, NODE_PATH=os.path.join(PW_DIR, "node_modules"))
+    # ESM ignores NODE_PATH: run from a folder that resolves playwright-core
+    path = os.path.join(PW_DIR, f"_hyperbagel_ui_test_{os.getpid()}.mjs")
+    with open(path, "w") as f:
+        f.write(script)
+    try:
+        out = subprocess.run(["node", path, server.url, CHROMIUM, shots, json.dumps(workflows)], capture_output=True,
+                             text=True, timeout=900, env=env)
+    finally:
+        os.remove(path)
+    line = next((ln for ln in out.stdout.splitlines() if ln.startswith("RESULT ")), None)
+    assert line, out.stdout[-2000:] + out.stderr[-2000:]
+    return json.loads(line[len("RESULT "):])
+
+
+def test_extension_renders_answer_badges_warnings_and_hides_inert_widgets(server, object_info):
     import comfy_server as t
 
     # every workflow as shipped, then text to image asking for a Hyper-Bagel grid without an expert: the node
@@ -122,20 +143,7 @@ def test_extension_renders_answer_badges_warnings_and_hides_inert_widgets(server
     wfs = {name.removesuffix(".json"): _patched(name, object_info, {}) for name in sorted(t.wc.load_workflows())}
     wfs["warning_text_to_image"] = _patched("hyperbagel_text_to_image.json", object_info,
                                             {"HyperBagelFewStepSampler": {"schedule": "hyper-6nfe"}})
-    script = tmp_path / "ui.mjs"
-    script.write_text(SCRIPT)
-    shots = os.environ.get("HYPERBAGEL_SCREENSHOTS", "")
-    env = dict(os.environ, NODE_PATH=os.path.join(PW_DIR, "node_modules"))
-    # ESM ignores NODE_PATH: run from a folder that resolves playwright-core
-    shutil.copy(script, os.path.join(PW_DIR, "_hyperbagel_ui_test.mjs"))
-    try:
-        out = subprocess.run(["node", os.path.join(PW_DIR, "_hyperbagel_ui_test.mjs"), server.url, CHROMIUM, shots,
-                              json.dumps(wfs)], capture_output=True, text=True, timeout=900, env=env)
-    finally:
-        os.remove(os.path.join(PW_DIR, "_hyperbagel_ui_test.mjs"))
-    line = next((ln for ln in out.stdout.splitlines() if ln.startswith("RESULT ")), None)
-    assert line, out.stdout[-2000:] + out.stderr[-2000:]
-    data = json.loads(line[len("RESULT "):])
+    data = _run_browser(SCRIPT, server, wfs)
     assert not [ln for ln in data["logs"] if "Error loading extension" in ln and "hyperbagel" in ln], data["logs"]
     res = data["results"]
     vqa = res["hyperbagel_speculative_vqa"]
@@ -158,3 +166,62 @@ def test_extension_renders_answer_badges_warnings_and_hides_inert_widgets(server
         assert r["info"] is None or "expert" not in r["info"], (name, r["info"])
         assert all(r["badges"][n] for n in r["badges"] if not n.startswith(("HyperBagelApply", "HyperBagelModel",
                                                                               "HyperBagelVAE"))), (name, r["badges"])
+
+
+PREVIEW_SCRIPT = OPEN + r"""
+// ComfyUI's frontend shows a node's latest preview frame (b_preview_with_metadata) as the node's image while it runs
+await page.evaluate(async (wf) => { await window.app.loadGraphData(wf); }, workflows.preview);
+await page.waitForTimeout(500);
+const id = await page.evaluate(() => {
+  window.__hbPreviews = [];
+  window.comfyAPI.api.api.addEventListener("b_preview_with_metadata",
+    (e) => window.__hbPreviews.push(String(e.detail.displayNodeId)));
+  return String(window.app.graph._nodes.find((n) => n.type === "HyperBagelFewStepSampler").id);
+});
+await page.evaluate(async () => { await window.app.queuePrompt(0, 1); });
+const state = async () => page.evaluate(async (id) => {
+  const node = window.app.graph.getNodeById(Number(id));
+  const q = await (await fetch("/queue")).json();
+  const img = node.imgs?.[0];
+  return { previews: window.__hbPreviews.filter((x) => x === id).length, running: q.queue_running.length > 0,
+           shown: (window.app.nodePreviewImages[id] || []).length,
+           img: img ? [img.naturalWidth, img.naturalHeight] : null,
+           badge: node.hyperbagelBadge || "" };
+}, id);
+let mid = null;
+for (const t0 = Date.now(); Date.now() - t0 < 180000; ) {
+  const s = await state();
+  if (s.previews >= 4 && s.running && s.img) {
+    await page.waitForTimeout(150);
+    if (shots) await page.screenshot({ path: `${shots}/preview_mid_run.png` });
+    mid = { before: s, after: await state() };  // the run still going after the screenshot: it shows mid-run
+    break;
+  }
+  if (!s.running && s.badge) break;
+  await page.waitForTimeout(100);
+}
+let end = await state();
+for (const t0 = Date.now(); Date.now() - t0 < 180000 && (end.running || !end.badge); ) {
+  await page.waitForTimeout(300);
+  end = await state();
+}
+console.log("RESULT " + JSON.stringify({ mid, end, logs }));
+await browser.close();
+"""
+
+
+def test_sampler_shows_a_preview_mid_run(preview_server, object_info):
+    """Previews on: the sampler node shows the preview image while it denoises (``preview_mid_run.png`` in
+    $HYPERBAGEL_SCREENSHOTS, taken with the run still going), and the run finishes."""
+    steps = 16  # ~0.5 s per step at 192² on 2 cores: time to see it mid-run, a short test
+    wf = _patched("hyperbagel_text_to_image.json", object_info, {"HyperBagelFewStepSampler": {
+        "schedule": "training-free", "solver": "euler", "steps": steps, "width": 192, "height": 192}})
+    data = _run_browser(PREVIEW_SCRIPT, preview_server, {"preview": wf})
+    mid, end = data["mid"], data["end"]
+    assert mid, (data["end"], data["logs"][-20:], preview_server.read_log()[-3000:])
+    # mid-run: the queue still runs, frames arrived and the node holds one as its image (the latent's 24², upscaled
+    # by the server to --preview-size)
+    before, after = mid["before"], mid["after"]
+    assert 4 <= before["previews"] < steps and before["shown"] == 1 and before["img"] == [512, 512], mid
+    assert after["running"] and after["img"] == [512, 512], mid
+    assert not end["running"] and end["previews"] == steps and "NFE" in end["badge"], end

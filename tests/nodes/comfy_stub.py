@@ -2,8 +2,9 @@
 
 Only what ``nodes/`` uses: ``comfy_api.latest`` (io types, Schema, ComfyNode, NodeOutput, ComfyExtension),
 ``comfy.model_management`` (devices, dtype checks, load_models_gpu, interrupts), ``comfy.utils.ProgressBar``,
-``comfy.ops`` (pick_operations), ``comfy.model_patcher.ModelPatcher`` and ``folder_paths``. Calls are recorded on
-``STATE`` so tests can assert on them.
+``comfy.ops`` (pick_operations), ``comfy.model_patcher.ModelPatcher``, ``folder_paths``, ``comfy.latent_formats.Flux``
+and ``latent_preview.get_previewer`` (previews off unless ``STATE.preview_method`` says otherwise). Calls are
+recorded on ``STATE`` so tests can assert on them.
 """
 from __future__ import annotations
 
@@ -23,6 +24,9 @@ class _State:
         self.models_dir = None
         self.ops_picked = []      # (weight dtype, compute dtype, load device) passed to pick_operations
         self.patchers = []        # every ModelPatcher made
+        self.preview_method = "none"  # as ComfyUI's --preview-method (default: no previews)
+        self.previewers = []      # (device, latent format) of every get_previewer call
+        self.previewed = []       # latents the previewer decoded
 
 
 STATE = _State()
@@ -112,7 +116,27 @@ class ProgressBar:
         self.total = total
 
     def update_absolute(self, value, total=None, preview=None):
-        STATE.progress.append((value, total if total is not None else self.total))
+        STATE.progress.append((value, total if total is not None else self.total) + ((preview,) if preview else ()))
+
+
+class Flux:
+    """comfy.latent_formats.Flux: its normalisation and previewer names (the RGB factors are not needed here)."""
+    scale_factor, shift_factor, latent_channels = 0.3611, 0.1159, 16
+    taesd_decoder_name = "taef1_decoder"
+
+    def process_in(self, latent):
+        return (latent - self.shift_factor) * self.scale_factor
+
+
+class _Previewer:
+    def decode_latent_to_preview_image(self, preview_format, x0):
+        STATE.previewed.append(x0.clone())
+        return (preview_format, f"preview {len(STATE.previewed)}", 512)
+
+
+def get_previewer(device, latent_format):
+    STATE.previewers.append((device, latent_format))
+    return None if STATE.preview_method == "none" else _Previewer()
 
 
 def throw_exception_if_processing_interrupted():
@@ -190,18 +214,21 @@ def install(models_dir: str | None = None) -> _State:
     comfy = _module("comfy", model_management=mm, utils=_module("comfy.utils", ProgressBar=ProgressBar),
                     ops=_module("comfy.ops", manual_cast=manual_cast, disable_weight_init=disable_weight_init,
                                 pick_operations=pick_operations),
-                    model_patcher=_module("comfy.model_patcher", ModelPatcher=ModelPatcher))
+                    model_patcher=_module("comfy.model_patcher", ModelPatcher=ModelPatcher),
+                    latent_formats=_module("comfy.latent_formats", Flux=Flux))
     sys.modules.update({
         "comfy_api": _module("comfy_api", latest=latest), "comfy_api.latest": latest,
         "comfy": comfy, "comfy.model_management": mm, "comfy.utils": comfy.utils, "comfy.ops": comfy.ops,
         "comfy.model_patcher": comfy.model_patcher, "folder_paths": fp,
+        "comfy.latent_formats": comfy.latent_formats,
+        "latent_preview": _module("latent_preview", get_previewer=get_previewer),
     })
     return STATE
 
 
 def uninstall() -> None:
     for name in ["comfy_api", "comfy_api.latest", "comfy", "comfy.model_management", "comfy.utils", "comfy.ops",
-                 "comfy.model_patcher", "folder_paths"]:
+                 "comfy.model_patcher", "folder_paths", "comfy.latent_formats", "latent_preview"]:
         sys.modules.pop(name, None)
     for name in [n for n in sys.modules if n == "nodes" or n.startswith("nodes.")]:
         sys.modules.pop(name, None)

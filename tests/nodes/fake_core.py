@@ -6,6 +6,8 @@ import types
 import numpy as np
 import torch
 
+from hyperbagel_core.sampling.preview import wants_denoised
+
 
 class FakeConfig:
     max_latent_size = 4
@@ -25,6 +27,7 @@ class FakePipe:
         self.compute_device = None
         self.memory_asks = []     # (task, run parameters) of memory_required calls
         self.weight_dtype, self.weight_plan = "default", None
+        self.denoised_steps = 0   # steps that handed a denoised estimate to the callback
 
     def memory_required(self, task, **run):
         self.memory_asks.append((task, run))
@@ -34,9 +37,16 @@ class FakePipe:
         """What the run sees: the attachments bound on the shared pipeline."""
         return dict(expert=getattr(self.distilled_expert, "path", None), head=getattr(self.draft_head, "path", None))
 
-    def _loop(self, n, callback):
+    def _loop(self, n, callback, latent_shape=None):
+        """``callback(step, total)``; denoising steps give ``denoised`` (filled with the step number) to a callback
+        that asks for it, as the core does (``sampling.preview``)."""
         for i in range(n):
-            if callback is not None:
+            if callback is None:
+                continue
+            if latent_shape is not None and wants_denoised(callback):
+                self.denoised_steps += 1
+                callback(i + 1, n, denoised=torch.full(latent_shape, float(i + 1)))
+            else:
                 callback(i + 1, n)
 
     def answer(self, image=None, question="", *, max_new_tokens=512, do_sample=False, temperature=0.3, seed=None,
@@ -56,14 +66,15 @@ class FakePipe:
 
     def generate(self, prompt, *, height=1024, width=1024, seed=0, callback=None, think=False, **kw):
         self.calls.append(("generate", dict(prompt=prompt, height=height, width=width, seed=seed, **kw, **self.bound())))
-        self._loop(self.steps, callback)
+        self._loop(self.steps, callback, (1, 16, height // 8, width // 8))
         return self._image(height, width, seed, think)
 
     def edit(self, image, prompt, *, seed=0, callback=None, think=False, **kw):
         self.calls.append(("edit", dict(image=image, prompt=prompt, seed=seed, **kw, **self.bound())))
-        self._loop(self.steps, callback)
         w, h = image.size
-        return self._image(max(16, h // 16 * 16), max(16, w // 16 * 16), seed, think)
+        h, w = max(16, h // 16 * 16), max(16, w // 16 * 16)
+        self._loop(self.steps, callback, (1, 16, h // 8, w // 8))
+        return self._image(h, w, seed, think)
 
 
 class FakeCore(types.SimpleNamespace):

@@ -154,6 +154,29 @@ def test_step_progress_batches_and_checks_first():
     assert seen[-1] != "never"
 
 
+def test_step_progress_with_a_preview_asks_for_the_estimate_and_checks_first():
+    seen, order = [], []
+    p = A.StepProgress(1, lambda v, t, img=None: (order.append("report"), seen.append((v, t, img))),
+                       lambda: order.append("check"), preview=lambda x: (order.append("preview"), x.sum().item())[1])
+    assert p.callback.wants_denoised is True
+    assert getattr(A.StepProgress(1, print).callback, "wants_denoised", False) is False  # no preview: nothing asked
+    p.callback(1, 2)  # a text decoding round: no estimate, no preview
+    p.callback(2, 2, denoised=torch.ones(1, 16, 2, 2))
+    assert seen == [(1, 2, None), (2, 2, 64.0)] and order == ["check", "report", "check", "preview", "report"]
+
+
+def test_bagel_latent_in_a_formats_space():
+    class Flux:
+        scale_factor, shift_factor = A.FLUX_SCALE_FACTOR, A.FLUX_SHIFT_FACTOR
+
+        def process_in(self, z):
+            return (z - self.shift_factor) * self.scale_factor
+    x = torch.randn(1, 16, 3, 5)
+    assert A.bagel_latent_to_format(x, 0.3611, 0.1159, Flux()) is x  # BAGEL's normalisation is FLUX's
+    raw = A.bagel_latent_to_comfy(x, 0.5, 0.25)["samples"]
+    torch.testing.assert_close(A.bagel_latent_to_format(x, 0.5, 0.25, Flux()), Flux().process_in(raw))
+
+
 def test_stats_helpers():
     s = {"new_tokens": 10, "rounds": 4, "seconds": 0.5, "drafter": "prompt_lookup", "ids": [1, 2], "x": float("nan")}
     line = A.format_stats(s, ("drafter", "new_tokens", "seconds", "missing"))

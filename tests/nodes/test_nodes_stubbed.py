@@ -428,3 +428,50 @@ def test_prepare_reserves_the_runs_memory_and_computes_on_the_load_device(env):
     assert core.pipe.memory_asks[-1] == ("answer", dict(height=32, width=16, num_images=1, max_new_tokens=8,
                                                         think=False))
     assert state.loaded[-1][1]["memory_required"] == 1000 + 32 * 16
+
+
+def test_previews_off_ask_the_core_for_nothing(env):
+    state, ext, core = env
+    m = load(ext)
+    ext.BagelFewStepSampler.execute(**sampler_kw(m))
+    assert state.previewers and state.previewers[-1][0] == m.patcher.load_device  # the user's setting was read
+    assert state.previewers[-1][1].taesd_decoder_name == "taef1_decoder"  # FLUX's format: TAEF1 when installed
+    assert core.pipe.denoised_steps == 0 and not state.previewed
+    assert state.progress and all(len(p) == 2 for p in state.progress)  # progress without preview images
+
+
+def test_sampler_and_editor_send_a_preview_every_step(env):
+    state, ext, core = env
+    state.preview_method = "latent2rgb"
+    m = load(ext)
+    ext.BagelFewStepSampler.execute(**sampler_kw(m, batch_size=2))
+    steps = core.pipe.steps
+    assert [p[:2] for p in state.progress] == [(v, 2 * steps) for v in range(1, 2 * steps + 1)]
+    assert [p[2] for p in state.progress] == [("JPEG", f"preview {i}", 512) for i in range(1, 2 * steps + 1)]
+    # the fake's BAGEL-normalised latent (its VAE: scale 0.5, shift 0.25) reaches the previewer in FLUX's space
+    first = state.previewed[0]
+    assert first.shape == (1, 16, 6, 4)
+    torch.testing.assert_close(first, torch.full_like(first, (1.0 / 0.5 + 0.25 - 0.1159) * 0.3611))
+    n = len(state.progress)
+    ext.BagelCFGFreeEditor.execute(model=m, image=torch.rand(1, 40, 50, 3), instruction="red", schedule="auto",
+                                   steps=2, solver="euler", custom_timesteps="", shift=3.0, text_guidance=4.0,
+                                   image_guidance=1.5, cfg_interval_start=0.0, cfg_interval_end=1.0,
+                                   cfg_renorm_type="text_channel", cfg_renorm_min=0.0, seed=0, original_size=True,
+                                   think=False)
+    assert len(state.progress) == n + steps and all(len(p) == 3 for p in state.progress[n:])
+    assert state.previewed[-1].shape == (1, 16, 4, 6)
+
+
+def test_the_interrupt_is_checked_before_a_preview_is_made(env):
+    state, ext, core = env
+    state.preview_method = "auto"
+    m = load(ext)
+    state.interrupt_after = 2
+    with pytest.raises(comfy_stub.InterruptProcessingException):
+        ext.BagelFewStepSampler.execute(**sampler_kw(m))
+    assert len(state.previewed) == 1 and len(state.progress) == 1
+    state.interrupt_after = None
+    state.preview_method = "none"  # the setting is read per run (ComfyUI's per-prompt override)
+    asked = core.pipe.denoised_steps
+    ext.BagelFewStepSampler.execute(**sampler_kw(m, batch_size=1))
+    assert len(state.previewed) == 1 and core.pipe.denoised_steps == asked
