@@ -49,6 +49,12 @@ PRELOAD = ["SiglipEncoderLayer", "SiglipVisionTransformer"]
 OFFLOADED = ("cpu", "disk")
 
 
+def _accelerate_at_least(major: int, minor: int) -> bool:
+    import accelerate
+    parts = accelerate.__version__.split(".")
+    return (int(parts[0]), int(parts[1])) >= (major, minor)
+
+
 def require_accelerate():
     """accelerate, or an error that says how to get it (it is in requirements.txt; ComfyUI installs may lack it)."""
     try:
@@ -258,6 +264,9 @@ class Placement:
         if value != "disk":
             return t.to("cpu" if value == "cpu" else normalize_device(value))
         from accelerate.utils import offload_weight
+        if t.dtype.is_floating_point and t.element_size() == 1 and not _accelerate_at_least(1, 15):
+            raise InputError("fp8 weights offloaded to 'disk' need accelerate >= 1.15 (pip install -U accelerate); "
+                             "or keep them off the disk, or use weight_dtype int8 / nf4")
         offload_weight(t, name, str(self._folder()), index=self._offload_index)
         return torch.empty(t.shape, dtype=t.dtype, device="meta")
 
@@ -299,10 +308,14 @@ class Placement:
         return out
 
     def summary(self, model: nn.Module) -> str:
-        parts = [f"{k} {v / 2**30:.2f} GiB" for k, v in sorted(self.bytes_per_device(model).items())]
+        parts = [f"{k} {_size(v)}" for k, v in sorted(self.bytes_per_device(model).items())]
         layers = [str(self.value_of(f"language_model.model.layers.{i}"))
                   for i in range(len(model.language_model.model.layers))]
         return "weights " + ", ".join(parts) + "; decoder layers " + _runs(layers)
+
+
+def _size(n: int) -> str:
+    return f"{n / 2**30:.2f} GiB" if n >= 2**27 else f"{n / 2**20:.2f} MiB"
 
 
 def _enclosing(modules: dict, key: str, cls: str) -> str | None:

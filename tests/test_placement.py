@@ -134,3 +134,21 @@ def test_offloaded_model_refuses_weight_swaps(tiny_ckpt, tmp_path):
     with pytest.raises(InputError, match="distilled expert"):
         check_weight_swaps(placed.model)
     assert any(f.suffix == ".dat" for f in tmp_path.rglob("*"))
+
+
+def test_cli_places_the_model(tiny_ckpt, tmp_path, capsys):
+    import json
+
+    from hyperbagel_core.__main__ import main
+    (tmp_path / "map.json").write_text(json.dumps(SPLIT))
+    grad = torch.is_grad_enabled()
+    try:
+        rc = main(["answer", "What is this?", "--model", str(tiny_ckpt), "--max-new-tokens", "4", "--device-map",
+                   str(tmp_path / "map.json"), "--offload-dir", str(tmp_path / "off"), "--out", str(tmp_path)])
+        bad = main(["answer", "?", "--model", str(tiny_ckpt), "--device-map", '{"": "cpu", "vae2llm.weight": 0}'])
+    finally:
+        torch.set_grad_enabled(grad)  # main() turns autograd off for the process
+    out = capsys.readouterr()
+    assert rc == 0 and (tmp_path / "answer.txt").is_file()
+    assert "placed: main device cpu" in out.out and "decoder layers 0: cpu, 1: disk" in out.out
+    assert bad == 2 and "no module named 'vae2llm.weight'" in out.err
