@@ -176,7 +176,8 @@ class Placement:
             dm = self._infer(model, dtype, main_reserve)
         else:
             dm = self._check_user_map(model, dict(self.request))
-        gpus = sorted({normalize_device(v) for v in dm.values() if v not in OFFLOADED}, key=str)
+        gpus = sorted({normalize_device(v) for v in dm.values() if v not in OFFLOADED},
+                      key=lambda d: (d.type == "cpu", d.type, d.index or 0))
         self.main = gpus[0] if gpus else torch.device("cpu")
         self._enforce_groups(model, dm)
         if "disk" in dm.values() and self.offload_root is None:
@@ -217,10 +218,13 @@ class Placement:
             raise InputError(f"device_map leaves {len(uncovered)} tensors unplaced (e.g. {uncovered[0]}); add their "
                              "modules or a '' entry for everything else")
         for k, v in dm.items():
-            if v == "meta" or not (v in OFFLOADED or isinstance(v, (int, torch.device)) or isinstance(v, str)):
-                raise InputError(f"device_map[{k!r}] = {v!r}: use a GPU index, 'cuda:N', 'cpu' or 'disk'")
             if v not in OFFLOADED:
-                d = normalize_device(v)
+                try:
+                    d = normalize_device(v)
+                except (RuntimeError, TypeError, ValueError):
+                    d = torch.device("meta")
+                if d.type == "meta" or isinstance(v, bool):
+                    raise InputError(f"device_map[{k!r}] = {v!r}: use a GPU index, 'cuda:N', 'cpu' or 'disk'")
                 if d.type == "cuda" and d.index >= torch.cuda.device_count():
                     raise InputError(f"device_map[{k!r}] = {v!r}: this machine has {torch.cuda.device_count()} "
                                      "CUDA devices")

@@ -107,6 +107,8 @@ def test_user_maps_are_checked(tiny_ckpt, tmp_path, monkeypatch):
         Placement({"language_model": "cpu"}).plan(model, torch.float32)
     with pytest.raises(InputError, match="offload_dir"):
         Placement(SPLIT).plan(model, torch.float32)
+    with pytest.raises(InputError, match="use a GPU index"):
+        Placement({"": "gpu0"}).plan(model, torch.float32)
     with pytest.raises(InputError, match="CUDA devices"):
         Placement({"": "cpu", "vae2llm": "cuda:7"}).plan(model, torch.float32)
     monkeypatch.setattr(torch.cuda, "device_count", lambda: 2)  # planning only: no tensor touches a GPU
@@ -127,13 +129,19 @@ def test_argument_parsing_and_errors(tiny_ckpt):
         BagelPipeline.from_pretrained(tiny_ckpt, max_memory={"cpu": "1GiB"}, weight_dtype="auto")
 
 
-def test_offloaded_model_refuses_weight_swaps(tiny_ckpt, tmp_path):
-    from hyperbagel_core.placement import check_weight_swaps
-    placed = BagelPipeline.from_pretrained(tiny_ckpt, dtype=torch.float32, device_map=SPLIT, offload_dir=tmp_path)
-    # CPU is the main device: only the disk part is offloaded, and that suffices to refuse
+def test_offloaded_model_refuses_a_distilled_expert(tiny_ckpt, tiny_pipe, tmp_path):
+    """Its weight swap would be overwritten by accelerate's reload of the offloaded modules: refused, and the
+    placed model keeps working."""
+    from hyperbagel_core.distill.expert import DistilledExpert
+    DistilledExpert.from_model(tiny_pipe.model).save(tmp_path / "expert.safetensors")
+    placed = BagelPipeline.from_pretrained(tiny_ckpt, dtype=torch.float32, device_map=SPLIT,
+                                           offload_dir=tmp_path / "off")
+    assert any(f.suffix == ".dat" for f in (tmp_path / "off").rglob("*"))  # the disk part, in accelerate's format
     with pytest.raises(InputError, match="distilled expert"):
-        check_weight_swaps(placed.model)
-    assert any(f.suffix == ".dat" for f in tmp_path.rglob("*"))
+        placed.load_distilled_expert(tmp_path / "expert.safetensors")
+    assert placed.distilled_expert is None
+    assert placed.answer(None, "hi?", max_new_tokens=2).token_ids == tiny_pipe.answer(None, "hi?",
+                                                                                       max_new_tokens=2).token_ids
 
 
 def test_cli_places_the_model(tiny_ckpt, tmp_path, capsys):
