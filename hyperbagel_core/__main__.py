@@ -26,6 +26,10 @@ def _add_common(p: argparse.ArgumentParser) -> None:
     p.add_argument("--dtype", default=None, help="bfloat16 | float16 | float32 (default: bf16 on GPU, fp32 on CPU)")
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--no-cuda-graphs", action="store_true", help="decode text eagerly (no CUDA-graphed steps)")
+    p.add_argument("--device-map", help="place the model over several devices (accelerate): auto, a JSON object "
+                                        "{module: device} or a JSON file; replaces --device")
+    p.add_argument("--max-memory", help="per-device budget for --device-map auto, e.g. '0=20GiB,1=24GiB,cpu=64GiB'")
+    p.add_argument("--offload-dir", type=Path, help="folder for modules placed on 'disk'")
     p.add_argument("--out", type=Path, default=Path("out"), help="output folder")
 
 
@@ -110,9 +114,16 @@ def _pipeline(args):
         from .testing import make_tiny_checkpoint
         folder = make_tiny_checkpoint(Path(tempfile.mkdtemp(prefix="hyperbagel-demo-")) / "tiny-bagel")
         print(f"demo: no weights given, built a tiny random checkpoint at {folder}")
-    dtype = args.dtype or ("bfloat16" if str(args.device).startswith("cuda") else "float32")
-    return BagelPipeline.from_pretrained(folder, device=args.device, dtype=dtype,
-                                         cuda_graphs=not args.no_cuda_graphs)
+    from .placement import parse_device_map
+    placed = args.device_map is not None or args.max_memory is not None
+    gpu = torch.cuda.is_available() if placed else str(args.device).startswith("cuda")
+    dtype = args.dtype or ("bfloat16" if gpu else "float32")
+    pipe = BagelPipeline.from_pretrained(folder, device=args.device, dtype=dtype, cuda_graphs=not args.no_cuda_graphs,
+                                         device_map=parse_device_map(args.device_map), max_memory=args.max_memory,
+                                         offload_dir=args.offload_dir)
+    if placed:
+        print(f"placed: main device {pipe.device}; {pipe.model.placement.summary(pipe.model)}")
+    return pipe
 
 
 def _quantize(args) -> int:

@@ -6,9 +6,10 @@ writer past the protected prefix, otherwise it first copies its own prefix (once
 Buffers grow geometrically so token-by-token decoding does not reallocate every step.
 
 A block's K/V are always written right after ``kv_len`` (``reserve`` + ``write``), so attention reads one
-contiguous [kv_len + n] view. ``advance`` commits them; a read-only query (denoising) skips it, and its
-write is scratch that no reader can see: forks only read below the protected prefix, which is <= kv_len
-whenever a context writes in place.
+contiguous [kv_len + n] view. Each layer's K/V live on the device that runs that layer (``reserve(devices=)``,
+a model placed over several devices), so no step copies a cache across devices. ``advance`` commits a
+block; a read-only query (denoising) skips it, and its write is scratch that no reader can see: forks only
+read below the protected prefix, which is <= kv_len whenever a context writes in place.
 """
 from __future__ import annotations
 
@@ -42,6 +43,8 @@ class _Storage:
         self.protected = 0
         self.capacity = 0
         self.owner: "Context | None" = None
+        self.devices: tuple | None = None   # per layer
+        self.dtype: torch.dtype | None = None
 
 
 class Context:
@@ -81,23 +84,26 @@ class Context:
         self.kv_len, self.rope = kv_len, rope
 
     # -- writing (used by the model's attention layers) -------------------------------------------------------
-    def reserve(self, n: int, like: torch.Tensor, num_kv_heads: int, head_dim: int, grow: bool = True) -> None:
+    def reserve(self, n: int, like: torch.Tensor, num_kv_heads: int, head_dim: int, grow: bool = True,
+                devices=None) -> None:
         """Make room for ``n`` tokens after ``kv_len`` in storage that this context may write in place.
 
         A fork that does not own its storage, or an owner that truncated below a fork's tokens, first copies
         its ``kv_len`` prefix into storage of its own. ``grow=False`` (scratch for a read-only query, which
-        never lengthens the cache) sizes new storage exactly instead of doubling it.
+        never lengthens the cache) sizes new storage exactly instead of doubling it. ``devices``: one device
+        per layer (the layer's execution device when the model is placed over several); None = ``like``'s.
         """
         st, need = self._store, self.kv_len + n
+        devices = (like.device,) * self.num_layers if devices is None else tuple(devices)
         in_place = (st.owner is self and st.protected <= self.kv_len and need <= st.capacity
-                    and st.k[0].device == like.device and st.k[0].dtype == like.dtype)
+                    and st.devices == devices and st.dtype == like.dtype)
         if in_place:
             return
         cap = max(2 * need, 16) if st.owner is self and grow else need  # a growing cache amortises
         new = _Storage(self.num_layers)
-        new.capacity, new.owner = cap, self
+        new.capacity, new.owner, new.devices, new.dtype = cap, self, devices, like.dtype
         for i in range(self.num_layers):
-            new.k[i] = torch.empty(cap, num_kv_heads, head_dim, dtype=like.dtype, device=like.device)
+            new.k[i] = torch.empty(cap, num_kv_heads, head_dim, dtype=like.dtype, device=devices[i])
             new.v[i] = torch.empty_like(new.k[i])
             if self.kv_len:
                 new.k[i][: self.kv_len] = st.k[i][: self.kv_len]

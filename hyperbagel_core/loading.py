@@ -65,10 +65,13 @@ def load_config(folder: Path) -> BagelConfig:
         raise CheckpointError(str(e)) from e
 
 
-def _load_tensors(path: Path, names, device, dtype=None, quantize_as=None, keep=()) -> dict[str, torch.Tensor]:
+def _load_tensors(path: Path, names, device, dtype=None, quantize_as=None, keep=(),
+                  store=None) -> dict[str, torch.Tensor]:
     """Read ``names`` one by one, cast floating tensors to ``dtype`` (except those in ``keep``: stored
     quantized), and quantize the weights of the modules in ``quantize_as`` ({module: format}) as they come,
-    so at most one dense tensor exists beside what was already kept."""
+    so at most one dense tensor exists beside what was already kept. ``store(name, tensor)``, when given,
+    says what is kept of each final tensor (a placed model: moved to its device, or offloaded to disk)."""
+    keep_tensor = (lambda name, t: t) if store is None else store
     from safetensors import safe_open
     quantize_as = quantize_as or {}
     out = {}
@@ -79,10 +82,11 @@ def _load_tensors(path: Path, names, device, dtype=None, quantize_as=None, keep=
                 module, _, leaf = name.rpartition(".")
                 if leaf == "weight" and module in quantize_as:
                     q, s = quant.quantize(t, quantize_as[module])
-                    out[name], out[name + "_scale"] = aligned(q), aligned(s)
+                    out[name] = keep_tensor(name, aligned(q))
+                    out[name + "_scale"] = keep_tensor(name + "_scale", aligned(s))
                     continue
                 keep_it = dtype is None or not t.is_floating_point() or name in keep
-                out[name] = aligned(t if keep_it else t.to(dtype))
+                out[name] = keep_tensor(name, aligned(t if keep_it else t.to(dtype)))
     except CheckpointError:
         raise
     except Exception as e:  # safetensors raises its own error types
@@ -90,8 +94,13 @@ def _load_tensors(path: Path, names, device, dtype=None, quantize_as=None, keep=
     return out
 
 
-def load_bagel_model(folder: Path, config: BagelConfig, *, device, dtype, ops=None, weight_dtype: str = "default"):
+def load_bagel_model(folder: Path, config: BagelConfig, *, device, dtype, ops=None, weight_dtype: str = "default",
+                     placement=None, main_reserve: int = 0):
     """BagelModel with the weights of ``ema.safetensors``, in ``dtype`` on ``device``.
+
+    ``placement`` (``placement.Placement``): over several devices instead; its map is planned on the meta model
+    (keeping ``main_reserve`` bytes free on the main device), each tensor goes to its device as it is read,
+    and accelerate's hooks are attached at the end.
 
     ``weight_dtype`` (``quant.QUANT_MODES``): quantize the official bf16 weights tensor by tensor while
     reading them. A pre-quantized folder (``python -m hyperbagel_core quantize``) loads in its own mode;
@@ -120,12 +129,17 @@ def load_bagel_model(folder: Path, config: BagelConfig, *, device, dtype, ops=No
             quantize_as = quant.prepare_meta(model, weight_dtype, dtype)
         elif weight_dtype != "default":
             raise ValueError(f"unknown weight_dtype {weight_dtype!r}; choose one of {', '.join(quant.WEIGHT_DTYPES)}")
-    sd = _load_tensors(path, expected, device, dtype, quantize_as=quantize_as, keep=keep)
+    store = None
+    if placement is not None:
+        placement.plan(model, dtype, main_reserve)  # quantized layers already have their stored dtypes
+        device, store = "cpu", placement.store
+    sd = _load_tensors(path, expected, device, dtype, quantize_as=quantize_as, keep=keep, store=store)
     model.load_state_dict(sd, strict=True, assign=True)
     model.weight_dtype = stored["mode"] if stored is not None else weight_dtype
     if model.weight_dtype != "default":
         model.compute_dtype = dtype  # the LM head may be stored int8 (nf4 mode): it no longer tells
-    return model.requires_grad_(False).eval()
+    model.requires_grad_(False).eval()
+    return model if placement is None else placement.dispatch(model)
 
 
 def load_vae(folder: Path, config: BagelConfig, *, device, dtype, ops=None):

@@ -159,7 +159,8 @@ class BagelPipeline:
     def from_pretrained(cls, path, device="cpu", dtype=torch.bfloat16, ops=None, vae_dtype=torch.float32,
                         attn_backend: str = "sdpa", draft_head=None, compute_dtype=None,
                         cuda_graphs: bool = True, weight_dtype: str = "default", free_memory: int | None = None,
-                        plan_task: str = "generate", plan_size: tuple[int, int] = (1024, 1024)) -> "BagelPipeline":
+                        plan_task: str = "generate", plan_size: tuple[int, int] = (1024, 1024),
+                        device_map=None, max_memory=None, offload_dir=None) -> "BagelPipeline":
         """Load an official BAGEL folder (llm/vit configs, ema.safetensors, ae.safetensors, tokenizer).
 
         Weights are stored in ``dtype`` on ``device`` (also the compute device until ``compute_device`` is
@@ -171,6 +172,13 @@ class BagelPipeline:
         dtype per call); "auto" picks the fastest that fits ``free_memory`` bytes (default: the CUDA device's
         free memory; on CPU "default") for a ``plan_task`` call at ``plan_size`` (W, H); ``weight_plan``
         says what and why. A pre-quantized folder loads in its own mode.
+
+        ``device_map`` / ``max_memory`` / ``offload_dir`` (``placement.py``, accelerate's meanings): one model over
+        several devices instead of ``device``. ``device_map="auto"`` (the default once ``max_memory`` is given)
+        fills the devices of ``max_memory`` in order (GPUs, then "cpu", then "disk") keeping ``plan_task``'s
+        working memory at ``plan_size`` and the VAE free on the main device; a dict maps module names to a GPU
+        index, "cuda:N", "cpu" or "disk". Decoder and ViT layers are never split and the embedding-side
+        modules share one device (the official app's rules). The VAE and the inputs go to the main device.
         """
         from .model.attention import set_backend
         set_backend(attn_backend)
@@ -186,11 +194,24 @@ class BagelPipeline:
             from .errors import CheckpointError
             raise CheckpointError(f"{folder}: tokenizer has {len(tokenizer)} tokens but the model's vocab is "
                                   f"{config.llm.vocab_size}; the tokenizer files belong to another model")
+        placement = reserve = None
+        if device_map is not None or max_memory is not None:
+            from .memory import estimate_run_memory
+            from .placement import Placement
+            placement = Placement(device_map or "auto", max_memory, offload_dir)
+            if weight_dtype == "auto":
+                raise InputError("weight_dtype='auto' plans for one device; with a device_map / max_memory choose "
+                                 "the weight dtype yourself ('default', 'int8', ...)")
+            reserve = estimate_run_memory(config, plan_task, width=plan_size[0], height=plan_size[1], dtype=dtype,
+                                          vae_dtype=vae_dtype).total + (folder / "ae.safetensors").stat().st_size
         plan = _plan_weights(folder, config, weight_dtype, device, free_memory, plan_task, plan_size, dtype,
                              vae_dtype)
         t0 = time.perf_counter()
         model = load_bagel_model(folder, config, device=device, dtype=dtype, ops=ops,
-                                 weight_dtype=plan.mode if plan else weight_dtype)
+                                 weight_dtype=plan.mode if plan else weight_dtype, placement=placement,
+                                 main_reserve=reserve or 0)
+        if placement is not None:
+            device = model.compute_device
         vae = load_vae(folder, config, device=device, dtype=vae_dtype, ops=ops)
         log.info("loaded BAGEL from %s in %.1fs (%s, %s)", folder, time.perf_counter() - t0, device, dtype)
         pipe = cls(model, vae, tokenizer, config, str(folder), ops=ops, cuda_graphs=cuda_graphs)
@@ -322,6 +343,11 @@ class BagelPipeline:
 
     def _decode(self, ctx: Context, max_new_tokens: int, do_sample: bool, temperature: float, seed,
                 callback, drafter: str = "none", num_draft_tokens=None) -> tuple[list[int], dict]:
+        if drafter == "draft_head":
+            from .placement import spans_devices
+            if spans_devices(self.model):
+                raise InputError("drafter='draft_head' reads every decoder layer's hidden state on one device; this "
+                                 "model's layers run on several: use drafter='prompt_lookup' or 'none'")
         gen = None
         if do_sample:
             gen = torch.Generator(self.device).manual_seed(int(seed if seed is not None else 0))

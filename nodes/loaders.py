@@ -35,20 +35,26 @@ class BagelModelLoader(io.ComfyNode):
                 io.Combo.Input("memory", options=runtime.MEMORY_MODES, default="auto",
                                tooltip="auto: ComfyUI loads what fits and streams the rest. gpu_full: keep every "
                                        "weight on the GPU. offload_after_run: move the weights back to the CPU "
-                                       "after each run to leave VRAM for other models."),
+                                       "after each run to leave VRAM for other models. multi_gpu: split the model "
+                                       "over all GPUs (whole layers; needs accelerate); it stays placed, ComfyUI "
+                                       "does not move it."),
                 io.Combo.Input("weight_dtype", options=runtime.weight_dtype_choices(), default="default",
                                tooltip="How the linear layers are stored. default: in dtype. fp8_e4m3fn / int8: "
                                        "about 16 GB (int8 is closer to bf16). fp8_e4m3fn_fast: fp8 matmuls on "
                                        "RTX 40xx+ GPUs. nf4: 4-bit, about 8.7 GB. auto: the fastest that fits the free "
                                        "VRAM (see the log). A pre-quantized folder loads in its own mode."),
+                io.String.Input("max_memory", default="", optional=True,
+                                tooltip="multi_gpu only: memory per device for the weights, e.g. "
+                                        "'0=20GiB, 1=24GiB, cpu=48GiB' (what does not fit the GPUs goes to CPU RAM "
+                                        "and is copied in per layer). Empty: the GPUs' free memory."),
             ],
             outputs=[BagelModelType.Output(display_name="model", tooltip="The loaded BAGEL model.")],
         )
 
     @classmethod
-    def execute(cls, checkpoint, dtype, attention, memory, weight_dtype="default") -> io.NodeOutput:
+    def execute(cls, checkpoint, dtype, attention, memory, weight_dtype="default", max_memory="") -> io.NodeOutput:
         folder = paths.resolve_checkpoint(checkpoint)
-        return io.NodeOutput(runtime.load_bagel(folder, dtype, attention, memory, weight_dtype))
+        return io.NodeOutput(runtime.load_bagel(folder, dtype, attention, memory, weight_dtype, max_memory or ""))
 
 
 class BagelVAELoader(io.ComfyNode):

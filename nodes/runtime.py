@@ -15,7 +15,7 @@ from .adapters import NodeInputError, StepProgress
 
 log = logging.getLogger("hyperbagel")
 
-MEMORY_MODES = ["auto", "gpu_full", "offload_after_run"]
+MEMORY_MODES = ["auto", "gpu_full", "offload_after_run", "multi_gpu"]
 
 
 def import_core():
@@ -57,6 +57,7 @@ class BagelModel:
     weight_dtype: str = "default"
     plan: str | None = None          # what weight_dtype="auto" picked and why
     parts: dict | None = None        # part name -> ModelPatcher (memory.model_parts): loaded per task
+    placement: str | None = None     # multi_gpu: where the weights were placed (they stay there; see prepare)
 
     @property
     def draft_head(self) -> str | None:
@@ -73,9 +74,15 @@ class BagelModel:
         cfg = self.distilled.obj.config
         return cfg.schedule, list(cfg.timesteps)
 
+    def _base_patchers(self) -> list:
+        """The base model's patchers for ComfyUI to load: none when placed (accelerate holds the weights)."""
+        if self.placement is not None:
+            return []
+        return list(self.parts.values()) if self.parts else [self.patcher]
+
     def patchers(self) -> list:
         """Every patcher this model may load: the base (per part when split) and the attachments."""
-        base = list(self.parts.values()) if self.parts else [self.patcher]
+        base = self._base_patchers()
         return base + [a.patcher for a in (self.draft, self.distilled) if a is not None]
 
     def bind(self) -> Any:
@@ -97,6 +104,15 @@ class BagelModel:
 
         pipe = self.bind()
         need = pipe.memory_required(task, **run) if task else 0
+        if self.placement is not None:
+            # placed over several GPUs: ComfyUI never moves these weights; it frees the run's working memory on
+            # every GPU the model computes on (unloading its own models) and loads the attachments
+            for device in placed_devices(pipe):
+                mm.free_memory(need, device)
+            attachments = self.patchers_for(task)
+            if attachments:
+                mm.load_models_gpu(attachments, memory_required=need)
+            return pipe
         mm.load_models_gpu(self.patchers_for(task), memory_required=need,
                            force_full_load=self.memory_mode == "gpu_full")
         pipe.compute_device = self.patcher.load_device
@@ -105,8 +121,8 @@ class BagelModel:
     def patchers_for(self, task: str | None) -> list:
         """The parts a ``task`` runs (answer: und + ViT (+ draft head); generate: und + gen + VAE (+ expert);
         edit: all (+ expert)), so ComfyUI neither loads nor keeps resident what the task never touches."""
-        if not self.parts:
-            base = [self.patcher]
+        if self.placement is not None or not self.parts:
+            base = self._base_patchers()
         else:
             memory = core_submodule("memory")
             base = [self.parts[n] for n in memory.TASK_PARTS.get(task, memory.PARTS)]
@@ -132,6 +148,8 @@ class BagelModel:
             parts.append(f"weights {self.weight_dtype}")
         if self.plan:
             parts.append(self.plan)
+        if self.placement:
+            parts.append(f"placed: {self.placement}")
         if self.draft_head:
             parts.append(f"draft head {os.path.basename(self.draft_head)}")
         if self.distilled_expert:
@@ -166,6 +184,13 @@ def bf16_native(device) -> bool:
     if device.type == "cuda":
         return torch.cuda.get_device_capability(device) >= (8, 0)
     return bool(mm.should_use_bf16(device))
+
+
+def placed_devices(pipe) -> list:
+    """The GPUs a placed model computes on (its decoder layers' devices and its main device)."""
+    model = pipe.model
+    devices = list(getattr(model.language_model, "kv_devices", None) or []) + [pipe.device]
+    return sorted({d for d in devices if d.type != "cpu"}, key=str)
 
 
 def check_model(model: Any) -> BagelModel:
@@ -227,8 +252,13 @@ def latent_previewer(bagel: BagelModel):
 
 
 def load_bagel(checkpoint_dir: str, dtype_choice: str, attn_backend: str, memory_mode: str,
-               weight_dtype: str = "default") -> BagelModel:
-    """Build the pipeline on the offload device with ``comfy.ops`` layers and wrap it in a ModelPatcher."""
+               weight_dtype: str = "default", max_memory: str = "") -> BagelModel:
+    """Build the pipeline on the offload device with ``comfy.ops`` layers and wrap it in a ModelPatcher.
+
+    ``memory_mode="multi_gpu"``: placed over every GPU ComfyUI sees instead (``max_memory``: the budget per
+    device, accelerate's form "0=20GiB, 1=24GiB, cpu=48GiB"; empty = their free memory, overflow to CPU RAM).
+    The placed weights stay where they were put: ComfyUI's model manager does not load, stream or offload
+    them (``BagelModel.prepare``); the ModelPatcher only anchors the attachments on the main GPU."""
     import comfy.model_management as mm
     import comfy.model_patcher
     import comfy.ops
@@ -247,21 +277,33 @@ def load_bagel(checkpoint_dir: str, dtype_choice: str, attn_backend: str, memory
     if attn_backend not in attention_backends():
         raise NodeInputError(f"attention backend {attn_backend!r} is not available here; use 'sdpa' "
                              "(flash_attn needs the optional flash-attn package).")
+    placed = memory_mode == "multi_gpu"
+    if placed and torch.cuda.device_count() < 2:
+        raise NodeInputError(f"memory 'multi_gpu' places the model over several GPUs, but {torch.cuda.device_count()} "
+                             "CUDA device(s) are visible; use 'auto' (ComfyUI streams what does not fit).")
+    if max_memory.strip() and not placed:
+        raise NodeInputError("max_memory is the per-device budget of memory 'multi_gpu'; clear it or choose "
+                             "'multi_gpu'.")
     t0 = time.perf_counter()
     # ComfyUI's own choice of layers: plain ones (cast only when partial loading streams them) when the
     # weights are stored in the compute dtype, casting ones otherwise.
     ops = comfy.ops.pick_operations(dtype, compute_dtype, load_device=load_device)
     free = mm.get_free_memory(load_device) if weight_dtype == "auto" and load_device.type != "cpu" else None
-    pipe = core.BagelPipeline.from_pretrained(checkpoint_dir, device=offload_device, dtype=dtype, ops=ops,
-                                              compute_dtype=compute_dtype, attn_backend=attn_backend,
-                                              weight_dtype=weight_dtype, free_memory=free)
+    where = dict(device_map="auto", max_memory=max_memory.strip() or None) if placed else dict(device=offload_device)
+    pipe = core.BagelPipeline.from_pretrained(checkpoint_dir, dtype=dtype, ops=ops, compute_dtype=compute_dtype,
+                                              attn_backend=attn_backend, weight_dtype=weight_dtype, free_memory=free,
+                                              **where)
     plan = pipe.weight_plan.reason if pipe.weight_plan is not None else None
     if plan:
         log.info("hyperbagel: %s", plan)
+    placement = None
+    if placed:  # the main GPU (inputs, VAE, attachments) is the placement's, not necessarily ComfyUI's
+        load_device = offload_device = pipe.compute_device
+        placement = pipe.model.placement.summary(pipe.model)
     pipe.compute_device = load_device
     patcher = comfy.model_patcher.ModelPatcher(pipe.modules, load_device=load_device, offload_device=offload_device)
     memory = core_submodule("memory")
-    parts = None if memory is None else {
+    parts = None if memory is None or placed else {
         name: comfy.model_patcher.ModelPatcher(m, load_device=load_device, offload_device=offload_device)
         for name, m in memory.model_parts(pipe.modules).items()}
     names = {torch.bfloat16: "bf16", torch.float16: "fp16", torch.float32: "fp32"}
@@ -270,7 +312,7 @@ def load_bagel(checkpoint_dir: str, dtype_choice: str, attn_backend: str, memory
         dtype_name += f" (computed in {names.get(compute_dtype, str(compute_dtype))})"
     model = BagelModel(pipe=pipe, patcher=patcher, checkpoint=checkpoint_dir, dtype_name=dtype_name,
                        attn_backend=attn_backend, memory_mode=memory_mode, weight_dtype=pipe.weight_dtype,
-                       plan=plan, parts=parts)
+                       plan=plan, parts=parts, placement=placement)
     log.info("hyperbagel: loaded %s in %.1f s", model.describe(), time.perf_counter() - t0)
     return model
 

@@ -154,6 +154,8 @@ class DistilledExpert:
         parameter that the manager loaded elsewhere is copied there for this block only (a partial load
         streams some layers from the offload device and keeps others resident).
         """
+        from ..placement import check_weight_swaps
+        check_weight_swaps(model)
         params = dict(model.named_parameters())
         if self._module is not None:
             reps = {k: self._module.weights.get_parameter(k) for k in self.tensors}
@@ -325,6 +327,8 @@ def load_distilled_expert(path: str | Path, model: nn.Module) -> DistilledExpert
     Raises:
         CheckpointError: missing/corrupt file, wrong format, wrong base model, missing or misshapen tensors.
     """
+    from ..placement import check_weight_swaps
+    check_weight_swaps(model)
     cfg, tensors = read_distilled_file(path)
     _check_against(model, cfg, tensors, str(path))
     ref = model.vae2llm.weight

@@ -113,7 +113,8 @@ class BagelModel(nn.Module):
     def reserve_text(self, ctx: Context, n: int) -> None:
         """Room for ``n`` more text tokens in ``ctx`` up front: a decode then appends without regrowing."""
         c = self.config.llm
-        ctx.reserve(n, torch.empty(0, dtype=self.dtype, device=self.device), c.num_key_value_heads, c.head_dim)
+        ctx.reserve(n, torch.empty(0, dtype=self.dtype, device=self.device), c.num_key_value_heads, c.head_dim,
+                    devices=self.language_model.kv_devices)
 
     @torch.no_grad()
     def vit_embed(self, pixels: torch.Tensor) -> VitEmbedding:

@@ -161,7 +161,8 @@ class KVAccess:
     the block is concatenated instead, so the caches never join a graph.
     """
 
-    def __init__(self, ctxs, causal: bool, update: bool, like: torch.Tensor, num_kv_heads: int, head_dim: int):
+    def __init__(self, ctxs, causal: bool, update: bool, like: torch.Tensor, num_kv_heads: int, head_dim: int,
+                 devices=None):
         if len(ctxs) > 1 and update:
             raise ValueError("only a single context can be appended to in one forward")
         self.ctxs, self.causal, self.update, self.layer = ctxs, causal, update, 0
@@ -169,7 +170,7 @@ class KVAccess:
         if self.in_place:
             for c in ctxs:
                 if c is not None and (update or c.kv_len):
-                    c.reserve(like.shape[1], like, num_kv_heads, head_dim, grow=update)
+                    c.reserve(like.shape[1], like, num_kv_heads, head_dim, grow=update, devices=devices)
 
     def _cache(self, ctx, layer: int, k: torch.Tensor, v: torch.Tensor):
         """All keys/values this row attends to: [kv_len + n, Hkv, d]."""
@@ -205,6 +206,7 @@ class Qwen2MoTModel(nn.Module):
 
 class Qwen2MoTForCausalLM(nn.Module):
     """``language_model`` of BAGEL: the MoT decoder stack plus the untied LM head."""
+    kv_devices: tuple | None = None  # each layer's execution device when placed over several (placement.py)
 
     def __init__(self, cfg: LLMConfig, ops=None):
         super().__init__()
@@ -218,7 +220,7 @@ class Qwen2MoTForCausalLM(nn.Module):
         """x [B, n, D] in the model dtype, positions [B, n]; one context per batch row (None = empty)."""
         cfg = self.config
         cos, sin = rope_cos_sin(positions, cfg.head_dim, cfg.rope_theta, x.dtype)
-        kv = KVAccess(ctxs, causal, update, x, cfg.num_key_value_heads, cfg.head_dim)
+        kv = KVAccess(ctxs, causal, update, x, cfg.num_key_value_heads, cfg.head_dim, self.kv_devices)
         hiddens = []
         for layer in self.model.layers:
             x = layer(x, cos, sin, kv, gen)

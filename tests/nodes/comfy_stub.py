@@ -27,6 +27,7 @@ class _State:
         self.preview_method = "none"  # as ComfyUI's --preview-method (default: no previews)
         self.previewers = []      # (device, latent format) of every get_previewer call
         self.previewed = []       # latents the previewer decoded
+        self.freed = []           # (memory_required, device) passed to free_memory
 
 
 STATE = _State()
@@ -188,6 +189,7 @@ def install(models_dir: str | None = None) -> _State:
         get_torch_device=lambda: torch.device("cpu"), unet_offload_device=lambda: torch.device("cpu"),
         should_use_bf16=lambda device=None: False, should_use_fp16=lambda device=None: False,
         load_models_gpu=lambda models, **kw: STATE.loaded.append((list(models), kw)),
+        free_memory=lambda memory_required, device, keep_loaded=(): STATE.freed.append((memory_required, device)),
         throw_exception_if_processing_interrupted=throw_exception_if_processing_interrupted,
         InterruptProcessingException=InterruptProcessingException, current_loaded_models=[],
         soft_empty_cache=lambda force=False: None)
