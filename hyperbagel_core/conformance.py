@@ -306,10 +306,12 @@ def check_case(case: dict, ours: dict, ref: dict) -> list[str]:
 
 
 def run(golden: Path, out: Path, device="cpu", dtype=torch.float32, check: bool = False,
-        cases: list[str] | None = None) -> dict:
+        cases: list[str] | None = None, model: Path | None = None) -> dict:
+    """Run (and with ``check`` compare) the golden cases; ``model``: load this checkpoint (any on-disk format of
+    the golden weights, docs/loading.md) instead of the golden set's own folder."""
     from safetensors.torch import load_file, save_file
     manifest = json.loads((golden / "manifest.json").read_text())
-    pipe = BagelPipeline.from_pretrained(golden / manifest["model"]["path"], device=device, dtype=dtype)
+    pipe = BagelPipeline.from_pretrained(model or golden / manifest["model"]["path"], device=device, dtype=dtype)
     (out / "cases").mkdir(parents=True, exist_ok=True)
     timings, report = {}, {}
     for case in manifest["cases"]:
@@ -337,10 +339,12 @@ def main(argv=None) -> int:
     ap.add_argument("--device", default="cpu")
     ap.add_argument("--dtype", default="float32")
     ap.add_argument("--case", action="append", help="run only this case (repeatable)")
+    ap.add_argument("--model", type=Path, help="load this checkpoint (folder or single file) instead of the golden "
+                                               "set's own (the same weights in another on-disk format)")
     ap.add_argument("--check", action="store_true", help="compare with the golden tensors")
     args = ap.parse_args(argv)
     torch.set_grad_enabled(False)
-    report = run(args.golden, args.out, args.device, args.dtype, args.check, args.case)
+    report = run(args.golden, args.out, args.device, args.dtype, args.check, args.case, args.model)
     bad = 0
     for name, failures in report.items():
         bad += bool(failures)
