@@ -520,7 +520,10 @@ def _with_vae(config: BagelConfig, vae, beside: list, search: SearchPaths, what:
     base = dict(FLUX_AE_DEFAULTS)
     cfg_file = None if isinstance(src, Mapping) else src.parent / "ae_config.json"
     if cfg_file is not None and cfg_file.is_file():
-        base.update(json.loads(cfg_file.read_text(encoding="utf-8")))
+        try:
+            base.update(json.loads(cfg_file.read_text(encoding="utf-8")))
+        except (json.JSONDecodeError, UnicodeDecodeError) as e:
+            raise CheckpointError(f"{cfg_file}: not valid JSON ({e}); re-download it or delete it") from e
     return replace(config, vae=vae_config(src, base, str(src) if not isinstance(src, Mapping) else "the VAE given")), src
 
 
