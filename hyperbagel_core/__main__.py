@@ -20,7 +20,12 @@ from .progress import ProgressBar
 
 
 def _add_common(p: argparse.ArgumentParser) -> None:
-    p.add_argument("--model", type=Path, help="BAGEL checkpoint folder (e.g. ComfyUI/models/bagel/BAGEL-7B-MoT)")
+    p.add_argument("--model", type=Path, help="BAGEL checkpoint: a folder (e.g. ComfyUI/models/bagel/BAGEL-7B-MoT, a "
+                                              "fine-tune, a DFloat11 folder) or a single-file .safetensors")
+    p.add_argument("--tokenizer", type=Path, help="folder of tokenizer files for a single file (default: found beside it "
+                                                  "or in a BAGEL folder next to it, docs/loading.md)")
+    p.add_argument("--vae", type=Path, help="FLUX ae.safetensors (default: the checkpoint's, else beside a single file "
+                                            "or in models/vae)")
     p.add_argument("--demo", action="store_true", help="use a built-in tiny random checkpoint if --model is absent")
     p.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
     p.add_argument("--dtype", default=None, help="bfloat16 | float16 | float32 (default: bf16 on GPU, fp32 on CPU)")
@@ -110,7 +115,8 @@ def _pipeline(args):
     folder = args.model
     if folder is None:
         if not args.demo:
-            raise HyperbagelError("give --model DIR (a BAGEL checkpoint folder) or --demo for the tiny built-in one")
+            raise HyperbagelError("give --model PATH (a BAGEL checkpoint folder or single file) or --demo for the "
+                                  "tiny built-in one")
         from .testing import make_tiny_checkpoint
         folder = make_tiny_checkpoint(Path(tempfile.mkdtemp(prefix="hyperbagel-demo-")) / "tiny-bagel")
         print(f"demo: no weights given, built a tiny random checkpoint at {folder}")
@@ -120,7 +126,7 @@ def _pipeline(args):
     dtype = args.dtype or ("bfloat16" if gpu else "float32")
     pipe = BagelPipeline.from_pretrained(folder, device=args.device, dtype=dtype, cuda_graphs=not args.no_cuda_graphs,
                                          device_map=parse_device_map(args.device_map), max_memory=args.max_memory,
-                                         offload_dir=args.offload_dir)
+                                         offload_dir=args.offload_dir, tokenizer=args.tokenizer, vae=args.vae)
     if placed:
         print(f"placed: main device {pipe.device}; {pipe.model.placement.summary(pipe.model)}")
     return pipe

@@ -306,11 +306,14 @@ def check_case(case: dict, ours: dict, ref: dict) -> list[str]:
 
 
 def run(golden: Path, out: Path, device="cpu", dtype=torch.float32, check: bool = False,
-        cases: list[str] | None = None, **load) -> dict:
-    """``load``: more ``from_pretrained`` arguments (e.g. ``device_map``/``offload_dir``: a placed model)."""
+        cases: list[str] | None = None, model: Path | None = None, **load) -> dict:
+    """Run (and with ``check`` compare) the golden cases; ``model``: load this checkpoint (any on-disk format of
+    the golden weights, docs/loading.md) instead of the golden set's own folder; ``load``: more
+    ``from_pretrained`` arguments (e.g. ``device_map``/``offload_dir``: a placed model)."""
     from safetensors.torch import load_file, save_file
     manifest = json.loads((golden / "manifest.json").read_text())
-    pipe = BagelPipeline.from_pretrained(golden / manifest["model"]["path"], device=device, dtype=dtype, **load)
+    pipe = BagelPipeline.from_pretrained(model or golden / manifest["model"]["path"], device=device, dtype=dtype,
+                                         **load)
     (out / "cases").mkdir(parents=True, exist_ok=True)
     timings, report = {}, {}
     for case in manifest["cases"]:
@@ -338,6 +341,8 @@ def main(argv=None) -> int:
     ap.add_argument("--device", default="cpu")
     ap.add_argument("--dtype", default="float32")
     ap.add_argument("--case", action="append", help="run only this case (repeatable)")
+    ap.add_argument("--model", type=Path, help="load this checkpoint (folder or single file) instead of the golden "
+                                               "set's own (the same weights in another on-disk format)")
     ap.add_argument("--check", action="store_true", help="compare with the golden tensors")
     ap.add_argument("--device-map", help="run a placed model: auto, a JSON object {module: device} or a JSON file")
     ap.add_argument("--max-memory", help="per-device budget, e.g. '0=20GiB,cpu=64GiB'")
@@ -347,7 +352,7 @@ def main(argv=None) -> int:
     from .placement import parse_device_map
     load = dict(device_map=parse_device_map(args.device_map), max_memory=args.max_memory,
                 offload_dir=args.offload_dir)
-    report = run(args.golden, args.out, args.device, args.dtype, args.check, args.case, **load)
+    report = run(args.golden, args.out, args.device, args.dtype, args.check, args.case, args.model, **load)
     bad = 0
     for name, failures in report.items():
         bad += bool(failures)

@@ -1,4 +1,4 @@
-"""Load an official BAGEL checkpoint folder.
+"""Load BAGEL weights and the FLUX autoencoder (``formats.resolve`` says from which files).
 
 Every file is checked before any tensor is read: safetensors headers are parsed by hand (so a truncated or
 non-safetensors file gets one clear message naming it), the key set and every shape are compared with the
@@ -11,6 +11,7 @@ from __future__ import annotations
 import json
 import logging
 from pathlib import Path
+from typing import Mapping
 
 import torch
 
@@ -18,16 +19,15 @@ from . import quant
 from .config import BagelConfig
 from .errors import CheckpointError
 from .fingerprint import file_fingerprints
+from .formats import check_folder, load_config   # noqa: F401  (also importable from here, as before)
 from .model.bagel import BagelModel
 from .model.vae import FluxVAE
 from .tensor_io import aligned, check_against, check_dtypes, read_safetensors_header
 
 log = logging.getLogger(__name__)
 
-REQUIRED_FILES = ("llm_config.json", "vit_config.json", "ema.safetensors", "ae.safetensors")
 DTYPES = {"float32": torch.float32, "fp32": torch.float32, "bfloat16": torch.bfloat16, "bf16": torch.bfloat16,
           "float16": torch.float16, "fp16": torch.float16, "float64": torch.float64}
-PICKLE_SUFFIXES = (".bin", ".pt", ".pth", ".ckpt", ".pkl")
 
 
 def resolve_dtype(dtype) -> torch.dtype:
@@ -36,33 +36,6 @@ def resolve_dtype(dtype) -> torch.dtype:
     if dtype in DTYPES:
         return DTYPES[dtype]
     raise ValueError(f"unknown dtype {dtype!r}; choose one of {sorted(DTYPES)}")
-
-
-def check_folder(folder: str | Path) -> Path:
-    folder = Path(folder)
-    if not folder.is_dir():
-        raise CheckpointError(f"{folder}: not a folder; point to the BAGEL-7B-MoT checkpoint folder "
-                              "(with llm_config.json, vit_config.json, ema.safetensors, ae.safetensors)")
-    missing = [f for f in REQUIRED_FILES if not (folder / f).exists()]
-    pickles = sorted(p.name for p in folder.iterdir() if p.suffix in PICKLE_SUFFIXES)
-    if missing and pickles:
-        raise CheckpointError(f"{folder}: missing {', '.join(missing)}; found {', '.join(pickles)}, PyTorch pickle "
-                              "files that hyperbagel never loads (unpickling can run code): download the "
-                              "release's .safetensors files")
-    if missing:
-        raise CheckpointError(f"{folder}: missing {', '.join(missing)}; an official BAGEL folder has "
-                              + ", ".join(REQUIRED_FILES) + " and the tokenizer files")
-    return folder
-
-
-def load_config(folder: Path) -> BagelConfig:
-    try:
-        return BagelConfig.from_folder(folder)
-    except KeyError as e:
-        raise CheckpointError(f"{folder}: a config JSON lacks the field {e}; re-download llm_config.json / "
-                              "vit_config.json") from e
-    except ValueError as e:
-        raise CheckpointError(str(e)) from e
 
 
 def _load_tensors(path: Path, names, device, dtype=None, quantize_as=None, keep=(),
@@ -94,9 +67,10 @@ def _load_tensors(path: Path, names, device, dtype=None, quantize_as=None, keep=
     return out
 
 
-def load_bagel_model(folder: Path, config: BagelConfig, *, device, dtype, ops=None, weight_dtype: str = "default",
+def load_bagel_model(weights: Path, config: BagelConfig, *, device, dtype, ops=None, weight_dtype: str = "default",
                      placement=None, main_reserve: int = 0):
-    """BagelModel with the weights of ``ema.safetensors``, in ``dtype`` on ``device``.
+    """BagelModel with the weights of ``weights`` (a file, or a folder's ``ema.safetensors``), in ``dtype`` on
+    ``device``.
 
     ``placement`` (``placement.Placement``): over several devices instead; its map is planned on the meta model
     (keeping ``main_reserve`` bytes free on the main device), each tensor goes to its device as it is read,
@@ -106,7 +80,8 @@ def load_bagel_model(folder: Path, config: BagelConfig, *, device, dtype, ops=No
     reading them. A pre-quantized folder (``python -m hyperbagel_core quantize``) loads in its own mode;
     ``model.base_fingerprints`` then identifies the bf16 weights for draft heads and distilled experts.
     """
-    path = folder / "ema.safetensors"
+    path = Path(weights)
+    path = path / "ema.safetensors" if path.is_dir() else path
     header = read_safetensors_header(path)
     with torch.device("meta"):
         model = BagelModel(config, ops=ops)
@@ -142,10 +117,16 @@ def load_bagel_model(folder: Path, config: BagelConfig, *, device, dtype, ops=No
     return model if placement is None else placement.dispatch(model)
 
 
-def load_vae(folder: Path, config: BagelConfig, *, device, dtype, ops=None):
-    path = folder / "ae.safetensors"
-    header = read_safetensors_header(path)
-    check_dtypes(path, header)
+def load_vae(source, config: BagelConfig, *, device, dtype, ops=None):
+    """The FLUX autoencoder described by ``config.vae``, from ``source``: a folder's ``ae.safetensors``, an
+    ``ae.safetensors`` file, or a state dict under the official FLUX names (ComfyUI's core VAE), copied."""
+    if isinstance(source, Mapping):
+        path, header = "the VAE given", {k: (tuple(v.shape), "F32") for k, v in source.items()}
+    else:
+        path = Path(source)
+        path = path / "ae.safetensors" if path.is_dir() else path
+        header = read_safetensors_header(path)
+        check_dtypes(path, header)
     with torch.device("meta"):
         vae = FluxVAE.from_config(config.vae, ops=ops)
     converted = FluxVAE.convert_official_state_dict({k: torch.empty(s, device="meta") for k, (s, _) in
@@ -154,8 +135,12 @@ def load_vae(folder: Path, config: BagelConfig, *, device, dtype, ops=None):
         vae.check_state_dict(converted)
     except ValueError as e:
         raise CheckpointError(f"{path}: {e}. Check ae_config.json or re-download ae.safetensors.") from e
-    sd = FluxVAE.convert_official_state_dict(_load_tensors(path, header, device, dtype), vae.levels)
-    vae.load_state_dict(sd, strict=True, assign=True)
+    if isinstance(source, Mapping):
+        # copies (never the caller's storage: core's VAE moves and patches its own), aligned like file tensors
+        tensors = {k: aligned(v.detach().to(device=device, dtype=dtype, copy=True)) for k, v in source.items()}
+    else:
+        tensors = _load_tensors(path, header, device, dtype)
+    vae.load_state_dict(FluxVAE.convert_official_state_dict(tensors, vae.levels), strict=True, assign=True)
     return vae.requires_grad_(False).eval()
 
 

@@ -10,6 +10,7 @@ from __future__ import annotations
 import logging
 import time
 from dataclasses import dataclass, field
+from pathlib import Path
 
 import torch
 from PIL import Image
@@ -24,7 +25,7 @@ from .errors import InputError
 from .distill.sampling import distilled_sample
 from .generation import CFGSettings, solver_sample, teacher_sample
 from .model.static_decode import StaticTextDecoder, use_static_decoding
-from .loading import check_folder, load_bagel_model, load_config, load_vae, resolve_dtype
+from .loading import load_bagel_model, load_vae, resolve_dtype
 from .ops import adopt_ops
 from .sampling.preview import unpacking
 from .sampling.schedules import FIXED_GRIDS, get_schedule
@@ -51,7 +52,7 @@ class BagelModules(nn.Module):
         self.bagel, self.vae = bagel, vae
 
 
-def _plan_weights(folder, config, weight_dtype, device, free_memory, task, size, dtype, vae_dtype):
+def _plan_weights(weights, config, weight_dtype, device, free_memory, task, size, dtype, vae_dtype):
     """Resolve ``weight_dtype="auto"`` to a ``memory.WeightPlan`` (None for an explicit choice)."""
     from .quant import WEIGHT_DTYPES, read_quantized_metadata
     if weight_dtype not in WEIGHT_DTYPES:
@@ -59,7 +60,7 @@ def _plan_weights(folder, config, weight_dtype, device, free_memory, task, size,
     if weight_dtype != "auto":
         return None
     from .memory import WeightPlan, plan_weight_dtype
-    stored = read_quantized_metadata(folder / "ema.safetensors")
+    stored = read_quantized_metadata(weights)
     if stored is not None:
         return WeightPlan(stored["mode"], 0, 0, free_memory or 0, True,
                           f"auto -> {stored['mode']}: the folder is pre-quantized")
@@ -160,8 +161,11 @@ class BagelPipeline:
                         attn_backend: str = "sdpa", draft_head=None, compute_dtype=None,
                         cuda_graphs: bool = True, weight_dtype: str = "default", free_memory: int | None = None,
                         plan_task: str = "generate", plan_size: tuple[int, int] = (1024, 1024),
-                        device_map=None, max_memory=None, offload_dir=None) -> "BagelPipeline":
-        """Load an official BAGEL folder (llm/vit configs, ema.safetensors, ae.safetensors, tokenizer).
+                        device_map=None, max_memory=None, offload_dir=None, tokenizer=None, vae=None,
+                        search_paths=None) -> "BagelPipeline":
+        """Load BAGEL from what is on disk (docs/loading.md): an official folder (llm/vit configs,
+        ema.safetensors, ae.safetensors, tokenizer), a fine-tune in that layout, a single-file BAGEL
+        .safetensors (the ComfyUI-BAGEL format), or a DFloat11 folder (with the ``dfloat11`` package on CUDA).
 
         Weights are stored in ``dtype`` on ``device`` (also the compute device until ``compute_device`` is
         set). ``compute_dtype`` (default ``dtype``) is the activation dtype; a different one needs ``ops``
@@ -179,49 +183,64 @@ class BagelPipeline:
         working memory at ``plan_size`` and the VAE free on the main device; a dict maps module names to a GPU
         index, "cuda:N", "cpu" or "disk". Decoder and ViT layers are never split and the embedding-side
         modules share one device (the official app's rules). The VAE and the inputs go to the main device.
+
+        ``tokenizer`` (a folder of tokenizer files), ``vae`` (an ``ae.safetensors`` path, or a state dict under
+        the official FLUX names such as ComfyUI's core VAE holds) and ``search_paths`` (``formats.SearchPaths``:
+        where else to look) supply what a single file lacks; ``checkpoint`` then says where each part came from.
         """
+        from .formats import resolve
         from .model.attention import set_backend
         set_backend(attn_backend)
-        folder = check_folder(path)
         device, dtype, vae_dtype = torch.device(device), resolve_dtype(dtype), resolve_dtype(vae_dtype)
         compute_dtype = dtype if compute_dtype is None else resolve_dtype(compute_dtype)
         if compute_dtype != dtype and ops is None:
             raise InputError(f"compute_dtype {compute_dtype} differs from the weights' {dtype}: pass ops that "
                              "cast weights per call (e.g. comfy.ops.manual_cast)")
-        config = load_config(folder)
-        tokenizer = BagelTokenizer.from_folder(folder)
-        if len(tokenizer) > config.llm.vocab_size:
-            from .errors import CheckpointError
-            raise CheckpointError(f"{folder}: tokenizer has {len(tokenizer)} tokens but the model's vocab is "
-                                  f"{config.llm.vocab_size}; the tokenizer files belong to another model")
+        ckpt = resolve(path, tokenizer=tokenizer, vae=vae, search=search_paths)
+        config = ckpt.config
         placement = reserve = None
         if device_map is not None or max_memory is not None:
+            if ckpt.layout == "df11":
+                raise InputError("a DFloat11 model is placed by the dfloat11 package itself: load it without "
+                                 "device_map / max_memory")
             from .memory import estimate_run_memory
             from .placement import Placement
             placement = Placement(device_map or "auto", max_memory, offload_dir)
             if weight_dtype == "auto":
                 raise InputError("weight_dtype='auto' plans for one device; with a device_map / max_memory choose "
                                  "the weight dtype yourself ('default', 'int8', ...)")
+            vae_bytes = (ckpt.vae.stat().st_size if isinstance(ckpt.vae, Path)
+                         else sum(t.numel() * t.element_size() for t in ckpt.vae.values()))
             reserve = estimate_run_memory(config, plan_task, width=plan_size[0], height=plan_size[1], dtype=dtype,
-                                          vae_dtype=vae_dtype).total + (folder / "ae.safetensors").stat().st_size
-        plan = _plan_weights(folder, config, weight_dtype, device, free_memory, plan_task, plan_size, dtype,
-                             vae_dtype)
+                                          vae_dtype=vae_dtype).total + vae_bytes
         t0 = time.perf_counter()
-        model = load_bagel_model(folder, config, device=device, dtype=dtype, ops=ops,
-                                 weight_dtype=plan.mode if plan else weight_dtype, placement=placement,
-                                 main_reserve=reserve or 0)
+        if ckpt.layout == "df11":
+            from .df11 import load_df11_model
+            plan, cuda_graphs = None, False   # its weights are rebuilt per call by the package: no graph replay
+            model = load_df11_model(ckpt.weights, config, device=device, dtype=dtype, ops=ops,
+                                    weight_dtype=weight_dtype)
+        else:
+            plan = _plan_weights(ckpt.weights, config, weight_dtype, device, free_memory, plan_task, plan_size,
+                                 dtype, vae_dtype)
+            model = load_bagel_model(ckpt.weights, config, device=device, dtype=dtype, ops=ops,
+                                     weight_dtype=plan.mode if plan else weight_dtype, placement=placement,
+                                     main_reserve=reserve or 0)
         if placement is not None:
             device = model.compute_device
-        vae = load_vae(folder, config, device=device, dtype=vae_dtype, ops=ops)
-        log.info("loaded BAGEL from %s in %.1fs (%s, %s)", folder, time.perf_counter() - t0, device, dtype)
-        pipe = cls(model, vae, tokenizer, config, str(folder), ops=ops, cuda_graphs=cuda_graphs)
+        vae = load_vae(ckpt.vae, config, device=device, dtype=vae_dtype, ops=ops)
+        if not isinstance(ckpt.vae, Path):
+            ckpt.vae = None   # weights handed over were copied: keep no reference to the caller's tensors
+        log.info("loaded BAGEL from %s in %.1fs (%s, %s; %s)", ckpt.path, time.perf_counter() - t0, device, dtype,
+                 ckpt.describe())
+        pipe = cls(model, vae, ckpt.tokenizer, config, str(ckpt.path), ops=ops, cuda_graphs=cuda_graphs)
         pipe.model.compute_dtype, pipe.compute_device = compute_dtype, device
-        pipe.weight_plan = plan
+        pipe.weight_plan, pipe.checkpoint = plan, ckpt
         if draft_head is not None:
             pipe.load_draft_head(draft_head)
         return pipe
 
     weight_plan = None  # memory.WeightPlan when loaded with weight_dtype="auto"
+    checkpoint = None   # formats.Checkpoint: what from_pretrained loaded, and where each part came from
 
     @property
     def weight_dtype(self) -> str:

@@ -15,7 +15,8 @@ import torch
 
 from .errors import CheckpointError
 
-_ST_DTYPES = {"F64", "F32", "F16", "BF16", "I64", "I32", "I16", "I8", "U8", "BOOL", "F8_E4M3", "F8_E5M2"}
+_ST_DTYPES = {"F64", "F32", "F16", "BF16", "I64", "I32", "I16", "I8", "U64", "U32", "U16", "U8", "BOOL", "F8_E4M3",
+              "F8_E5M2"}
 _FLOAT_DTYPES = {"F64", "F32", "F16", "BF16"}
 _PICKLE_MAGIC = (b"PK\x03\x04", b"\x80\x02", b"\x80\x03", b"\x80\x04", b"\x80\x05")  # torch.save zip / pickle
 
@@ -38,7 +39,16 @@ def aligned(t: torch.Tensor) -> torch.Tensor:
 
 def read_safetensors_header(path: str | Path) -> dict[str, tuple[tuple[int, ...], str]]:
     """Validate a .safetensors file's framing and return {name: (shape, dtype)}; never reads tensor data."""
-    path = Path(path)
+    return _parse_header(Path(path))[0]
+
+
+def read_safetensors_metadata(path: str | Path) -> dict[str, str]:
+    """The ``__metadata__`` strings of a .safetensors file (framing validated as above; {} when it has none)."""
+    meta = _parse_header(Path(path))[1]
+    return {str(k): v for k, v in meta.items()} if isinstance(meta, dict) else {}
+
+
+def _parse_header(path: Path) -> tuple[dict[str, tuple[tuple[int, ...], str]], dict]:
     if not path.exists():
         raise CheckpointError(f"{path}: file is missing")
     size = path.stat().st_size
@@ -76,7 +86,7 @@ def read_safetensors_header(path: str | Path) -> dict[str, tuple[tuple[int, ...]
     if 8 + n + end > size:
         raise CheckpointError(f"{path}: file is truncated ({size} bytes, the header needs {8 + n + end}); "
                               "the download did not finish: re-download it")
-    return out
+    return out, header.get("__metadata__") or {}
 
 
 def check_against(path: Path, header: dict, expected: dict[str, tuple[int, ...]]) -> None:

@@ -144,3 +144,84 @@ def make_tiny_checkpoint(path, seed: int = 0, **sizes) -> Path:
     save_file({k: v.float().contiguous() for k, v in vae.official_state_dict().items()},
               str(folder / "ae.safetensors"), metadata={"format": "pt"})
     return folder
+
+
+# ---------------------------------------------------------------- the other on-disk formats (docs/loading.md)
+
+def single_file_metadata(folder, variant: str = "tiny-bagel") -> dict:
+    """The ``comfyui_bagel`` record of an official folder's weights: configs, tokenizer fingerprint and the
+    special-token ids, in the fields the ComfyUI-BAGEL converter writes."""
+    from .formats import tokenizer_fingerprint
+    from .tokenizer import SPECIAL, BagelTokenizer
+    folder = Path(folder)
+    vocab = BagelTokenizer.from_folder(folder).hf.get_vocab()
+    return {"format": "comfyui_bagel", "format_version": 1, "architecture": "Bagel", "variant": variant,
+            "dtype": "bf16", "quantization": "none", "latent_format": "flux",
+            "tokenizer_fingerprint": tokenizer_fingerprint(folder),
+            "special_token_ids": {t: vocab[t] for t in SPECIAL.values()},
+            "model_configs": {n: json.loads((folder / n).read_text()) for n in ("llm_config.json", "vit_config.json")},
+            "model_options": {}, "additional_special_tokens": [], "capabilities": ["text_to_image", "image_edit",
+                                                                                   "image_understanding"]}
+
+
+def make_single_file(folder, dst, sidecar: bool = False) -> Path:
+    """An official folder's ``ema.safetensors`` as one BAGEL file: the record embedded in its header, or (with
+    ``sidecar``) the file copied byte for byte and the record in ``<dst>.comfyui-bagel.json``."""
+    import shutil
+
+    from safetensors.torch import load_file, save_file
+    from .formats import SIDECAR_FORMAT, SIDECAR_SUFFIX, file_sha256
+    folder, dst = Path(folder), Path(dst)
+    dst.parent.mkdir(parents=True, exist_ok=True)
+    record = single_file_metadata(folder)
+    if sidecar:
+        shutil.copyfile(folder / "ema.safetensors", dst)
+        (dst.parent / (dst.name + SIDECAR_SUFFIX)).write_text(json.dumps({
+            "format": SIDECAR_FORMAT, "format_version": 1, "checkpoint_size": dst.stat().st_size,
+            "checkpoint_sha256": file_sha256(dst), "metadata": record}, indent=1))
+    else:
+        save_file(load_file(str(folder / "ema.safetensors")), str(dst),
+                  metadata={"format": "pt", "comfyui_bagel": json.dumps(record, sort_keys=True)})
+    return dst
+
+
+def make_df11_style_folder(folder, dst) -> Path:
+    """A folder in DFloat11's BAGEL layout (config.json with ``dfloat11_config``, llm/vit configs, tokenizer,
+    ``vae/ae.safetensors``, the weights with every decoder layer's linear weights in the package's compressed
+    tensor names). The compressed tensors are placeholders of the right names: only the layout is real, enough
+    to check how hyperbagel recognises and checks such a folder (decompressing needs the package's CUDA kernel)."""
+    import shutil
+
+    from safetensors.torch import load_file, save_file
+    from .formats import load_config
+    from .model.bagel import BagelModel
+    folder, dst = Path(folder), Path(dst)
+    (dst / "vae").mkdir(parents=True, exist_ok=True)
+    for p in folder.iterdir():
+        if p.suffix == ".json" or p.name == "merges.txt":
+            shutil.copyfile(p, dst / p.name)
+    shutil.copyfile(folder / "ae.safetensors", dst / "vae" / "ae.safetensors")
+    with torch.device("meta"):
+        layer = BagelModel(load_config(folder)).language_model.model.layers[0]
+    subs = sorted(n for n, m in layer.named_modules() if isinstance(m, torch.nn.Linear))
+    pattern = r"language_model\.model\.layers\.\d+"
+    (dst / "config.json").write_text(json.dumps({"dfloat11_config": {
+        "version": "0.2.0", "threads_per_block": [512], "bytes_per_thread": 8, "pattern_dict": {pattern: subs}}}))
+    sd, gen = load_file(str(folder / "ema.safetensors")), torch.Generator().manual_seed(0)
+    out = {}
+    for name, t in sd.items():
+        index, _, leaf = name.removeprefix("language_model.model.layers.").partition(".")
+        if name.startswith("language_model.model.layers.") and leaf.endswith(".weight") \
+                and leaf.rpartition(".")[0] in subs:
+            base = f"language_model.model.layers.{index}"
+            if f"{base}.encoded_exponent" not in out:
+                out.update({f"{base}.encoded_exponent": torch.randint(0, 255, (64,), generator=gen, dtype=torch.uint8),
+                            f"{base}.sign_mantissa": torch.randint(0, 255, (128,), generator=gen, dtype=torch.uint8),
+                            f"{base}.luts": torch.randint(0, 255, (1, 256), generator=gen, dtype=torch.uint8),
+                            f"{base}.output_positions": torch.arange(3, dtype=torch.int32),
+                            f"{base}.gaps": torch.zeros(8, dtype=torch.uint8),
+                            f"{base}.split_positions": torch.arange(1, len(subs), dtype=torch.int64)})
+            continue
+        out[name] = t
+    save_file(out, str(dst / "model.safetensors"))
+    return dst

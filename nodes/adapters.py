@@ -334,6 +334,22 @@ def checkpoint_dirs(relative_files: Iterable[str]) -> list[str]:
     return sorted(found)
 
 
+SINGLE_FILE_EXTS = (".safetensors", ".sft")
+ATTACHMENT_FOLDERS = ("draft_heads", "distilled")   # sub-folders of a bagel folder listed by their own nodes
+
+
+def checkpoint_entries(relative_files: Iterable[str]) -> list[str]:
+    """Every loadable entry of a recursive ``models/bagel`` listing: checkpoint folders (``checkpoint_dirs``) and
+    single ``.safetensors`` files outside them; what sits under draft_heads/ and distilled/ is left to their
+    nodes. Which files are BAGEL is checked at load time (a file of another model gets a clear error then)."""
+    files = [f.replace("\\", "/") for f in relative_files]
+    folders = [d for d in checkpoint_dirs(files) if d.split("/")[0] not in ATTACHMENT_FOLDERS]
+    inside = tuple(d + "/" for d in folders)
+    singles = [f for f in files if f.lower().endswith(SINGLE_FILE_EXTS) and not f.startswith(inside)
+               and f.split("/")[0] not in ATTACHMENT_FOLDERS]
+    return sorted(set(folders) | set(singles))
+
+
 def files_with_ext(relative_files: Iterable[str], exts: Sequence[str] = (".safetensors",),
                    under: str | None = None) -> list[str]:
     out = []

@@ -10,7 +10,10 @@ from .adapters import DTYPE_CHOICES
 BagelModelType = io.Custom(runtime.MODEL_TYPE)
 
 CHECKPOINT_TOOLTIP = ("A folder in models/bagel (or a 'bagel:' path of extra_model_paths.yaml) holding "
-                      "llm_config.json, vit_config.json, ema.safetensors, ae.safetensors and the tokenizer files.")
+                      "llm_config.json, vit_config.json, ema.safetensors, ae.safetensors and the tokenizer files "
+                      "(also a fine-tune in that layout, or a DFloat11 folder), or a single-file BAGEL .safetensors "
+                      "(the ComfyUI-BAGEL format). A single file borrows its tokenizer from a BAGEL folder beside it "
+                      "and FLUX's ae.safetensors from models/vae (docs/loading.md).")
 
 
 class BagelModelLoader(io.ComfyNode):
@@ -20,10 +23,11 @@ class BagelModelLoader(io.ComfyNode):
             node_id="HyperBagelModelLoader",
             display_name="BAGEL Model Loader (Hyper-Bagel)",
             category="BAGEL/loaders",
-            description="Loads a BAGEL-7B-MoT checkpoint folder from models/bagel (about 29 GB; it is built in CPU "
-                        "RAM first, then ComfyUI's model manager moves it between GPU and CPU like any other "
-                        "model). Add a draft head or a distilled expert with the apply nodes: no reload. "
-                        "Nothing is ever downloaded.",
+            description="Loads BAGEL-7B-MoT from models/bagel: the official folder, a fine-tune in its layout, a "
+                        "DFloat11 folder, or a single-file .safetensors with core 'Load VAE' for FLUX's ae (about "
+                        "29 GB; it is built in CPU RAM first, then ComfyUI's model manager moves it between GPU and "
+                        "CPU like any other model). Add a draft head or a distilled expert with the apply nodes: no "
+                        "reload. Nothing is ever downloaded.",
             inputs=[
                 io.Combo.Input("checkpoint", options=paths.checkpoint_choices(), tooltip=CHECKPOINT_TOOLTIP),
                 io.Combo.Input("dtype", options=DTYPE_CHOICES, default="auto",
@@ -47,14 +51,20 @@ class BagelModelLoader(io.ComfyNode):
                                 tooltip="multi_gpu only: memory per device for the weights, e.g. "
                                         "'0=20GiB, 1=24GiB, cpu=48GiB' (what does not fit the GPUs goes to CPU RAM "
                                         "and is copied in per layer). Empty: the GPUs' free memory."),
+                io.Vae.Input("vae", optional=True,
+                             tooltip="Optional: the FLUX autoencoder from core 'Load VAE' (ae.safetensors), used as "
+                                     "BAGEL's VAE. Unconnected: the checkpoint's own ae.safetensors, or for a single "
+                                     "file the one beside it or in models/vae."),
             ],
             outputs=[BagelModelType.Output(display_name="model", tooltip="The loaded BAGEL model.")],
         )
 
     @classmethod
-    def execute(cls, checkpoint, dtype, attention, memory, weight_dtype="default", max_memory="") -> io.NodeOutput:
-        folder = paths.resolve_checkpoint(checkpoint)
-        return io.NodeOutput(runtime.load_bagel(folder, dtype, attention, memory, weight_dtype, max_memory or ""))
+    def execute(cls, checkpoint, dtype, attention, memory, weight_dtype="default", max_memory="",
+                vae=None) -> io.NodeOutput:
+        path = paths.resolve_checkpoint(checkpoint)
+        return io.NodeOutput(runtime.load_bagel(path, dtype, attention, memory, weight_dtype, max_memory or "",
+                                                vae=vae))
 
 
 class BagelVAELoader(io.ComfyNode):
@@ -64,9 +74,10 @@ class BagelVAELoader(io.ComfyNode):
             node_id="HyperBagelVAELoader",
             display_name="BAGEL VAE Loader (FLUX ae, Hyper-Bagel)",
             category="BAGEL/loaders",
-            description="Loads the FLUX autoencoder inside a BAGEL checkpoint folder (ae.safetensors) as a core "
-                        "VAE, the same object core 'Load VAE' makes from that file. Use it with core VAE Decode / "
-                        "VAE Encode on the LATENT outputs of the BAGEL sampler and editor.",
+            description="Loads the FLUX autoencoder of a BAGEL checkpoint (the folder's ae.safetensors; for a "
+                        "single file the ae.safetensors beside it or in models/vae) as a core VAE, the same object "
+                        "core 'Load VAE' makes from that file. Use it with core VAE Decode / VAE Encode on the LATENT "
+                        "outputs of the BAGEL sampler and editor.",
             inputs=[io.Combo.Input("checkpoint", options=paths.checkpoint_choices(), tooltip=CHECKPOINT_TOOLTIP)],
             outputs=[io.Vae.Output(display_name="vae", tooltip="The checkpoint's FLUX autoencoder.")],
         )

@@ -2,7 +2,8 @@
 
 Keys (all may also be set in ``extra_model_paths.yaml``):
 
-* ``bagel``             -> ``models/bagel``: one sub-folder per checkpoint (official BAGEL-7B-MoT layout).
+* ``bagel``             -> ``models/bagel``: checkpoint folders (official BAGEL-7B-MoT layout, fine-tunes in it,
+                           DFloat11 folders) and single-file BAGEL ``.safetensors`` (docs/loading.md).
 * ``bagel_draft_heads`` -> ``<each bagel folder>/draft_heads``: speculative-decoding draft heads (``.safetensors``).
 * ``bagel_distilled``   -> ``<each bagel folder>/distilled``: distilled few-step generation experts (``.safetensors``).
 
@@ -14,7 +15,7 @@ from __future__ import annotations
 import os
 from typing import MutableMapping
 
-from .adapters import NONE_CHOICE, NodeInputError, checkpoint_dirs, files_with_ext
+from .adapters import NONE_CHOICE, SINGLE_FILE_EXTS, NodeInputError, checkpoint_entries, files_with_ext
 
 SUBFOLDERS = {  # key -> (sub-folder of each bagel folder, extensions)
     "bagel_draft_heads": ("draft_heads", {".safetensors"}),
@@ -60,8 +61,20 @@ def _listing(key: str) -> list[str]:
 
 
 def checkpoint_choices() -> list[str]:
-    found = [d for d in checkpoint_dirs(_listing("bagel")) if not d.startswith(("draft_heads/", "distilled/"))]
-    return found or ["(put a BAGEL checkpoint folder in models/bagel)"]
+    return checkpoint_entries(_listing("bagel")) or ["(put a BAGEL checkpoint folder or file in models/bagel)"]
+
+
+def search_paths(core_formats):
+    """``formats.SearchPaths`` of ComfyUI's folders: every bagel path (BAGEL folders lend their tokenizer), every
+    vae path (FLUX's ae.safetensors) and the custom_nodes folders (the ComfyUI-BAGEL pack's bundled tokenizer)."""
+    import folder_paths
+
+    def get(key):
+        try:
+            return tuple(folder_paths.get_folder_paths(key))
+        except KeyError:
+            return ()
+    return core_formats.SearchPaths(bagel=get("bagel"), vae=get("vae"), custom_nodes=get("custom_nodes"))
 
 
 def draft_head_choices() -> list[str]:
@@ -86,18 +99,21 @@ def relative_name(name, what: str) -> str:
 
 
 def resolve_checkpoint(name: str) -> str:
-    """Absolute folder of a checkpoint listed by ``checkpoint_choices``; a clear error otherwise."""
+    """Absolute path of a checkpoint listed by ``checkpoint_choices`` (a folder or a single file); a clear error
+    otherwise."""
     import folder_paths
 
     rel = relative_name(name, "checkpoint")
     for root in folder_paths.get_folder_paths("bagel"):
         cand = os.path.join(root, rel)
-        if os.path.isfile(os.path.join(cand, "llm_config.json")):
+        if os.path.isfile(os.path.join(cand, "llm_config.json")) or (
+                os.path.isfile(cand) and cand.lower().endswith(SINGLE_FILE_EXTS)):
             return cand
     roots = ", ".join(folder_paths.get_folder_paths("bagel"))
-    raise FileNotFoundError(f"BAGEL checkpoint folder {name!r} not found in {roots}. Put the BAGEL-7B-MoT folder "
-                            "(llm_config.json, vit_config.json, ema.safetensors, ae.safetensors, tokenizer files) "
-                            "there and press 'Refresh'; hyperbagel never downloads models.")
+    raise FileNotFoundError(f"BAGEL checkpoint {name!r} not found in {roots}. Put the BAGEL-7B-MoT folder "
+                            "(llm_config.json, vit_config.json, ema.safetensors, ae.safetensors, tokenizer files) or "
+                            "a single-file BAGEL .safetensors there and press 'Refresh'; hyperbagel never downloads "
+                            "models.")
 
 
 def resolve_file(key: str, name: str) -> str:

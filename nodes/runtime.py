@@ -251,10 +251,25 @@ def latent_previewer(bagel: BagelModel):
     return preview
 
 
+def core_vae_weights(vae) -> dict:
+    """The weights of a core VAE (core 'Load VAE' on FLUX's ae.safetensors) under their file names, the official
+    FLUX names the core converts from; the core copies them into BAGEL's own VAE and checks the architecture."""
+    model = getattr(vae, "first_stage_model", None)
+    if model is None:
+        raise NodeInputError("vae: connect the VAE output of core 'Load VAE' with FLUX's ae.safetensors (or leave it "
+                             "unconnected to use the ae.safetensors found beside the checkpoint or in models/vae).")
+    dtype = getattr(vae, "vae_dtype", None)
+    if dtype is not None and str(dtype) != "torch.float32":
+        log.info("hyperbagel: the connected VAE holds %s weights (ComfyUI's VAE dtype); BAGEL's VAE gets those "
+                 "values (start ComfyUI with --fp32-vae for the file's fp32 weights)", dtype)
+    return model.state_dict()
+
+
 def load_bagel(checkpoint_dir: str, dtype_choice: str, attn_backend: str, memory_mode: str,
-               weight_dtype: str = "default", max_memory: str = "") -> BagelModel:
+               weight_dtype: str = "default", max_memory: str = "", vae=None) -> BagelModel:
     """Build the pipeline on the offload device with ``comfy.ops`` layers and wrap it in a ModelPatcher.
 
+    ``checkpoint_dir``: a folder or a single file of models/bagel; ``vae``: a core VAE to use as BAGEL's.
     ``memory_mode="multi_gpu"``: placed over every GPU ComfyUI sees instead (``max_memory``: the budget per
     device, accelerate's form "0=20GiB, 1=24GiB, cpu=48GiB"; empty = their free memory, overflow to CPU RAM).
     The placed weights stay where they were put: ComfyUI's model manager does not load, stream or offload
@@ -290,9 +305,19 @@ def load_bagel(checkpoint_dir: str, dtype_choice: str, attn_backend: str, memory
     ops = comfy.ops.pick_operations(dtype, compute_dtype, load_device=load_device)
     free = mm.get_free_memory(load_device) if weight_dtype == "auto" and load_device.type != "cpu" else None
     where = dict(device_map="auto", max_memory=max_memory.strip() or None) if placed else dict(device=offload_device)
+    extra = {}   # what a single file lacks: where to look, and the VAE connected to the loader
+    formats = core_submodule("formats")
+    if formats is not None:
+        from .paths import search_paths
+        extra["search_paths"] = search_paths(formats)
+    if vae is not None:
+        extra["vae"] = core_vae_weights(vae)
     pipe = core.BagelPipeline.from_pretrained(checkpoint_dir, dtype=dtype, ops=ops, compute_dtype=compute_dtype,
                                               attn_backend=attn_backend, weight_dtype=weight_dtype, free_memory=free,
-                                              **where)
+                                              **where, **extra)
+    if getattr(pipe.model, "dfloat11", False) and memory_mode != "gpu_full":
+        log.info("hyperbagel: DFloat11 weights are rebuilt on the GPU per layer; keeping them all there (gpu_full)")
+        memory_mode = "gpu_full"
     plan = pipe.weight_plan.reason if pipe.weight_plan is not None else None
     if plan:
         log.info("hyperbagel: %s", plan)
@@ -313,19 +338,31 @@ def load_bagel(checkpoint_dir: str, dtype_choice: str, attn_backend: str, memory
     model = BagelModel(pipe=pipe, patcher=patcher, checkpoint=checkpoint_dir, dtype_name=dtype_name,
                        attn_backend=attn_backend, memory_mode=memory_mode, weight_dtype=pipe.weight_dtype,
                        plan=plan, parts=parts, placement=placement)
-    log.info("hyperbagel: loaded %s in %.1f s", model.describe(), time.perf_counter() - t0)
+    ckpt = getattr(pipe, "checkpoint", None)
+    log.info("hyperbagel: loaded %s in %.1f s%s", model.describe(), time.perf_counter() - t0,
+             f" ({ckpt.describe()})" if ckpt is not None else "")
     return model
 
 
-def load_flux_vae(checkpoint_dir: str):
-    """The checkpoint's ``ae.safetensors`` as a core ``comfy.sd.VAE``, built exactly as core ``VAELoader`` does."""
+def load_flux_vae(checkpoint: str):
+    """The checkpoint's FLUX ``ae.safetensors`` as a core ``comfy.sd.VAE``, built exactly as core ``VAELoader``
+    does: a folder's own (or its vae/ one), for a single file the one beside it or in models/vae."""
     import comfy.sd
     import comfy.utils
 
-    path = os.path.join(checkpoint_dir, "ae.safetensors")
+    from .paths import search_paths
+
+    formats = core_submodule("formats")
+    if formats is not None:
+        found = formats.find_ae([checkpoint] if os.path.isdir(checkpoint) else [os.path.dirname(checkpoint)],
+                                formats.SearchPaths() if os.path.isdir(checkpoint) else search_paths(formats))
+        path = str(found) if found is not None else os.path.join(checkpoint, "ae.safetensors")
+    else:
+        path = os.path.join(checkpoint, "ae.safetensors")
     if not os.path.isfile(path):
-        raise FileNotFoundError(f"{path} is missing: the BAGEL-7B-MoT folder ships its FLUX autoencoder as "
-                                "ae.safetensors; copy it there (or use core 'Load VAE' with the FLUX ae file).")
+        raise FileNotFoundError(f"no FLUX ae.safetensors for {checkpoint}: the BAGEL-7B-MoT folder ships it as "
+                                "ae.safetensors; put it there (beside a single file, or in models/vae), or use core "
+                                "'Load VAE' with the FLUX ae file.")
     vae = comfy.sd.VAE(sd=comfy.utils.load_torch_file(path))
     vae.throw_exception_if_invalid()
     return vae

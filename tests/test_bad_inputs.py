@@ -182,7 +182,7 @@ ROWS = [
         r"wrong shapes \(1\): llm2vae\.weight", r"re-download", CheckpointError),
     Row(CKPT, "keys of another model", lambda e: _rewrite_ema(
         e, "keys", lambda sd: {"model.diffusion_model.input_blocks.0.0.weight": torch.zeros(4, 4)}),
-        r"missing tensors .* unexpected tensors", r"mixes files of different models.*re-download",
+        r"holds a Stable Diffusion / SDXL UNet", r"mixes files of different models.*re-download",
         CheckpointError),
     Row(CKPT, "ema.bin (pickle) instead of ema.safetensors", lambda e: _pickle_instead(e, "bin", "ema.bin"),
         r"missing ema\.safetensors; found ema\.bin", r"download the release's \.safetensors", CheckpointError),
@@ -192,6 +192,62 @@ ROWS = [
     Row(CKPT, "pre-quantized (int8) folder whose weights belong to another base model", _quantized_of_another_model,
         r"quantized from base model .* the files beside it belong to another model",
         r"quantize this model's bf16 folder again", CheckpointError),
+]
+
+# -------------------------------------------------------------------------------- other on-disk formats
+
+def _single_alone(env, name, sidecar=False):
+    """The tiny checkpoint as one file in <tmp>/<name>/models/bagel with FLUX's ae beside it, nothing else."""
+    from hyperbagel_core.testing import make_single_file
+    d = env.tmp / name / "models" / "bagel"
+    if d.parent.parent.exists():
+        shutil.rmtree(d.parent.parent)
+    f = make_single_file(env.ckpt, d / "t.safetensors", sidecar=sidecar)
+    shutil.copyfile(env.ckpt / "ae.safetensors", d / "ae.safetensors")
+    return f
+
+
+def _sidecar_of_another_file(env):
+    import json
+    f = _single_alone(env, "sidecar", sidecar=True)
+    sidecar = f.with_name(f.name + ".comfyui-bagel.json")
+    record = json.loads(sidecar.read_text())
+    record["checkpoint_size"] += 4096   # the size of the file it was written for
+    sidecar.write_text(json.dumps(record))
+    return BagelPipeline.from_pretrained(f)
+
+
+def _partial_fine_tune(env):
+    d = env.folder("partial")
+    (d / "ema.safetensors").unlink()
+    sd = load_file(str(env.ckpt / "ema.safetensors"))
+    save_file({k: v for k, v in sd.items() if "moe_gen" in k}, str(d / "model_bf16.safetensors"))
+    return BagelPipeline.from_pretrained(d)
+
+
+def _df11_here(env):
+    from hyperbagel_core.testing import make_df11_style_folder
+    d = env.tmp / "df11"
+    if not d.exists():
+        make_df11_style_folder(env.ckpt, d)
+    return BagelPipeline.from_pretrained(d, device="cpu")
+
+
+FMT = "on-disk formats"
+ROWS += [
+    Row(FMT, "a FLUX ae.safetensors picked as the BAGEL checkpoint",
+        lambda e: BagelPipeline.from_pretrained(e.ckpt / "ae.safetensors"), r"holds a FLUX autoencoder",
+        r"models/vae and connect core 'Load VAE'", CheckpointError),
+    Row(FMT, "single file, no tokenizer beside it or in any BAGEL folder",
+        lambda e: BagelPipeline.from_pretrained(_single_alone(e, "alone")), r"no tokenizer found",
+        r"put the BAGEL-7B-MoT tokenizer files .* beside it", CheckpointError),
+    Row(FMT, "single file whose sidecar was written for another file", _sidecar_of_another_file,
+        r"made for a file of \d+ bytes", r"re-download the file or re-create the sidecar", CheckpointError),
+    Row(FMT, "fine-tune folder holding only its trained tensors", _partial_fine_tune, r"partial checkpoint",
+        r"fill the rest from the base model's ema\.safetensors", CheckpointError),
+    Row(FMT, "DFloat11 folder where the dfloat11 package / a CUDA GPU is missing", _df11_here,
+        r"DFloat11-compressed BAGEL folder", r"dfloat11\[cuda12\].* weight_dtype int8, fp8_e4m3fn or nf4",
+        CheckpointError),
 ]
 
 # -------------------------------------------------------------------------------- attachments

@@ -270,8 +270,28 @@ def attachments(server: "Server") -> dict:
     return {"draft_head": DRAFT_FILE, "distilled_expert": DISTILLED_FILE}
 
 
-__all__ = ["COMFYUI_DIR", "DISTILLED_FILE", "DRAFT_FILE", "OUR_NODES", "OVERRIDES", "Server", "attachments",
-           "model_files", "start", "start_previews", "wc"]
+SINGLE_FILE = "tiny-single.safetensors"
+
+
+def single_file(server: "Server") -> str:
+    """The tiny checkpoint as one BAGEL file with comfyui_bagel metadata in the extra bagel path (no tokenizer
+    beside it: the 'tiny' folder lends its own) and its FLUX-architecture ae.safetensors in models/vae, where
+    core 'Load VAE' lists it (once); returns the file's name in the loader's list."""
+    import shutil
+
+    from hyperbagel_core.testing import make_single_file
+
+    dst = os.path.join(server.base, "extra", "bagel", SINGLE_FILE)
+    ae = os.path.join(server.base, "models", "vae", "ae.safetensors")
+    if not (os.path.isfile(dst) and os.path.isfile(ae)):
+        make_single_file(server.checkpoint, dst)
+        os.makedirs(os.path.dirname(ae), exist_ok=True)
+        shutil.copyfile(os.path.join(server.checkpoint, "ae.safetensors"), ae)
+    return SINGLE_FILE
+
+
+__all__ = ["COMFYUI_DIR", "DISTILLED_FILE", "DRAFT_FILE", "OUR_NODES", "OVERRIDES", "SINGLE_FILE", "Server",
+           "attachments", "model_files", "single_file", "start", "start_previews", "wc"]
 
 
 REPO = os.path.dirname(os.path.dirname(HERE))

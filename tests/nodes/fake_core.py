@@ -114,10 +114,9 @@ def make_core(pipe=None):
     class BagelPipeline:
         @staticmethod
         def from_pretrained(path, device=None, dtype=None, ops=None, attn_backend="sdpa", compute_dtype=None,
-                            weight_dtype="default", free_memory=None, **placement):
+                            weight_dtype="default", free_memory=None, **extra):
             loads.append(dict(path=path, device=device, dtype=dtype, ops=ops, attn_backend=attn_backend,
-                              compute_dtype=compute_dtype, weight_dtype=weight_dtype, free_memory=free_memory,
-                              **placement))
+                              compute_dtype=compute_dtype, weight_dtype=weight_dtype, free_memory=free_memory, **extra))
             pipe.weight_dtype = weight_dtype
             return pipe
 

@@ -134,6 +134,11 @@ def test_checkpoint_listing():
              "llm_config.json", "draft_heads/h.safetensors", "draft_heads/h.json"]
     assert A.checkpoint_dirs(files) == ["BAGEL-7B-MoT", "sub/tiny"]
     assert A.files_with_ext(files, under="draft_heads") == ["draft_heads/h.safetensors"]
+    # the loader's list: folders and single files outside them; attachments and a folder's own files are not entries
+    files += ["bagel-7b-mot.safetensors", "bagel-7b-mot.safetensors.comfyui-bagel.json", "RecA/model_bf16.safetensors",
+              "DF11/llm_config.json", "DF11/vae/ae.safetensors", "distilled/d.safetensors", "x.sft", "notes.txt"]
+    assert A.checkpoint_entries(files) == ["BAGEL-7B-MoT", "DF11", "RecA/model_bf16.safetensors",
+                                           "bagel-7b-mot.safetensors", "sub/tiny", "x.sft"]
 
 
 def test_step_progress_batches_and_checks_first():

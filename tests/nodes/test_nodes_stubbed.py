@@ -97,6 +97,28 @@ def test_loader_lists_and_loads_through_model_patcher(env):
     assert [p.model for p in m.patchers()] == [core.pipe.modules, m.draft.obj, m.distilled.obj.module]
 
 
+def test_loader_lists_single_files_and_hands_a_core_vae_to_the_core(env, tmp_path):
+    """A single-file checkpoint is listed beside the folders; a VAE from core 'Load VAE' goes to the core as the
+    weights its model holds (the core copies and checks them)."""
+    import folder_paths
+    from nodes import adapters
+    _, ext, core = env
+    one = tmp_path / "models" / "bagel" / "one.safetensors"
+    one.write_bytes(b"x")
+    opts = {i.id: i.options for i in ext.BagelModelLoader.define_schema().inputs if i.options}
+    assert opts["checkpoint"] == ["one.safetensors", "tiny"]
+    vae_input = [i for i in ext.BagelModelLoader.define_schema().inputs if i.id == "vae"]
+    assert len(vae_input) == 1 and vae_input[0].optional
+    load(ext, checkpoint="one.safetensors")
+    assert core.loads[-1]["path"] == str(one) and "vae" not in core.loads[-1]
+    conv = torch.nn.Conv2d(16, 4, 1)
+    load(ext, checkpoint="one.safetensors", vae=type("CoreVAE", (), {"first_stage_model": conv})())
+    assert core.loads[-1]["vae"].keys() == {"weight", "bias"} and torch.equal(core.loads[-1]["vae"]["weight"], conv.weight)
+    with pytest.raises(adapters.NodeInputError, match="core 'Load VAE'"):
+        load(ext, checkpoint="one.safetensors", vae=object())
+    assert folder_paths.get_full_path("bagel", "one.safetensors") == str(one)
+
+
 def test_loader_errors_say_what_to_do(env):
     _, ext, core = env
     with pytest.raises(FileNotFoundError, match="never downloads"):
