@@ -15,7 +15,8 @@ class BagelApplyDraftHead(io.ComfyNode):
             display_name="BAGEL Apply Draft Head (Hyper-Bagel)",
             category="BAGEL/loaders",
             description="Adds a speculative-decoding draft head (models/bagel/draft_heads) to the model for the "
-                        "VQA node's 'draft_head' drafter. Answers are identical with or without it, only faster. "
+                        "VQA node's 'draft_head' drafter. Answers are identical with or without it (up to "
+                        "rare bf16 near-ties), only faster. "
                         "The base model is shared, not reloaded; the input model is left unchanged.",
             inputs=[
                 BagelModelType.Input("model", tooltip="From 'BAGEL Model Loader (Hyper-Bagel)'."),

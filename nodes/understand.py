@@ -23,7 +23,8 @@ class BagelSpeculativeVQA(io.ComfyNode):
             category="BAGEL/understanding",
             description="Answers a question about an image (or plain text) with speculative decoding: a drafter "
                         "proposes k tokens, BAGEL verifies them in one pass. Greedy answers are identical to plain "
-                        "decoding, only faster. The answer and decoding stats are shown on the node.",
+                        "decoding (BAGEL decides every token; in bf16 a near-tie of the top two tokens can rarely "
+                        "swap), only faster. The answer and decoding stats are shown on the node.",
             inputs=[
                 BagelModelType.Input("model", tooltip="From 'BAGEL Model Loader (Hyper-Bagel)' or an apply node."),
                 io.String.Input("question", multiline=True, default="Describe this image in detail.",

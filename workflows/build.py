@@ -174,7 +174,8 @@ def speculative_vqa():
         "BAGEL image question answering", FILES + " Load your image in *Load Image*.",
         "**Speculative decoding:** `prompt_lookup` needs no extra file. For `draft_head`, un-bypass *Apply Draft "
         "Head* (Ctrl+B) and pick a head from `models/bagel/draft_heads/` (made with this pack's trainer, "
-        "`docs/draft_head.md`). Greedy answers are identical with every drafter.", MEMORY),
+        "`docs/draft_head.md`). Greedy answers are identical with every drafter (up to rare "
+        "bf16 near-ties of the top two tokens).", MEMORY),
         size=(340, 420))
     m = g.add("HyperBagelModelLoader", (40, 80), LOADER, size=(340, 160))
     h = g.add("HyperBagelApplyDraftHead", (40, 300), {"draft_head": NO_HEAD}, size=(340, 80), mode=BYPASSED)

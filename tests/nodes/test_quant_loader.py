@@ -38,7 +38,8 @@ def test_loader_offers_the_modes_and_passes_the_choice(env):
     spec = {i.id: i for i in ext.BagelModelLoader.define_schema().inputs}
     assert spec["weight_dtype"].options == list(WEIGHT_DTYPES) and spec["weight_dtype"].default == "default"
     assert {"fp8_e4m3fn", "fp8_e4m3fn_fast", "int8", "nf4", "auto"} <= set(WEIGHT_DTYPES)
-    assert list(spec)[-2:] == ["weight_dtype", "max_memory"]  # appended: saved workflows keep their widget order
+    # appended: saved workflows keep their widget order ("vae" is a socket, not a widget value)
+    assert list(spec)[-3:] == ["weight_dtype", "max_memory", "vae"]
     m = _load(ext, weight_dtype="int8")
     assert core.loads[-1]["weight_dtype"] == "int8" and core.loads[-1]["free_memory"] is None
     assert "weights int8" in m.describe()
