@@ -177,4 +177,4 @@ def test_static_draft_chain_equals_dynamic(target):
     for d in (dyn, sta):
         d.reset(3)
         d.observe([BOS, 5, 6, 7, 8], feats, 9)
-    assert dyn.propose(8)[0] == sta.propose(8)[0]
+    assert dyn.propose(8)[0].tolist() == sta.propose(8)[0].tolist()

@@ -2,7 +2,8 @@
 
 Greedy: accept the longest prefix of the draft that equals the target's argmax; the next token is the
 target's argmax after that prefix (lossless by construction).
-Sampling (Leviathan et al. / Chen et al.): draft token x_i ~ q_i is accepted with probability
+Both rules run on the device (``acceptance_on_device``, ``greedy_accept_on_device``): speculative decoding
+reads one small tensor back per round. Sampling (Leviathan et al. / Chen et al.): draft token x_i ~ q_i is accepted with probability
 min(1, p_i(x_i) / q_i(x_i)); at the first rejection the next token is drawn from
 normalise(max(0, p_i - q_i)); if all k are accepted a bonus token is drawn from p_k. The emitted tokens
 are then distributed exactly as sampling from p token by token. A deterministic drafter is the
@@ -51,26 +52,55 @@ def residual(p: torch.Tensor, q: torch.Tensor | None, token: int) -> torch.Tenso
     return r / s if s > 0 else p
 
 
-def _uniform(generator: torch.Generator | None, device) -> float:
-    dev = generator.device if generator is not None else device
-    return torch.rand((), generator=generator, device=dev).item()
+def acceptance_on_device(p: torch.Tensor, q: torch.Tensor | None, draft: torch.Tensor,
+                         generator: torch.Generator | None = None) -> torch.Tensor:
+    """The sampling rule above for a whole chain at once, on ``p``'s device, without a host sync.
 
-
-def _draw(dist: torch.Tensor, generator: torch.Generator | None) -> int:
-    if generator is not None and generator.device != dist.device:
-        dist = dist.to(generator.device)
-    return int(torch.multinomial(dist, 1, generator=generator).item())
-
-
-def speculative_accept(p: torch.Tensor, q: torch.Tensor | None, draft: list[int],
-                       generator: torch.Generator | None = None) -> tuple[int, int]:
-    """p [k+1, V] target probs, q [k, V] draft probs (None = deterministic drafter), draft k tokens.
-
-    Returns (m, next_token): m accepted drafts, then the corrected or bonus token.
+    p [k+1, V] target probs, q [k, V] draft probs (None = deterministic drafter), draft [k] ids on p's device.
+    All k uniforms are drawn up front (the ones past the first rejection are unused: the same law as drawing
+    them one by one); the residual of every position is formed and the one at the first rejection (or the
+    bonus distribution p_k) is drawn from. Returns a LongTensor [2]: (m accepted drafts, next token).
     """
-    for i, x in enumerate(draft):
-        qi = None if q is None else q[i]
-        if _uniform(generator, p.device) < float(accept_probability(p[i], qi, x)):
-            continue
-        return i, _draw(residual(p[i], qi, x), generator)
-    return len(draft), _draw(p[len(draft)], generator)
+    k = draft.numel()
+    if k == 0:
+        return torch.cat([torch.zeros(1, dtype=torch.long, device=p.device), _draw_t(p[0], generator)])
+    idx = torch.arange(k, device=p.device)
+    px = p[idx, draft]
+    if q is None:
+        a = px.clamp(max=1.0)
+        r = p[:k].clone()
+        r[idx, draft] = 0
+    else:
+        qx = q[idx, draft]
+        a = torch.where(qx > 0, (px / qx.clamp_min(torch.finfo(qx.dtype).tiny)).clamp(max=1.0), (px > 0).to(p.dtype))
+        r = (p[:k] - q).clamp(min=0)
+    mass = r.sum(-1, keepdim=True)
+    r = torch.where(mass > 0, r / mass.clamp_min(torch.finfo(r.dtype).tiny), p[:k])   # zero mass: p itself
+    m = (_uniforms(k, generator, p.device) < a).long().cumprod(0).sum().view(1)
+    dist = torch.cat([r, p[k:k + 1]]).index_select(0, m)[0]
+    return torch.cat([m, _draw_t(dist, generator)])
+
+
+def speculative_accept(p: torch.Tensor, q: torch.Tensor | None, draft, generator: torch.Generator | None = None
+                       ) -> tuple[int, int]:
+    """``acceptance_on_device`` for a list or tensor draft; returns (m, next_token) as ints (one host sync)."""
+    d = torch.as_tensor(draft, dtype=torch.long).reshape(-1).to(p.device)
+    m, tok = acceptance_on_device(p, q, d, generator).tolist()
+    return m, tok
+
+
+def greedy_accept_on_device(draft: torch.Tensor, target_argmax: torch.Tensor) -> torch.Tensor:
+    """Greedy rule on the device: [1] number of leading draft ids equal to the target's argmax."""
+    k = draft.numel()
+    return (draft == target_argmax[:k]).long().cumprod(0).sum().view(1)
+
+
+def _uniforms(k: int, generator: torch.Generator | None, device) -> torch.Tensor:
+    dev = generator.device if generator is not None else device
+    return torch.rand(k, generator=generator, device=dev).to(device)
+
+
+def _draw_t(dist: torch.Tensor, generator: torch.Generator | None) -> torch.Tensor:
+    if generator is not None and generator.device != dist.device:
+        return torch.multinomial(dist.to(generator.device), 1, generator=generator).to(dist.device)
+    return torch.multinomial(dist, 1, generator=generator)
