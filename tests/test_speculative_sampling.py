@@ -110,7 +110,7 @@ def _exact_joint(model, prompt, T, depth=3):
     return out
 
 
-@pytest.mark.parametrize("case", ["draft_head", "deterministic"])
+@pytest.mark.parametrize("case", ["draft_head", "draft_head_reduced_vocab", "deterministic"])
 def test_first_tokens_distribution_equals_plain_sampling(case):
     model = tiny_target(seed=2, shape=MICRO, std=0.6)
     prompt, T, n = [1, 3, 2], 0.9, 3000
@@ -119,6 +119,8 @@ def test_first_tokens_distribution_equals_plain_sampling(case):
     model.prefill_text(base, torch.tensor(prompt))
     if case == "draft_head":
         drafter = DraftHeadDrafter(DraftHead.from_target(model, zero_init=False, seed=11))
+    elif case == "draft_head_reduced_vocab":     # q is 0 off its 3 tokens: the residual covers the rest
+        drafter = DraftHeadDrafter(DraftHead.from_target(model, zero_init=False, seed=11, draft_vocab=[0, 2, 4]))
     else:
         drafter = OracleDrafter([2, 2, 4, 1, 0, 3], 1.0, MICRO.vocab_size)    # fixed proposals, one-hot q
     g = torch.Generator().manual_seed(123)
