@@ -177,7 +177,8 @@ class BagelPipeline:
         the denoising passes; True = "all", False/"none" = off. Regions compile on first use per shape class
         (seconds to a minute each; ``compile_stats()`` and the calls' ``stats["compile_s"]`` say how long)
         and are cached for the process and, by inductor, on disk. Weights that ComfyUI streams or patches
-        per call keep the eager path; a region that fails to compile runs eagerly with a warning."""
+        per call keep the eager path; a region that fails to compile runs eagerly with a warning. ``backend``:
+        the torch.compile backend ("inductor"; None runs the region functions uncompiled)."""
         mode = resolve_compile(mode)
         self._static_decoder.release()
         self.compile_mode = mode
