@@ -2,12 +2,13 @@
 
 Greedy: accept the longest prefix of the draft that equals the target's argmax; the next token is the
 target's argmax after that prefix (lossless by construction).
-Both rules run on the device (``acceptance_on_device``, ``greedy_accept_on_device``): speculative decoding
-reads one small tensor back per round. Sampling (Leviathan et al. / Chen et al.): draft token x_i ~ q_i is accepted with probability
+Sampling (Leviathan et al. / Chen et al.): draft token x_i ~ q_i is accepted with probability
 min(1, p_i(x_i) / q_i(x_i)); at the first rejection the next token is drawn from
 normalise(max(0, p_i - q_i)); if all k are accepted a bonus token is drawn from p_k. The emitted tokens
 are then distributed exactly as sampling from p token by token. A deterministic drafter is the
 special case q_i = one-hot(x_i): accept with probability p_i(x_i), residual = p_i with x_i removed.
+Both rules run on the device (``acceptance_on_device``, ``greedy_accept_on_device``): speculative decoding
+reads one small tensor back per round.
 """
 from __future__ import annotations
 
@@ -19,37 +20,32 @@ def greedy_pick(logits: torch.Tensor) -> torch.Tensor:
     return logits.argmax(dim=-1)
 
 
-def greedy_accept(draft: list[int], target_argmax: list[int]) -> int:
-    """Number m of leading draft tokens equal to the target's argmax predictions."""
-    m = 0
-    while m < len(draft) and draft[m] == target_argmax[m]:
-        m += 1
-    return m
-
-
 def probs(logits: torch.Tensor, temperature: float) -> torch.Tensor:
     """The decoding distribution of plain sampling: softmax(logits.float() / T)."""
     return torch.softmax(logits.float() / temperature, dim=-1)
 
 
-def accept_probability(p: torch.Tensor, q: torch.Tensor | None, token: int) -> torch.Tensor:
-    """min(1, p(x)/q(x)) for one position (q None = one-hot draft)."""
+def accept_probabilities(p: torch.Tensor, q: torch.Tensor | None, draft: torch.Tensor) -> torch.Tensor:
+    """min(1, p_i(x_i) / q_i(x_i)) per position: p/q [k, V] (q None = one-hot drafts), draft [k] -> [k]."""
+    idx = torch.arange(draft.numel(), device=p.device)
+    px = p[idx, draft]
     if q is None:
-        return p[token].clamp(max=1.0)
-    if q[token] <= 0:  # never drafted by a proper sampler; accept iff the target allows it
-        return (p[token] > 0).to(p.dtype)
-    return (p[token] / q[token]).clamp(max=1.0)
+        return px.clamp(max=1.0)
+    qx = q[idx, draft]
+    # q_i(x_i) = 0: never drafted by a proper sampler; accept iff the target allows it
+    return torch.where(qx > 0, (px / qx.clamp_min(torch.finfo(qx.dtype).tiny)).clamp(max=1.0), (px > 0).to(p.dtype))
 
 
-def residual(p: torch.Tensor, q: torch.Tensor | None, token: int) -> torch.Tensor:
-    """normalise(max(0, p - q)) for one position; falls back to p if the residual mass is zero."""
+def residuals(p: torch.Tensor, q: torch.Tensor | None, draft: torch.Tensor) -> torch.Tensor:
+    """normalise(max(0, p_i - q_i)) per position (one-hot q: p_i without x_i); p_i itself where that mass
+    is zero. p/q [k, V], draft [k] -> [k, V]."""
     if q is None:
         r = p.clone()
-        r[token] = 0
+        r[torch.arange(draft.numel(), device=p.device), draft] = 0
     else:
         r = (p - q).clamp(min=0)
-    s = r.sum()
-    return r / s if s > 0 else p
+    mass = r.sum(-1, keepdim=True)
+    return torch.where(mass > 0, r / mass.clamp_min(torch.finfo(r.dtype).tiny), p)
 
 
 def acceptance_on_device(p: torch.Tensor, q: torch.Tensor | None, draft: torch.Tensor,
@@ -64,20 +60,9 @@ def acceptance_on_device(p: torch.Tensor, q: torch.Tensor | None, draft: torch.T
     k = draft.numel()
     if k == 0:
         return torch.cat([torch.zeros(1, dtype=torch.long, device=p.device), _draw_t(p[0], generator)])
-    idx = torch.arange(k, device=p.device)
-    px = p[idx, draft]
-    if q is None:
-        a = px.clamp(max=1.0)
-        r = p[:k].clone()
-        r[idx, draft] = 0
-    else:
-        qx = q[idx, draft]
-        a = torch.where(qx > 0, (px / qx.clamp_min(torch.finfo(qx.dtype).tiny)).clamp(max=1.0), (px > 0).to(p.dtype))
-        r = (p[:k] - q).clamp(min=0)
-    mass = r.sum(-1, keepdim=True)
-    r = torch.where(mass > 0, r / mass.clamp_min(torch.finfo(r.dtype).tiny), p[:k])   # zero mass: p itself
+    a = accept_probabilities(p[:k], q, draft)
     m = (_uniforms(k, generator, p.device) < a).long().cumprod(0).sum().view(1)
-    dist = torch.cat([r, p[k:k + 1]]).index_select(0, m)[0]
+    dist = torch.cat([residuals(p[:k], q, draft), p[k:k + 1]]).index_select(0, m)[0]
     return torch.cat([m, _draw_t(dist, generator)])
 
 
