@@ -41,14 +41,21 @@ class BagelModelLoader(io.ComfyNode):
                                        "about 16 GB (int8 is closer to bf16). fp8_e4m3fn_fast: fp8 matmuls on "
                                        "RTX 40xx+ GPUs. nf4: 4-bit, about 8.7 GB. auto: the fastest that fits the free "
                                        "VRAM (see the log). A pre-quantized folder loads in its own mode."),
+                io.Combo.Input("compile", options=runtime.compile_choices(), default="none",
+                               tooltip="torch.compile, like core TorchCompileModel: decode = the text decoding "
+                                       "step (answers, thinking, speculative drafting), all = also the image "
+                                       "denoising passes. The first run compiles (seconds to minutes, see the "
+                                       "log); later runs reuse it, and inductor caches it on disk across "
+                                       "restarts. Needs Triton on the GPU; anything that cannot compile runs as "
+                                       "before. Weights ComfyUI streams (low VRAM) stay uncompiled."),
             ],
             outputs=[BagelModelType.Output(display_name="model", tooltip="The loaded BAGEL model.")],
         )
 
     @classmethod
-    def execute(cls, checkpoint, dtype, attention, memory, weight_dtype="default") -> io.NodeOutput:
+    def execute(cls, checkpoint, dtype, attention, memory, weight_dtype="default", compile="none") -> io.NodeOutput:
         folder = paths.resolve_checkpoint(checkpoint)
-        return io.NodeOutput(runtime.load_bagel(folder, dtype, attention, memory, weight_dtype))
+        return io.NodeOutput(runtime.load_bagel(folder, dtype, attention, memory, weight_dtype, compile))
 
 
 class BagelVAELoader(io.ComfyNode):
