@@ -157,3 +157,15 @@ def test_compile_option_and_pipeline_paths(tiny_pipe, monkeypatch):
     finally:
         tiny_pipe.set_compile(False)
     assert tiny_pipe.text_decoder() is tiny_pipe.model and tiny_pipe.compile_stats() == {"mode": "none"}
+
+
+def test_compiled_step_traces_quantized_layers():
+    """The quantized linears (issue 10) trace into the regions (dequantization fused there): same tokens."""
+    from hyperbagel_core import quant
+    model = tiny_target(seed=2, dtype=torch.float32)
+    quant.quantize_model_(model, "int8", torch.float32)
+    model.compute_dtype = torch.float32
+    comp = RegionCompiler("eager")
+    ref, _ = decode(model, [3, 3, 5], None, eos_id=-1, max_new_tokens=12)
+    got, _ = decode(StaticTextDecoder(model, compiler=comp), [3, 3, 5], None, eos_id=-1, max_new_tokens=12)
+    assert got.ids == ref.ids and not comp.failed and sum(comp.graphs.values()) == 3
