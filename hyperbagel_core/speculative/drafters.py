@@ -186,7 +186,8 @@ class OracleDrafter:
     batched-vs-single-token numerics can flip a near-tie), ``resync(seq)`` is asked for the target's
     greedy continuation of the committed text (asked again when a round's proposals would run past it);
     its time is accumulated in ``excluded_s`` so a bench can leave the measuring device's own cost out. The
-    check runs when a round's tokens are observed, outside the draft phase the adaptive draft length times."""
+    check after a divergence runs when a round's tokens are observed, outside the draft phase that the
+    adaptive draft length times."""
     lookahead = 16            # reference tokens kept ahead of the committed text (>= k + 1 of a round)
 
     def __init__(self, reference: list[int], accept_rate: float, vocab_size: int, seed: int = 0,
@@ -210,7 +211,8 @@ class OracleDrafter:
         self.seq += list(tokens[1:]) + [next_token]
         if self.shadow is not None:
             self.shadow.observe(tokens, layer_hidden, next_token)
-        self._check(self.lookahead)
+        if self.reference[:len(self.seq)] != self.seq:     # left the reference: resync now, not while drafting
+            self._check(self.lookahead)
 
     def _check(self, k: int) -> None:
         n = len(self.seq)
