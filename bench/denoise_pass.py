@@ -61,20 +61,13 @@ def flops(model, ctxs, x, h, w) -> dict:
     return dict(matmul=mm, attention=attn, total=mm + attn)
 
 
-def timed(fn, dev, repeats: int) -> tuple[list[float], float]:
-    """Seconds of ``repeats`` calls after a warm-up call (which compiles), and the warm-up's seconds."""
+def timed(fn, dev) -> float:
+    """Seconds of one synchronised call."""
     sync(dev)
     t0 = time.perf_counter()
     fn()
     sync(dev)
-    warm = time.perf_counter() - t0
-    out = []
-    for _ in range(repeats):
-        t0 = time.perf_counter()
-        fn()
-        sync(dev)
-        out.append(time.perf_counter() - t0)
-    return out, warm
+    return time.perf_counter() - t0
 
 
 def kernels(fn, dev) -> int | None:
@@ -130,14 +123,21 @@ def main(argv=None) -> int:
             fl = flops(model, ctxs[:b], x, h, w)
             row = dict(branches=b, query_tokens=h * w + 2, context=lengths[:b], gflop=round(fl["total"] / 1e9, 3),
                        gflop_matmul=round(fl["matmul"] / 1e9, 3), gflop_attention=round(fl["attention"] / 1e9, 3))
+            fn = lambda: model.velocity_batched(ctxs[:b], x, 0.5, h, w)  # noqa: E731
+            runs = {p: [] for p in paths}
+            for r in range(a.repeats + 1):     # the paths in alternation (load drifts into both); 0: warm-up
+                for path in paths:
+                    model.language_model.pass_compiler = comp if path == "compiled" else None
+                    try:
+                        runs[path].append(timed(fn, dev))
+                    finally:
+                        model.language_model.pass_compiler = None
             for path in paths:
                 model.language_model.pass_compiler = comp if path == "compiled" else None
                 try:
-                    fn = lambda: model.velocity_batched(ctxs[:b], x, 0.5, h, w)  # noqa: E731
-                    runs, warm = timed(fn, dev, a.repeats)
-                    med = statistics.median(runs)
-                    row[path] = dict(median_s=round(med, 5), runs=[round(r, 5) for r in runs],
-                                     first_call_s=round(warm, 3), tflops=round(fl["total"] / med / 1e12, 4),
+                    med = statistics.median(runs[path][1:])
+                    row[path] = dict(median_s=round(med, 5), runs=[round(t, 5) for t in runs[path][1:]],
+                                     first_call_s=round(runs[path][0], 3), tflops=round(fl["total"] / med / 1e12, 4),
                                      kernels=kernels(fn, dev))
                     if spec:
                         row[path]["pct_of_peak"] = round(100 * fl["total"] / med / 1e12 / spec["bf16_tflops"], 1)

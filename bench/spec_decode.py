@@ -281,11 +281,22 @@ def main(argv=None) -> int:
                for ad in (False, True) if float(t) <= int(k) + 1]
     name = {"eager": "eager", "static": "graph" if cuda else "static", "compiled": "compiled"}
     rows, profiles, first_answer = [], {}, {}
+    # plain decoding of every path in alternation (after one warm-up each: compile, capture), so that a
+    # shared machine's load drifts into every path alike; medians
+    refs, times = {}, {p: [] for p in paths}
     for path in paths:
         b.path = path
-        label = name[path]
-        ref, t_plain = b.median(b.plain)
-        rows.append(dict(mode="plain", path=label, tok_s=len(ref) / t_plain))
+        b.plain()
+    for _ in range(args.repeats):
+        for path in paths:
+            b.path = path
+            refs[path], t = b.plain()
+            times[path].append(t)
+    for path in paths:
+        rows.append(dict(mode="plain", path=name[path], tok_s=len(refs[path]) / statistics.median(times[path])))
+    for path in paths:
+        b.path = path
+        label, ref = name[path], refs[path]
         if path != "eager":
             first_answer[label] = round(b.first_answer_s(), 3)
         if cuda:
