@@ -26,6 +26,8 @@ def _add_common(p: argparse.ArgumentParser) -> None:
     p.add_argument("--dtype", default=None, help="bfloat16 | float16 | float32 (default: bf16 on GPU, fp32 on CPU)")
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--no-cuda-graphs", action="store_true", help="decode text eagerly (no CUDA-graphed steps)")
+    p.add_argument("--compile", default="none", choices=["none", "decode", "all"],
+                   help="torch.compile the text decode step (decode) and the denoising passes (all)")
     p.add_argument("--out", type=Path, default=Path("out"), help="output folder")
 
 
@@ -112,7 +114,7 @@ def _pipeline(args):
         print(f"demo: no weights given, built a tiny random checkpoint at {folder}")
     dtype = args.dtype or ("bfloat16" if str(args.device).startswith("cuda") else "float32")
     return BagelPipeline.from_pretrained(folder, device=args.device, dtype=dtype,
-                                         cuda_graphs=not args.no_cuda_graphs)
+                                         cuda_graphs=not args.no_cuda_graphs, compile=args.compile)
 
 
 def _quantize(args) -> int:
