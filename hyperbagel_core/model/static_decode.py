@@ -158,6 +158,17 @@ class StaticTextDecoder:
         self._graphs.clear()
         self._storage = None
 
+    min_rows: int | None = None   # rows a step is padded to at least; None: ``smallest_block``'s choice
+
+    def smallest_block(self) -> int:
+        """Rows a step is padded to at least. Compiled on CUDA: 2, so that one graph (rows dynamic, >= 2)
+        serves plain decoding and every verification block (a memory-bound GPU reads the weights once for
+        either). Elsewhere 1: a CPU matrix product of 2 rows costs about twice one row's (measured), and the
+        extra graph for one row costs only compile time there."""
+        if self.min_rows is not None:
+            return self.min_rows
+        return 2 if self.compiler is not None and self.model.device.type == "cuda" else 1
+
     def _region(self, fn):
         return fn if self.compiler is None else self.compiler.region(fn.__name__, fn)
 
@@ -191,7 +202,7 @@ class StaticTextDecoder:
         run eagerly. ``ids`` may be a device tensor (drafted tokens): nothing waits for it on the host."""
         ids = torch.as_tensor(ids, dtype=torch.long).reshape(-1)
         n = ids.numel()
-        b = _bucket(n, 2 if self.compiler is not None else 1)   # compiled: one graph for every block size
+        b = _bucket(n, self.smallest_block())
         if b is None:
             return self.model.forward_text(ctx, ids, return_all_hidden)
         self.model.reserve_text(ctx, b)          # in place unless the storage is shared or full
