@@ -1,6 +1,7 @@
 """bench/gpu_check.sh end to end at tiny shapes on CPU (TINY=1): issue 21's two steps run through the same
-scripts and code paths as on the GPU (the compiled path with dynamo's "eager" backend), the merge writes
-one JSON and one markdown table; a missing step script is reported, not fatal."""
+scripts and code paths as on the GPU (the compiled path with dynamo's "eager" backend; the smoke arguments
+keep it to the fewest graphs), the merge writes one JSON and one markdown table; a missing step script is
+reported, not fatal."""
 import json
 import os
 import subprocess
@@ -17,11 +18,11 @@ def test_gpu_check_tiny_smoke(tmp_path):
     rec = json.loads((tmp_path / "gpu_check.json").read_text())
     assert rec["meta"]["statuses"] == {"decode": "ok", "denoise_pass": "ok"}, r.stdout[-3000:]
     decode = rec["steps"]["decode"]["result"]
-    assert {r["path"] for r in decode["rows"] if r["mode"] == "plain"} == {"static", "compiled"}
+    assert {r["path"] for r in decode["rows"] if r["mode"] == "plain"} == {"compiled"}
     assert decode["meta"]["compile"]["graphs"] >= 3 and not decode["meta"]["compile"]["failed"]
     assert any(r["path"] == "compiled" and r["tau_target"] == 3.77 for r in decode["rows"] if "k" in r)
     passes = rec["steps"]["denoise_pass"]["result"]["rows"]
-    assert [p["branches"] for p in passes] == [1, 2, 3] and all("compiled" in p for p in passes)
+    assert [p["branches"] for p in passes] == [2, 3] and all("compiled" in p for p in passes)
     md = (tmp_path / "gpu_check.md").read_text()
     assert "| decode | speculative, oracle at tau 3.77" in md and "| denoise_pass | denoising pass 3" in md
 

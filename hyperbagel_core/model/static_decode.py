@@ -104,7 +104,7 @@ def _attend(layer, x, q, kc, vc, bias):
 
 
 def decode_first(embed, layer, ids, pos, slots, kc, vc, dtype, head_dim: int, theta: float, group: int):
-    x = embed(ids).to(dtype)[None]
+    x = embed(ids[None]).to(dtype)     # [1, b, D], not a view: the next region sees the same kind of input
     cos, sin = rope_cos_sin(pos[None], head_dim, theta, dtype)
     bias = length_bias(slots, kc.shape[0], group, dtype)
     return x, _write_kv(layer, x, cos, sin, kc, vc, slots), cos, sin, bias
