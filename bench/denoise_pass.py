@@ -148,7 +148,8 @@ def main(argv=None) -> int:
             rows.append(row)
             print(json.dumps(row), flush=True)
             if a.out:                     # as it goes: a step cut by the GPU check's timeout keeps its rows
-                Path(a.out).write_text(json.dumps(dict(rows=rows), indent=1))
+                Path(a.out).write_text(json.dumps(dict(rows=rows, final=False, summary=summary(
+                    rows, spec is None or a.shape != "real")), indent=1))
     meta = dict(date=datetime.datetime.now(datetime.timezone.utc).isoformat(timespec="seconds"),
                 device=torch.cuda.get_device_name(dev) if dev.type == "cuda" else platform.processor() or "cpu",
                 card=spec, torch=torch.__version__, dtype=str(dtype), args=vars(a), build_s=round(build_s, 2),

@@ -48,10 +48,10 @@ python3 -c "import torch; print('torch', torch.__version__, torch.cuda.get_devic
 
 # issue 21: plain decode tok/s, % of bandwidth, kernels per token (static = CUDA graphs, compiled = + torch.compile);
 # speculative with the oracle at tau 3.77 and adaptive k vs plain on the compiled path (reduced-vocabulary head)
-step decode 200 bench/spec_decode.py "--paths static,compiled --repeats 1" \
+step decode 190 bench/spec_decode.py "--paths compiled,static --repeats 1" \
   "--paths compiled --compile eager --threads 1 --tokens 16 --prompt-len 16 --repeats 1 --k 4 --taus 3.77 --draft-vocab 256"
 # issue 21: one 1024² edit pass with 1/2/3 CFG branches, eager vs compiled, % of dense bf16 peak
-step denoise_pass 130 bench/denoise_pass.py "--repeats 3" "--compile eager --threads 1 --repeats 1 --branches 2,3"
+step denoise_pass 110 bench/denoise_pass.py "--repeats 3" "--compile eager --threads 1 --repeats 1 --branches 2,3"
 # issue 9/21: ours side of the side by side with the official code (its official half: see docs/PERFORMANCE.md)
 step side_by_side 110 bench/gpu_side_by_side.py "--repeats 1 --only workloads" "--repeats 1 --only workloads"
 # issue 10: quantized modes (decode tok/s, 1024² s/image, peak memory per mode)

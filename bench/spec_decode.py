@@ -246,12 +246,12 @@ def main(argv=None) -> int:
     ap.add_argument("--device", default="cuda")
     ap.add_argument("--dtype", default="bf16", choices=["bf16", "fp16", "fp32"])
     ap.add_argument("--paths", default="eager,static,compiled",
-                    help="decode paths to time: eager (the model), static (fixed shapes; CUDA graphs on CUDA), "
-                         "compiled (the static step through torch.compile; + graphs on CUDA)")
+                    help="decode paths to time, in this order: eager (the model), static (fixed shapes; CUDA graphs on "
+                         "CUDA), compiled (the static step through torch.compile; + graphs on CUDA)")
     ap.add_argument("--no-cuda-graphs", action="store_true", help="= --paths eager")
     ap.add_argument("--compile", default="inductor", help="torch.compile backend of the compiled path, or none")
-    ap.add_argument("--spec-paths", default="", help="paths that get the whole speculative grid (default: the "
-                    "fastest one); the others get one point (tau 3.77 adaptive)")
+    ap.add_argument("--spec-paths", default="", help="paths that get the whole speculative grid (default: compiled, "
+                    "else the last); the others get one point (tau 3.77 adaptive)")
     ap.add_argument("--tokens", type=int, default=256)
     ap.add_argument("--prompt-len", type=int, default=1024)
     ap.add_argument("--k", default="4,10", help="draft lengths (comma list)")
@@ -275,7 +275,8 @@ def main(argv=None) -> int:
     torch.manual_seed(args.seed)
     cuda = args.device.startswith("cuda")
     b = Bench(args)
-    spec_paths = args.spec_paths.split(",") if args.spec_paths else paths[-1:]
+    spec_paths = args.spec_paths.split(",") if args.spec_paths else \
+        (["compiled"] if "compiled" in paths else paths[-1:])
     taus = [] if args.taus in ("", "none") else args.taus.split(",")      # none: plain decoding only
     configs = [(float(t), int(k), ad) for t in taus for k in args.k.split(",")
                for ad in (False, True) if float(t) <= int(k) + 1]
@@ -294,6 +295,7 @@ def main(argv=None) -> int:
             times[path].append(t)
     for path in paths:
         rows.append(dict(mode="plain", path=name[path], tok_s=len(refs[path]) / statistics.median(times[path])))
+    report(b, args, rows, profiles, first_answer, paths, name, cuda, final=False)
     for path in paths:
         b.path = path
         label, ref = name[path], refs[path]
@@ -318,17 +320,26 @@ def main(argv=None) -> int:
                              tok_s=len(res.ids) / secs, resyncs=oracle.resyncs))
         if hasattr(b.decoder(), "release"):
             b.decoder().release()
+        report(b, args, rows, profiles, first_answer, paths, name, cuda, final=False)   # as it goes
+    report(b, args, rows, profiles, first_answer, paths, name, cuda, final=True)
+    return 0
+
+
+def report(b, args, rows, profiles, first_answer, paths, name, cuda: bool, final: bool) -> None:
+    """Figures of the rows so far; printed when ``final``, written to ``--out`` every time (a run cut by the
+    GPU check's timeout keeps what it measured)."""
+    rows = [dict(r) for r in rows]
     plain_of = {r["path"]: r["tok_s"] for r in rows if r["mode"] == "plain"}
     for r in rows:
         r["speedup"] = round(r["tok_s"] / plain_of[r["path"]], 3)           # vs plain on the same path
         r["vs_eager_plain"] = round(r["tok_s"] / plain_of["eager"], 3) if "eager" in plain_of else None
         r["tok_s"] = round(r["tok_s"], 2)
-    fast = name[paths[-1]]
+    fast = name["compiled"] if "compiled" in paths else name[paths[-1]]
     device = torch.cuda.get_device_name() if cuda else platform.processor() or platform.machine()
     spec = card(device) if cuda else None
     bpt = b.bytes_per_token()
     bandwidth = {p: round(bpt * plain_of[p] / 1e9, 1) for p in plain_of}          # GB/s achieved
-    pct = round(100 * bandwidth[fast] / (spec["bandwidth_tbs"] * 1e3), 1) if spec else None
+    pct = round(100 * bandwidth[fast] / (spec["bandwidth_tbs"] * 1e3), 1) if spec and fast in bandwidth else None
     kernels = profiles.get(fast, {}).get("kernels_per_step")
     meta = dict(date=datetime.datetime.now(datetime.timezone.utc).isoformat(timespec="seconds"),
                 device=device, card=spec, torch=torch.__version__, args=vars(args), build_s=round(b.build_s, 2),
@@ -337,6 +348,15 @@ def main(argv=None) -> int:
                 first_answer_s=first_answer, bytes_per_token=bpt, achieved_GBps=bandwidth,
                 bandwidth_pct=pct, kernels_per_token=kernels,
                 compile=b.compiler.stats() if b.compiler else None)
+    checks = verdicts(rows, fast, pct, kernels) if fast in plain_of else []
+    smoke = args.shape != "real" or not cuda
+    if smoke:
+        checks = ["(smoke run: the checks below are only meaningful on a GPU at real shapes)"] + checks
+    if args.out:
+        Path(args.out).write_text(json.dumps(dict(meta=meta, rows=rows, profile=profiles, checks=checks, final=final,
+                                                  summary=summary(rows, meta, profiles, fast, smoke)), indent=1))
+    if not final:
+        return
     cols = ["mode", "path", "k", "adaptive", "tau_target", "alpha", "tau", "acceptance", "tokens_per_forward",
             "tok_s", "speedup", "vs_eager_plain", "resyncs"]
     print(f"# decode bench {meta['date']} {meta['device']} {args.dtype} {args.shape} context={args.prompt_len} "
@@ -349,16 +369,10 @@ def main(argv=None) -> int:
               f"attention: {p.get('attention_kernels', p)}")
     print(f"bytes read per token {bpt / 1e9:.3f} GB; achieved GB/s {bandwidth}; % of bandwidth ({fast}): {pct}")
     print(f"first answer (fresh context, compile/capture included) s: {first_answer}; compile: {meta['compile']}")
-    checks = verdicts(rows, fast, pct, kernels)
-    smoke = args.shape != "real" or not cuda
-    if smoke:
-        checks = ["(smoke run: the checks below are only meaningful on a GPU at real shapes)"] + checks
     for line in checks:
         print(line)
-    if args.out:
-        Path(args.out).write_text(json.dumps(dict(meta=meta, rows=rows, profile=profiles, checks=checks,
-                                                  summary=summary(rows, meta, profiles, fast, smoke)), indent=1))
-    return 0
+
+
 
 
 def summary(rows, meta, profiles, fast: str, smoke: bool) -> list[dict]:
