@@ -53,10 +53,10 @@ step decode 190 bench/spec_decode.py "--paths compiled,static --repeats 1" \
 # issue 21: one 1024² edit pass with 1/2/3 CFG branches, eager vs compiled, % of dense bf16 peak
 step denoise_pass 110 bench/denoise_pass.py "--repeats 3" "--compile eager --threads 1 --repeats 1 --branches 2,3"
 # issue 9/21: ours side of the side by side with the official code (its official half: see docs/PERFORMANCE.md)
-step side_by_side 110 bench/gpu_side_by_side.py "--repeats 1 --only workloads --compile all" \
+step side_by_side 130 bench/gpu_side_by_side.py "--repeats 1 --only workloads --compile all" \
   "--repeats 1 --only workloads --compile all"
 # issue 10: quantized modes (decode tok/s, 1024² s/image, peak memory per mode)
-step quant 120 bench/quant_gpu.py "--modes default fp8_e4m3fn_fast int8 nf4 --steps 20 --tokens 64" \
+step quant 90 bench/quant_gpu.py "--modes default fp8_e4m3fn_fast int8 nf4 --steps 20 --tokens 64" \
   "--size 64 --steps 3 --tokens 8 --modes default int8"
 
 python3 bench/gpu_check_merge.py "$OUT"
