@@ -10,9 +10,10 @@ parameters as inputs), so a region is compiled once and reused by all layers. Th
 have their own regions (embedding / final norm and LM head). Attention stays between the regions where it
 reads per-branch caches (denoising) and inside them where its shapes are fixed (the static decode step).
 
-Shapes: the rows of a decode step (1, or the k+1 of a verification) and the cache capacity are marked
-dynamic (one compiled graph for one row, one for all larger blocks and every capacity); a denoising pass is
-dynamic in its batch of CFG branches (2-3; 1 is its own graph) and its token count (every resolution).
+Shapes: the rows of a decode step (the k+1 of a verification) and the cache capacity are marked dynamic;
+on CUDA a step has at least 2 rows, so one compiled graph per region serves every block size and every
+capacity (on CPU a 1-row step keeps its own graph: ``StaticTextDecoder.smallest_block``); a denoising pass
+is dynamic in its batch of CFG branches (2-3; 1 is its own graph) and its token count (every resolution).
 
 Caching (what is compiled when): in this process each region is compiled on its first call per shape class
 and kept by ``torch._dynamo`` for every later call, every pipeline and every model of the same structure;
