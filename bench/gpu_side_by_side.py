@@ -179,6 +179,8 @@ def main(argv=None) -> None:
     ap.add_argument("--official", default=None, help="the official harness's results.json to compare with")
     ap.add_argument("--merge", default=None, help="only merge: our earlier --out JSON with --official")
     ap.add_argument("--out", default=None)
+    ap.add_argument("--compile", default="none", choices=["none", "decode", "all"],
+                    help="BagelPipeline.set_compile for our side (issue 21)")
     a = ap.parse_args(argv)
     if a.merge:
         res = json.loads(Path(a.merge).read_text())
@@ -191,8 +193,9 @@ def main(argv=None) -> None:
     t0 = time.perf_counter()
     pipe = build_pipeline(a.tiny, a.device, dtype)
     pipe.tokenizer = NoStopTokenizer()
+    pipe.set_compile(a.compile, backend="eager" if a.tiny and a.compile != "none" else "inductor")
     res = dict(device=torch.cuda.get_device_name() if dev.type == "cuda" else "cpu", torch=torch.__version__,
-               dtype=str(dtype), tiny=a.tiny, build_s=time.perf_counter() - t0,
+               dtype=str(dtype), tiny=a.tiny, build_s=time.perf_counter() - t0, compile=a.compile,
                date=time.strftime("%Y-%m-%d %H:%M UTC", time.gmtime()))
     if dev.type == "cuda":
         res["weights_GiB"] = torch.cuda.memory_allocated() / 2 ** 30
@@ -206,6 +209,8 @@ def main(argv=None) -> None:
     if a.official and Path(a.official).exists() and "workloads" in res and "passes" in res:
         res["side_by_side"] = merge_official(res, json.loads(Path(a.official).read_text()))
         print("\n".join(res["side_by_side"]))
+    if pipe.compiler is not None:
+        res["compile_stats"] = pipe.compile_stats()
     if a.out:
         Path(a.out).write_text(json.dumps(res, indent=1))
 

@@ -35,6 +35,8 @@ def _add_common(p: argparse.ArgumentParser) -> None:
                                         "{module: device} or a JSON file; replaces --device")
     p.add_argument("--max-memory", help="per-device budget for --device-map auto, e.g. '0=20GiB,1=24GiB,cpu=64GiB'")
     p.add_argument("--offload-dir", type=Path, help="folder for modules placed on 'disk'")
+    p.add_argument("--compile", default="none", choices=["none", "decode", "all"],
+                   help="torch.compile the text decode step (decode) and the denoising passes (all)")
     p.add_argument("--out", type=Path, default=Path("out"), help="output folder")
 
 
@@ -126,7 +128,8 @@ def _pipeline(args):
     dtype = args.dtype or ("bfloat16" if gpu else "float32")
     pipe = BagelPipeline.from_pretrained(folder, device=args.device, dtype=dtype, cuda_graphs=not args.no_cuda_graphs,
                                          device_map=parse_device_map(args.device_map), max_memory=args.max_memory,
-                                         offload_dir=args.offload_dir, tokenizer=args.tokenizer, vae=args.vae)
+                                         offload_dir=args.offload_dir, tokenizer=args.tokenizer, vae=args.vae,
+                                         compile=args.compile)
     if placed:
         print(f"placed: main device {pipe.device}; {pipe.model.placement.summary(pipe.model)}")
     return pipe

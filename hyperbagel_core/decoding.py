@@ -32,8 +32,11 @@ def generate_text(model, ctx: Context, *, bos_id: int, eos_id: int, max_new_toke
     out: list[int] = []
     tok, t0 = bos_id, time.perf_counter()
     for step in range(max_new_tokens):
-        logits = model.forward_text(ctx, torch.tensor([tok])).logits[-1]
-        tok = next_token(logits, do_sample, temperature, generator)
+        step_out = model.forward_text(ctx, torch.tensor([tok]))
+        if step_out.argmax is not None and not do_sample:      # the static step's fused argmax
+            tok = int(step_out.argmax[-1])
+        else:
+            tok = next_token(step_out.logits[-1], do_sample, temperature, generator)
         if callback is not None:
             callback(step + 1, max_new_tokens)
         if tok == eos_id:

@@ -7,6 +7,7 @@ think mode with the official system prompts, noise drawn from one CPU generator 
 """
 from __future__ import annotations
 
+import functools
 import logging
 import time
 from dataclasses import dataclass, field
@@ -24,7 +25,8 @@ from .decoding import generate_text
 from .errors import InputError
 from .distill.sampling import distilled_sample
 from .generation import CFGSettings, solver_sample, teacher_sample
-from .model.static_decode import StaticTextDecoder, use_static_decoding
+from .model.compiled import resolve_compile, shared_compiler
+from .model.static_decode import StaticTextDecoder, use_static_decoding, weights_resident
 from .loading import load_bagel_model, load_vae, resolve_dtype
 from .ops import adopt_ops
 from .sampling.preview import unpacking
@@ -75,6 +77,23 @@ def _plan_weights(weights, config, weight_dtype, device, free_memory, task, size
     return plan
 
 
+def _compiled_passes(sample):
+    """Denoise with the compiled pass regions when ``_pass_compiler`` allows it; the result's stats say so and
+    how many seconds compiling took in this call. The model is left uncompiled afterwards (ComfyUI may stream
+    its weights next time)."""
+    @functools.wraps(sample)
+    def run(self, *args, **kw):
+        lm, c0 = self.model.language_model, self._compile_seconds()
+        lm.pass_compiler = self._pass_compiler()
+        try:
+            res = sample(self, *args, **kw)
+        finally:
+            compiled, lm.pass_compiler = lm.pass_compiler is not None, None
+        res.stats.update(compiled=compiled, compile_s=round(self._compile_seconds() - c0, 3))
+        return res
+    return run
+
+
 @dataclass
 class AnswerResult:
     text: str
@@ -105,14 +124,17 @@ class Contexts:
 
 class BagelPipeline:
     def __init__(self, model, vae, tokenizer: BagelTokenizer, config: BagelConfig, path: str | None = None,
-                 ops=None, cuda_graphs: bool = True):
+                 ops=None, cuda_graphs: bool = True, compile=False):
         """``ops``: the layer namespace of the weights (later attachments are re-classed to it);
         ``cuda_graphs``: decode text with fixed-shape CUDA-graphed steps when the und-expert weights are
-        resident on a CUDA device (``model/static_decode.py``); False always decodes eagerly."""
+        resident on a CUDA device (``model/static_decode.py``); False always decodes eagerly (unless compiled);
+        ``compile``: see ``set_compile``."""
         self.model, self.vae, self.tokenizer, self.config, self.path = model, vae, tokenizer, config, path
         self.ops = ops
         self.cuda_graphs = cuda_graphs
         self._static_decoder = StaticTextDecoder(model)
+        self.compile_mode, self.compiler = "none", None
+        self.set_compile(compile)
         self.modules = BagelModules(model, vae)
         model.set_special_tokens(tokenizer.start_of_image, tokenizer.end_of_image)
         self.distilled_expert = None  # distill.DistilledExpert: one-pass CFG-free denoising when set
@@ -150,6 +172,35 @@ class BagelPipeline:
             del self.modules.draft_head
         self.draft_head = None
 
+    # -- torch.compile (issue 21) ------------------------------------------------------------------------------
+    def set_compile(self, mode=True, backend: str = "inductor") -> None:
+        """Run the model's repeated regions through ``torch.compile`` (``model/compiled.py``): "decode" the
+        text decode step (answers, thinking, speculative verification, the draft head's chain), "all" also
+        the denoising passes; True = "all", False/"none" = off. Regions compile on first use per shape class
+        (seconds to a minute each; ``compile_stats()`` and the calls' ``stats["compile_s"]`` say how long)
+        and are cached for the process and, by inductor, on disk. Weights that ComfyUI streams or patches
+        per call keep the eager path; a region that fails to compile runs eagerly with a warning. ``backend``:
+        the torch.compile backend ("inductor"; None runs the region functions uncompiled)."""
+        mode = resolve_compile(mode)
+        self._static_decoder.release()
+        self.compile_mode = mode
+        self.compiler = None if mode == "none" else shared_compiler(backend)
+        self._static_decoder.compiler = self.compiler
+
+    def compile_stats(self) -> dict:
+        """Compile seconds and graphs per region in this process (``compiled.RegionCompiler.stats``)."""
+        return dict(mode=self.compile_mode, **(self.compiler.stats() if self.compiler else {}))
+
+    def _compile_seconds(self) -> float:
+        return sum(self.compiler.compile_s.values()) if self.compiler else 0.0
+
+    def _pass_compiler(self):
+        """The compiler for this call's denoising passes: compile "all" and every LLM weight resident on the
+        compute device, none streamed or patched per call (``weights_resident`` for the whole LLM)."""
+        if self.compile_mode != "all":
+            return None
+        return self.compiler if weights_resident(self.model, self.device, experts="all") else None
+
     def _use_distilled(self, distilled: bool | None) -> bool:
         if distilled and self.distilled_expert is None:
             raise InputError("distilled=True but no distilled expert is loaded; call load_distilled_expert(path)")
@@ -162,7 +213,7 @@ class BagelPipeline:
                         cuda_graphs: bool = True, weight_dtype: str = "default", free_memory: int | None = None,
                         plan_task: str = "generate", plan_size: tuple[int, int] = (1024, 1024),
                         device_map=None, max_memory=None, offload_dir=None, tokenizer=None, vae=None,
-                        search_paths=None) -> "BagelPipeline":
+                        search_paths=None, compile=False) -> "BagelPipeline":
         """Load BAGEL from what is on disk (docs/loading.md): an official folder (llm/vit configs,
         ema.safetensors, ae.safetensors, tokenizer), a fine-tune in that layout, a single-file BAGEL
         .safetensors (the ComfyUI-BAGEL format), or a DFloat11 folder (with the ``dfloat11`` package on CUDA).
@@ -187,6 +238,9 @@ class BagelPipeline:
         ``tokenizer`` (a folder of tokenizer files), ``vae`` (an ``ae.safetensors`` path, or a state dict under
         the official FLUX names such as ComfyUI's core VAE holds) and ``search_paths`` (``formats.SearchPaths``:
         where else to look) supply what a single file lacks; ``checkpoint`` then says where each part came from.
+
+        ``compile`` (False | "decode" | "all" | True): ``torch.compile`` the text decode step and (all) the
+        denoising passes (``set_compile``; the ComfyUI loader's ``compile`` option).
         """
         from .formats import resolve
         from .model.attention import set_backend
@@ -232,7 +286,8 @@ class BagelPipeline:
             ckpt.vae = None   # weights handed over were copied: keep no reference to the caller's tensors
         log.info("loaded BAGEL from %s in %.1fs (%s, %s; %s)", ckpt.path, time.perf_counter() - t0, device, dtype,
                  ckpt.describe())
-        pipe = cls(model, vae, ckpt.tokenizer, config, str(ckpt.path), ops=ops, cuda_graphs=cuda_graphs)
+        pipe = cls(model, vae, ckpt.tokenizer, config, str(ckpt.path), ops=ops, cuda_graphs=cuda_graphs,
+                   compile=compile)
         pipe.model.compute_dtype, pipe.compute_device = compute_dtype, device
         pipe.weight_plan, pipe.checkpoint = plan, ckpt
         if draft_head is not None:
@@ -355,9 +410,14 @@ class BagelPipeline:
         """What decodes text now: the static, CUDA-graphed decoder when the weights allow it, else the model.
 
         Asked per call: ComfyUI may have moved or partially loaded the weights since the last one. A failed
-        capture turns the decoder's graphs off; the eager model serves from then on."""
-        if use_static_decoding(self.model, self.device, self.cuda_graphs and self._static_decoder.cuda_graphs):
-            return self._static_decoder
+        capture turns the decoder's graphs off; the eager model serves from then on (compiled: the static
+        step's compiled regions without graphs, also on CPU)."""
+        dec = self._static_decoder
+        dec.graphs_wanted = self.cuda_graphs
+        if use_static_decoding(self.model, self.device, self.cuda_graphs and dec.cuda_graphs):
+            return dec
+        if self.compiler is not None and weights_resident(self.model, self.device):
+            return dec
         return self.model
 
     def _decode(self, ctx: Context, max_new_tokens: int, do_sample: bool, temperature: float, seed,
@@ -372,13 +432,16 @@ class BagelPipeline:
             gen = torch.Generator(self.device).manual_seed(int(seed if seed is not None else 0))
         stats: dict = {}
         tok, target = self.tokenizer, self.text_decoder()
+        compiled = target is self._static_decoder and self.compiler is not None
+        c0 = self._compile_seconds()
         try:
             if drafter != "none":
                 from .speculative.api import decode_with_drafter
                 ids, stats = decode_with_drafter(target, ctx.fork(), drafter, self.draft_head, bos_id=tok.bos_id,
                                                  eos_id=tok.eos_id, max_new_tokens=max_new_tokens,
                                                  do_sample=do_sample, temperature=temperature, generator=gen,
-                                                 callback=callback, num_draft_tokens=num_draft_tokens)
+                                                 callback=callback, num_draft_tokens=num_draft_tokens,
+                                                 compiler=self.compiler if compiled else None)
             else:
                 ids = generate_text(target, ctx.fork(), bos_id=tok.bos_id, eos_id=tok.eos_id,
                                     max_new_tokens=max_new_tokens, do_sample=do_sample, temperature=temperature,
@@ -388,6 +451,7 @@ class BagelPipeline:
         stats["decoder"] = "static" if target is self._static_decoder else "eager"
         if self.weight_kernels:
             stats["weight_kernels"] = self.weight_kernels
+        stats.update(compiled=compiled, compile_s=round(self._compile_seconds() - c0, 3))
         return ids, stats
 
     def answer(self, image=None, question: str = "", *, max_new_tokens: int = 512, do_sample: bool = False,
@@ -423,6 +487,7 @@ class BagelPipeline:
             return init_noise.float()
         return torch.randn(shape, generator=generator, dtype=torch.float32)
 
+    @_compiled_passes
     def _sample_image(self, ctxs: Contexts, height: int, width: int, *, generator, init_noise, cfg: CFGSettings,
                       num_timesteps: int, timestep_shift: float, schedule: str, batch_cfg: bool, callback,
                       trace: dict | None, thinking: str | None = None, t_start: float | None = None,

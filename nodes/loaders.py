@@ -47,6 +47,13 @@ class BagelModelLoader(io.ComfyNode):
                                        "about 16 GB (int8 is closer to bf16). fp8_e4m3fn_fast: fp8 matmuls on "
                                        "RTX 40xx+ GPUs. nf4: 4-bit, about 8.7 GB. auto: the fastest that fits the free "
                                        "VRAM (see the log). A pre-quantized folder loads in its own mode."),
+                io.Combo.Input("compile", options=runtime.compile_choices(), default="none",
+                               tooltip="torch.compile, like core TorchCompileModel: decode = the text decoding "
+                                       "step (answers, thinking, speculative drafting), all = also the image "
+                                       "denoising passes. The first run compiles (seconds to minutes, see the "
+                                       "log); later runs reuse it, and inductor caches it on disk across "
+                                       "restarts. Needs Triton on the GPU; anything that cannot compile runs as "
+                                       "before. Weights ComfyUI streams (low VRAM) stay uncompiled."),
                 io.String.Input("max_memory", default="", optional=True,
                                 tooltip="multi_gpu only: memory per device for the weights, e.g. "
                                         "'0=20GiB, 1=24GiB, cpu=48GiB' (what does not fit the GPUs goes to CPU RAM "
@@ -60,11 +67,11 @@ class BagelModelLoader(io.ComfyNode):
         )
 
     @classmethod
-    def execute(cls, checkpoint, dtype, attention, memory, weight_dtype="default", max_memory="",
+    def execute(cls, checkpoint, dtype, attention, memory, weight_dtype="default", compile="none", max_memory="",
                 vae=None) -> io.NodeOutput:
         path = paths.resolve_checkpoint(checkpoint)
-        return io.NodeOutput(runtime.load_bagel(path, dtype, attention, memory, weight_dtype, max_memory or "",
-                                                vae=vae))
+        return io.NodeOutput(runtime.load_bagel(path, dtype, attention, memory, weight_dtype, compile,
+                                                max_memory or "", vae=vae))
 
 
 class BagelVAELoader(io.ComfyNode):

@@ -56,6 +56,7 @@ class BagelModel:
     distilled: Attachment | None = None
     weight_dtype: str = "default"
     plan: str | None = None          # what weight_dtype="auto" picked and why
+    compile_mode: str = "none"       # torch.compile of the decode step ("decode") and the denoising passes ("all")
     parts: dict | None = None        # part name -> ModelPatcher (memory.model_parts): loaded per task
     placement: str | None = None     # multi_gpu: where the weights were placed (they stay there; see prepare)
 
@@ -150,6 +151,8 @@ class BagelModel:
             parts.append(self.plan)
         if self.placement:
             parts.append(f"placed: {self.placement}")
+        if self.compile_mode != "none":
+            parts.append(f"compiled ({self.compile_mode})")
         if self.draft_head:
             parts.append(f"draft head {os.path.basename(self.draft_head)}")
         if self.distilled_expert:
@@ -172,6 +175,12 @@ def weight_dtype_choices() -> list[str]:
     """The loader's weight_dtype options, named like ComfyUI's UNETLoader's (``quant.WEIGHT_DTYPES``)."""
     quant = core_submodule("quant")
     return list(quant.WEIGHT_DTYPES) if quant is not None else ["default"]
+
+
+def compile_choices() -> list[str]:
+    """The loader's compile options (``model.compiled.COMPILE_MODES``: none, decode, all)."""
+    compiled = core_submodule("model.compiled")
+    return list(compiled.COMPILE_MODES) if compiled is not None else ["none"]
 
 
 def bf16_native(device) -> bool:
@@ -266,7 +275,8 @@ def core_vae_weights(vae) -> dict:
 
 
 def load_bagel(checkpoint_dir: str, dtype_choice: str, attn_backend: str, memory_mode: str,
-               weight_dtype: str = "default", max_memory: str = "", vae=None) -> BagelModel:
+               weight_dtype: str = "default", compile_mode: str = "none", max_memory: str = "",
+               vae=None) -> BagelModel:
     """Build the pipeline on the offload device with ``comfy.ops`` layers and wrap it in a ModelPatcher.
 
     ``checkpoint_dir``: a folder or a single file of models/bagel; ``vae``: a core VAE to use as BAGEL's.
@@ -326,6 +336,8 @@ def load_bagel(checkpoint_dir: str, dtype_choice: str, attn_backend: str, memory
         load_device = offload_device = pipe.compute_device
         placement = pipe.model.placement.summary(pipe.model)
     pipe.compute_device = load_device
+    if compile_mode != "none":       # regions compile on first use; streamed or patched weights stay eager
+        pipe.set_compile(compile_mode)
     patcher = comfy.model_patcher.ModelPatcher(pipe.modules, load_device=load_device, offload_device=offload_device)
     memory = core_submodule("memory")
     parts = None if memory is None or placed else {
@@ -337,7 +349,7 @@ def load_bagel(checkpoint_dir: str, dtype_choice: str, attn_backend: str, memory
         dtype_name += f" (computed in {names.get(compute_dtype, str(compute_dtype))})"
     model = BagelModel(pipe=pipe, patcher=patcher, checkpoint=checkpoint_dir, dtype_name=dtype_name,
                        attn_backend=attn_backend, memory_mode=memory_mode, weight_dtype=pipe.weight_dtype,
-                       plan=plan, parts=parts, placement=placement)
+                       plan=plan, parts=parts, placement=placement, compile_mode=compile_mode)
     ckpt = getattr(pipe, "checkpoint", None)
     log.info("hyperbagel: loaded %s in %.1f s%s", model.describe(), time.perf_counter() - t0,
              f" ({ckpt.describe()})" if ckpt is not None else "")

@@ -125,3 +125,59 @@ def test_refuses_foreign_or_inconsistent_files(target, tmp_path):
     path.with_suffix(".json").write_text(json.dumps(twin))
     with pytest.raises(CheckpointError, match="disagrees"):
         load_draft_head(path, target)
+
+
+def test_draft_vocabulary_selection_and_head(target, tmp_path):
+    from hyperbagel_core.speculative.draft_head import select_draft_vocab
+    counts = torch.tensor([0, 5, 2, 5, 9, 0, 1, 2])
+    assert select_draft_vocab(counts, 3).tolist() == [1, 3, 4]            # ties to the lower id
+    assert select_draft_vocab(counts, 3, always=[7]).tolist() == [1, 4, 7]
+    vocab = [0, 2, 3, 5, 8, 13, 21]
+    head = DraftHead.from_target(target, zero_init=False, seed=2, draft_vocab=vocab)
+    assert head.config.draft_vocab_size == 7 and head.d2t.tolist() == vocab
+    assert torch.equal(head.lm_head.weight, target.language_model.lm_head.weight[vocab])   # its rows
+    g = torch.randn(4, TINY.hidden_size, dtype=torch.float64)
+    assert head.logits(g).shape == (4, 7)
+    assert set(head.to_target(head.logits(g).argmax(-1)).tolist()) <= set(vocab)
+    q = torch.softmax(head.logits(g), -1)
+    full = head.target_probs(q)
+    assert full.shape == (4, TINY.vocab_size) and torch.equal(full[:, vocab], q) and full.sum(-1).allclose(
+        torch.ones(4, dtype=torch.float64))
+    path = save_draft_head(head, tmp_path / "r", target)
+    back = load_draft_head(path, target)
+    assert back.config == head.config and torch.equal(back.d2t, head.d2t)
+    with pytest.raises(ValueError, match="draft_vocab_size"):
+        DraftHeadConfig.for_target(TINY, draft_vocab_size=TINY.vocab_size + 1)
+
+
+def _rewrite(path, tensors=None, **meta_changes):
+    from safetensors import safe_open
+    with safe_open(str(path), framework="pt") as f:
+        meta, old = dict(f.metadata()), {k: f.get_tensor(k) for k in f.keys()}
+    meta.update(meta_changes)
+    save_file(tensors if tensors is not None else old, str(path), metadata=meta)
+    path.with_suffix(".json").unlink(missing_ok=True)
+
+
+def test_format_versions(target, tmp_path):
+    """Format 1 (before the draft vocabulary) reads losslessly as a full-vocabulary head; unknown versions and
+    a broken d2t are refused with what to do."""
+    head = DraftHead.from_target(target, zero_init=False, seed=2)
+    path = save_draft_head(head, tmp_path / "v1", target)
+    cfg = json.loads(path.with_suffix(".json").read_text())["config"]
+    del cfg["draft_vocab_size"]
+    _rewrite(path, version="1", config=json.dumps(cfg))
+    old = load_draft_head(path, target)
+    assert old.config == head.config and old.config.draft_vocab_size == 0
+    assert all(torch.equal(a, b) for a, b in zip(old.state_dict().values(), head.state_dict().values()))
+    _rewrite(path, version="3")
+    with pytest.raises(CheckpointError, match="version '3'.*update hyperbagel"):
+        load_draft_head(path, target)
+    reduced = DraftHead.from_target(target, seed=2, draft_vocab=[1, 2, 3])
+    path = save_draft_head(reduced, tmp_path / "bad", target)
+    sd = {k: v.contiguous() for k, v in reduced.state_dict().items()}
+    sd["d2t"] = torch.tensor([1, 1, 3])
+    from hyperbagel_core.speculative.draft_io import _tensor_hash
+    _rewrite(path, sd, sha256=_tensor_hash(sd))
+    with pytest.raises(CheckpointError, match="d2t must be 3 distinct"):
+        load_draft_head(path, target)

@@ -61,10 +61,34 @@ def test_trainer_loss_decreases_and_acceptance_improves(kind):
 
 
 def test_cli_tiny_smoke(tmp_path, capsys):
+    """The recipe with a reduced draft vocabulary (issue 21): the 40 most frequent answer tokens, the stop
+    token among them, saved with the head."""
     out = tmp_path / "head.safetensors"
-    assert main(["--tiny", "--out", str(out), "--steps", "12", "--tiny-prompts", "3"])["steps"] == 12
+    assert main(["--tiny", "--out", str(out), "--steps", "12", "--tiny-prompts", "3", "--draft-vocab", "40"])[
+        "steps"] == 12
     rec = json.loads(capsys.readouterr().out.strip().splitlines()[-1])
-    assert rec["steps"] == 12 and out.exists() and out.with_suffix(".json").exists()
+    assert rec["steps"] == 12 and rec["draft_vocab"] == 40 and out.exists() and out.with_suffix(".json").exists()
+    twin = json.loads(out.with_suffix(".json").read_text())
+    assert twin["version"] == "2" and twin["config"]["draft_vocab_size"] == 40
+
+
+def test_draft_loss_over_a_draft_vocabulary():
+    from hyperbagel_core.training.draft_head import draft_loss
+    g = torch.Generator().manual_seed(0)
+    target = torch.randn(6, 11, generator=g, dtype=torch.float64)
+    full = torch.randn(6, 11, generator=g, dtype=torch.float64)
+    assert torch.allclose(draft_loss(full, target, 0.1, torch.arange(11)), draft_loss(full, target, 0.1))
+    d2t = torch.tensor([0, 3, 4, 7])
+    draft = full[:, d2t]
+    # KL against the target renormalised over d2t; CE only where the target's argmax is in d2t
+    logp = torch.log_softmax(target[:, d2t], -1)
+    logq = torch.log_softmax(draft, -1)
+    lab = target.argmax(-1)
+    inside = torch.isin(lab, d2t)
+    pos = torch.searchsorted(d2t, lab.clamp(max=d2t.max()))
+    ce = torch.where(inside, -logq.gather(1, pos[:, None])[:, 0], torch.zeros(6, dtype=torch.float64))
+    want = ((logp.exp() * (logp - logq)).sum(-1) + 0.1 * ce).mean()
+    assert torch.allclose(draft_loss(draft, target, 0.1, d2t).double(), want, atol=1e-6)   # (computed in fp32)
 
 
 def test_cli_on_a_tiny_checkpoint(tiny_ckpt, tmp_path, capsys):

@@ -14,7 +14,7 @@ HERE = os.path.dirname(os.path.abspath(__file__))
 # widget order of each node type as ComfyUI's frontend serialises it (control_after_generate / upload extras)
 GUIDANCE = ["cfg_interval_start", "cfg_interval_end", "cfg_renorm_type", "cfg_renorm_min"]
 WIDGETS = {
-    "HyperBagelModelLoader": ["checkpoint", "dtype", "attention", "memory", "weight_dtype", "max_memory"],
+    "HyperBagelModelLoader": ["checkpoint", "dtype", "attention", "memory", "weight_dtype", "compile", "max_memory"],
     "HyperBagelApplyDraftHead": ["draft_head"],
     "HyperBagelApplyDistilledExpert": ["distilled_expert"],
     "HyperBagelVAELoader": ["checkpoint"],
@@ -60,7 +60,7 @@ BYPASSED = 4  # LiteGraph node mode: bypass (inputs pass through to outputs of t
 NO_EXPERT = "(put a distilled expert in models/bagel/distilled)"
 NO_HEAD = "(put a draft head in models/bagel/draft_heads)"
 LOADER = dict(checkpoint="BAGEL-7B-MoT", dtype="auto", attention="sdpa", memory="auto", weight_dtype="default",
-              max_memory="")
+              compile="none", max_memory="")
 GUIDE_T2I = dict(cfg_interval_start=0.4, cfg_interval_end=1.0, cfg_renorm_type="global", cfg_renorm_min=0.0)
 GUIDE_EDIT = dict(cfg_interval_start=0.0, cfg_interval_end=1.0, cfg_renorm_type="text_channel", cfg_renorm_min=0.0)
 SAMPLER = dict(prompt="A photo of a red fox in fresh snow, golden hour, shallow depth of field.", width=1024,

@@ -24,6 +24,7 @@ class TextStep:
     logits: torch.Tensor            # [n, vocab] (model dtype)
     hidden: torch.Tensor            # [n, D] after the final norm
     layer_hidden: tuple | None      # L x [n, D] decoder-layer outputs, when asked for
+    argmax: torch.Tensor | None = None  # [n] greedy ids on the device (the static step computes them fused)
 
 
 @dataclass

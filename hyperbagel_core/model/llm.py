@@ -128,25 +128,33 @@ class Qwen2MoTDecoderLayer(nn.Module):
             return getattr(self, name)(x)
         return _routed(x, getattr(self, name), getattr(self, name + "_moe_gen"))
 
-    def forward(self, x, cos, sin, kv: "KVAccess", gen: bool):
+    def attention_inputs(self, x, cos, sin, gen: bool):
+        """Input norm, q/k/v projections, qk-norm and RoPE -> q [B, n, H, d], k/v [B, n, Hkv, d]."""
         a = self.self_attn
         h = self._expert("input_layernorm", x, gen)
         if not gen:
             q, k, v = a.qkv(h, "")
             q, k = a.qk_norm(q, k, "")
-            q, k = apply_rope(q, cos, sin), apply_rope(k, cos, sin)
-        else:  # _routed, spelled out: qk-norm and RoPE in fp32 (spec 4.3)
-            ends = slice(None, None, h.shape[1] - 1)
-            q, k, v = a.qkv(h, "_moe_gen")
-            qu, ku, vu = a.qkv(_rows(h, ends), "")
-            q, k = a.qk_norm(q.float(), k.float(), "_moe_gen")
-            q[:, ends], k[:, ends], v[:, ends] = (*a.qk_norm(qu.float(), ku.float(), ""), vu)
-            q, k = apply_rope(q, cos.float(), sin.float()), apply_rope(k, cos.float(), sin.float())
-            q, k = q.to(x.dtype), k.to(x.dtype)
-        o = kv.attend(q, k, v).flatten(2)
+            return apply_rope(q, cos, sin), apply_rope(k, cos, sin), v
+        # _routed, spelled out: qk-norm and RoPE in fp32 (spec 4.3)
+        ends = slice(None, None, h.shape[1] - 1)
+        q, k, v = a.qkv(h, "_moe_gen")
+        qu, ku, vu = a.qkv(_rows(h, ends), "")
+        q, k = a.qk_norm(q.float(), k.float(), "_moe_gen")
+        q[:, ends], k[:, ends], v[:, ends] = (*a.qk_norm(qu.float(), ku.float(), ""), vu)
+        q, k = apply_rope(q, cos.float(), sin.float()), apply_rope(k, cos.float(), sin.float())
+        return q.to(x.dtype), k.to(x.dtype), v
+
+    def finish(self, x, o, gen: bool):
+        """After attention (o [B, n, H*d]): output projection, residual, post norm, MLP, residual."""
+        a = self.self_attn
         x = x + (_routed(o, a.o_proj, a.o_proj_moe_gen) if gen else a.o_proj(o))
         b = self._expert("post_attention_layernorm", x, gen)
         return x + self._expert("mlp", b, gen)
+
+    def forward(self, x, cos, sin, kv: "KVAccess", gen: bool):
+        q, k, v = self.attention_inputs(x, cos, sin, gen)
+        return self.finish(x, kv.attend(q, k, v).flatten(2), gen)
 
 
 class KVAccess:
@@ -215,12 +223,18 @@ class Qwen2MoTForCausalLM(nn.Module):
         self.model = Qwen2MoTModel(cfg, ops)
         self.lm_head = ops.Linear(cfg.hidden_size, cfg.vocab_size, bias=False)
 
+    # a ``compiled.RegionCompiler`` for the denoising passes (``BagelPipeline(compile="all")``), else None
+    pass_compiler = None
+
     def forward(self, x: torch.Tensor, positions: torch.Tensor, ctxs: list, *, gen: bool, causal: bool,
                 update: bool, return_all_hidden: bool = False) -> LLMOutput:
         """x [B, n, D] in the model dtype, positions [B, n]; one context per batch row (None = empty)."""
         cfg = self.config
         cos, sin = rope_cos_sin(positions, cfg.head_dim, cfg.rope_theta, x.dtype)
         kv = KVAccess(ctxs, causal, update, x, cfg.num_key_value_heads, cfg.head_dim, self.kv_devices)
+        if (self.pass_compiler is not None and gen and not update and not torch.is_grad_enabled()
+                and len(self.model.layers) > 1):
+            return self._compiled_pass(x, cos, sin, kv, return_all_hidden)
         hiddens = []
         for layer in self.model.layers:
             x = layer(x, cos, sin, kv, gen)
@@ -229,3 +243,34 @@ class Qwen2MoTForCausalLM(nn.Module):
         m = self.model
         x = _routed(x, m.norm, m.norm_moe_gen) if gen else m.norm(x)
         return LLMOutput(x, tuple(hiddens) if return_all_hidden else None)
+
+    def _compiled_pass(self, x, cos, sin, kv: KVAccess, return_all_hidden: bool) -> LLMOutput:
+        """A denoising query (gen mode, read-only caches) with ``pass_middle`` compiled: the end of each layer
+        fused with the start of the next (``model/compiled.py``). Attention runs between the regions on each
+        branch's own cache; the first layer's start and the last layer's end run as in ``forward``."""
+        layers, m = self.model.layers, self.model
+        middle = self.pass_compiler.region("pass_middle", pass_middle)
+        x = x.contiguous()     # the branches' shared query arrives broadcast (stride 0): one graph for all inputs
+        q, k, v = layers[0].attention_inputs(x, cos, sin, True)
+        hiddens = []
+        for i in range(len(layers) - 1):
+            o = kv.attend(q, k, v).flatten(2)
+            x, q, k, v = middle(layers[i], layers[i + 1], _dyn_block(x), _dyn_block(o), _dyn_block(cos),
+                                _dyn_block(sin))
+            hiddens.append(x)
+        x = layers[-1].finish(x, kv.attend(q, k, v).flatten(2), True)
+        hiddens.append(x)
+        return LLMOutput(_routed(x, m.norm, m.norm_moe_gen), tuple(hiddens) if return_all_hidden else None)
+
+
+def pass_middle(layer, nxt, x, o, cos, sin):
+    """Compiled region of a denoising pass: the rest of ``layer`` after attention, then ``nxt`` up to its
+    attention inputs -> (x, q, k, v)."""
+    x = layer.finish(x, o, True)
+    return (x, *nxt.attention_inputs(x, cos, sin, True))
+
+
+def _dyn_block(t: torch.Tensor) -> torch.Tensor:
+    """One graph for every CFG batch of 2+ branches and every resolution (``compiled.mark_dynamic``)."""
+    from .compiled import mark_dynamic
+    return mark_dynamic(t, 0, 1)

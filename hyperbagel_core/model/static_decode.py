@@ -21,6 +21,7 @@ import torch.nn.functional as F
 
 from .attention import gqa_folded_attention
 from .bagel import TextStep
+from .compiled import mark_dynamic
 from .llm import rope_cos_sin
 
 log = logging.getLogger(__name__)
@@ -56,12 +57,16 @@ def und_parameters(model):
     return (p for n, p in model.language_model.named_parameters() if "moe_gen" not in n)
 
 
-def weights_resident(model, device: torch.device) -> bool:
-    """All und-expert weights sit on ``device`` and no module patches them per call: ComfyUI's low-VRAM
-    partial load streams weights (and applies LoRA patches) inside each forward, which a graph cannot replay."""
+def weights_resident(model, device: torch.device, experts: str = "und") -> bool:
+    """All und-expert weights (``experts="all"``: every LLM weight) sit on ``device`` and no module patches them
+    per call: ComfyUI's low-VRAM partial load streams weights (and applies LoRA patches) inside each forward,
+    which a graph cannot replay and a compiled region would recompile for."""
+    device = torch.device(device)
+
     def on(d):
         return d.type == device.type and (device.index is None or d.index == device.index)
-    if not all(on(p.device) for p in und_parameters(model)):
+    params = und_parameters(model) if experts == "und" else model.language_model.parameters()
+    if not all(on(p.device) for p in params):
         return False
     return not any(getattr(m, "weight_function", None) or getattr(m, "bias_function", None)
                    for m in model.language_model.modules())
@@ -72,26 +77,53 @@ def use_static_decoding(model, device: torch.device, enabled: bool = True) -> bo
     return enabled and torch.device(device).type == "cuda" and weights_resident(model, torch.device(device))
 
 
-class SlotKV:
-    """Duck-typed ``KVAccess`` for one fixed-shape step: write K/V at ``slots``, attend over all storage."""
-
-    def __init__(self, ks, vs, slots: torch.Tensor, group: int, dtype):
-        self.ks, self.vs, self.slots, self.layer = ks, vs, slots, 0
-        cap = ks[0].shape[0]
-        visible = torch.arange(cap, device=slots.device)[None, :] <= slots[:, None]
-        # last dim padded to 16 elements: SDPA's fused kernels want an aligned bias stride
-        bias = torch.zeros(group * slots.shape[0], -(-cap // 16) * 16, dtype=dtype, device=slots.device)[:, :cap]
-        self.bias = bias.masked_fill_(~visible.repeat(group, 1), float("-inf"))
-
-    def attend(self, q, k, v):
-        i, self.layer = self.layer, self.layer + 1
-        self.ks[i].index_copy_(0, self.slots, k[0])
-        self.vs[i].index_copy_(0, self.slots, v[0])
-        return gqa_folded_attention(q[0], self.ks[i], self.vs[i], self.bias)[None]
+def length_bias(slots: torch.Tensor, capacity: int, group: int, dtype) -> torch.Tensor:
+    """Additive mask [group * rows, capacity] in GQA-folded row order: slot j is visible to row i iff
+    j <= slots[i]."""
+    visible = torch.arange(capacity, device=slots.device)[None, :] <= slots[:, None]
+    # eagerly the last dim is padded to 16 elements (SDPA's fused kernels want an aligned bias stride); a
+    # compiled region leaves that to inductor, which aligns SDPA's inputs itself (a padded view would tie
+    # the graph to capacities that are multiples of 16)
+    width = capacity if torch.compiler.is_compiling() else -(-capacity // 16) * 16
+    bias = torch.zeros(group * slots.shape[0], width, dtype=dtype, device=slots.device)
+    return bias[:, :capacity].masked_fill_(~visible.repeat(group, 1), float("-inf"))
 
 
-def _bucket(n: int) -> int | None:
-    return next((b for b in BUCKETS if b >= n), None)
+# The regions of one step (``model/compiled.py``): [embedding, layer 0 up to its K/V write], then per layer
+# [attention over the cache, the rest of layer i, layer i+1 up to its K/V write], then [attention and the rest
+# of the last layer, final norm, LM head, argmax]. Compiled or not, the step runs exactly these functions.
+def _write_kv(layer, x, cos, sin, kc, vc, slots):
+    q, k, v = layer.attention_inputs(x, cos, sin, False)
+    kc.index_copy_(0, slots, k[0])
+    vc.index_copy_(0, slots, v[0])
+    return q
+
+
+def _attend(layer, x, q, kc, vc, bias):
+    return layer.finish(x, gqa_folded_attention(q[0], kc, vc, bias)[None].flatten(2), False)
+
+
+def decode_first(embed, layer, ids, pos, slots, kc, vc, dtype, head_dim: int, theta: float, group: int):
+    x = embed(ids[None]).to(dtype)     # [1, b, D], not a view: the next region sees the same kind of input
+    cos, sin = rope_cos_sin(pos[None], head_dim, theta, dtype)
+    bias = length_bias(slots, kc.shape[0], group, dtype)
+    return x, _write_kv(layer, x, cos, sin, kc, vc, slots), cos, sin, bias
+
+
+def decode_middle(layer, nxt, x, q, kc, vc, kc_next, vc_next, slots, bias, cos, sin):
+    x = _attend(layer, x, q, kc, vc, bias)
+    return x, _write_kv(nxt, x, cos, sin, kc_next, vc_next, slots)
+
+
+def decode_last(layer, norm, lm_head, x, q, kc, vc, bias):
+    x = _attend(layer, x, q, kc, vc, bias)
+    h = norm(x[0])
+    logits = lm_head(h)
+    return x, h, logits, logits.argmax(-1)
+
+
+def _bucket(n: int, smallest: int = 1) -> int | None:
+    return next((b for b in BUCKETS if b >= max(n, smallest)), None)
 
 
 class StaticTextDecoder:
@@ -102,8 +134,10 @@ class StaticTextDecoder:
     context with other storage decodes (or on ``release``). Outputs are fresh tensors (not graph buffers).
     """
 
-    def __init__(self, model, cuda_graphs: bool = True):
-        self.model, self.cuda_graphs = model, cuda_graphs
+    def __init__(self, model, cuda_graphs: bool = True, compiler=None):
+        """``compiler``: a ``compiled.RegionCompiler`` whose regions the step runs through (None: the same
+        region functions uncompiled)."""
+        self.model, self.cuda_graphs, self.compiler = model, cuda_graphs, compiler
         self.config = model.config
         self._graphs: dict = {}
         self._storage = None
@@ -124,28 +158,51 @@ class StaticTextDecoder:
         self._graphs.clear()
         self._storage = None
 
+    min_rows: int | None = None   # rows a step is padded to at least; None: ``smallest_block``'s choice
+
+    def smallest_block(self) -> int:
+        """Rows a step is padded to at least. Compiled on CUDA: 2, so that one graph (rows dynamic, >= 2)
+        serves plain decoding and every verification block (a memory-bound GPU reads the weights once for
+        either). Elsewhere 1: a CPU matrix product of 2 rows costs about twice one row's (measured), and the
+        extra graph for one row costs only compile time there."""
+        if self.min_rows is not None:
+            return self.min_rows
+        return 2 if self.compiler is not None and self.model.device.type == "cuda" else 1
+
+    def _region(self, fn):
+        return fn if self.compiler is None else self.compiler.region(fn.__name__, fn)
+
     @torch.no_grad()
     def step(self, inputs: torch.Tensor, ks, vs, want_layers: bool):
-        """The captured function. inputs [3, b] (ids, RoPE positions, cache slots) on the model's device."""
+        """The captured function. inputs [3, b] (ids, RoPE positions, cache slots) on the model's device.
+        Returns (logits [b, V], hidden [b, D] after the final norm, layer outputs [b, L, D] or None, argmax [b])."""
         m, c = self.model, self.config.llm
-        ids, pos, slots = inputs
-        x = m.embed_ids(ids)[None]
-        cos, sin = rope_cos_sin(pos[None], c.head_dim, c.rope_theta, x.dtype)
-        kv = SlotKV(ks, vs, slots, c.num_attention_heads // c.num_key_value_heads, x.dtype)
-        layers = []
-        for layer in m.language_model.model.layers:
-            x = layer(x, cos, sin, kv, False)
-            if want_layers:
-                layers.append(x[0])
-        h = m.language_model.model.norm(x[0])
-        return m.language_model.lm_head(h), h, (torch.stack(layers, 1) if want_layers else None)
+        lm = m.language_model
+        layers = lm.model.layers
+        ids, pos, slots = (mark_dynamic(t, 0) for t in inputs)
+        for t in (*ks, *vs):
+            mark_dynamic(t, 0)
+        x, q, cos, sin, bias = self._region(decode_first)(
+            lm.model.embed_tokens, layers[0], ids, pos, slots, ks[0], vs[0], m.dtype, c.head_dim, c.rope_theta,
+            c.num_attention_heads // c.num_key_value_heads)
+        mark_dynamic(bias, 0, 1)
+        middle, outs = self._region(decode_middle), []
+        for i in range(len(layers) - 1):
+            x, q = middle(layers[i], layers[i + 1], mark_dynamic(x, 1), mark_dynamic(q, 1), ks[i], vs[i],
+                          ks[i + 1], vs[i + 1], slots, bias, mark_dynamic(cos, 1), mark_dynamic(sin, 1))
+            outs.append(x[0])
+        x, h, logits, argmax = self._region(decode_last)(layers[-1], lm.model.norm, lm.lm_head, mark_dynamic(x, 1),
+                                                          mark_dynamic(q, 1), ks[-1], vs[-1], bias)
+        outs.append(x[0])
+        return logits, h, (torch.stack(outs, 1) if want_layers else None), argmax
 
     @torch.no_grad()
     def forward_text(self, ctx, ids, return_all_hidden: bool = False) -> TextStep:
-        """Same contract as ``BagelModel.forward_text``; blocks longer than the largest bucket run eagerly."""
-        ids = torch.as_tensor(ids, dtype=torch.long).reshape(-1).cpu()
+        """Same contract as ``BagelModel.forward_text`` (plus ``argmax``); blocks longer than the largest bucket
+        run eagerly. ``ids`` may be a device tensor (drafted tokens): nothing waits for it on the host."""
+        ids = torch.as_tensor(ids, dtype=torch.long).reshape(-1)
         n = ids.numel()
-        b = _bucket(n)
+        b = _bucket(n, self.smallest_block())
         if b is None:
             return self.model.forward_text(ctx, ids, return_all_hidden)
         self.model.reserve_text(ctx, b)          # in place unless the storage is shared or full
@@ -155,15 +212,17 @@ class StaticTextDecoder:
             self._storage = ks
             for t in (*ks, *vs):
                 t[ctx.kv_len:].zero_()           # masked slots still enter the weighted sum (0 * NaN)
-        rows = torch.arange(b)
+        rows = torch.arange(b, device=ids.device)
         inputs = torch.stack([F.pad(ids, (0, b - n)), ctx.rope + rows, ctx.kv_len + rows])
-        logits, h, layers = self._run(inputs, ks, vs, return_all_hidden)
+        logits, h, layers, argmax = self._run(inputs, ks, vs, return_all_hidden)
         ctx.advance(n, n)
         return TextStep(logits[:n].clone(), h[:n].clone(),
-                        None if layers is None else tuple(layers[:n].clone().unbind(1)))
+                        None if layers is None else tuple(layers[:n].clone().unbind(1)), argmax[:n].clone())
+
+    graphs_wanted = True     # the pipeline's ``cuda_graphs`` (``cuda_graphs`` turns False when a capture fails)
 
     def _graphs_on(self, device: torch.device) -> bool:
-        return self.cuda_graphs and device.type == "cuda"
+        return self.cuda_graphs and self.graphs_wanted and device.type == "cuda"
 
     def _run(self, inputs, ks, vs, want_layers: bool):
         dev = ks[0].device

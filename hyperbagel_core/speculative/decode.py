@@ -11,9 +11,10 @@ import time
 from dataclasses import dataclass, field
 
 import torch
+import torch.nn.functional as F
 
 from ..errors import InputError
-from .accept import greedy_accept, greedy_pick, probs, speculative_accept
+from .accept import acceptance_on_device, greedy_accept_on_device, greedy_pick, probs
 
 DEFAULT_DRAFT_TOKENS = 10     # the paper's chain length (Table 1: 10 draft steps)
 
@@ -148,6 +149,32 @@ def _layers(out, n: int):
     return None if out.layer_hidden is None else torch.stack([h[:n] for h in out.layer_hidden], 1)
 
 
+class _RoundClock:
+    """Draft and verification time of a round for the adaptive draft length, without syncing the host: on
+    CUDA three events are recorded and read after the round's one sync (the acceptance read-back), so they
+    measure device time; elsewhere the calls are synchronous and wall time is read."""
+
+    def __init__(self, device):
+        self.cuda = torch.device(device).type == "cuda"
+
+    def mark(self):
+        if not self.cuda:
+            return time.perf_counter()
+        e = torch.cuda.Event(enable_timing=True)
+        e.record()
+        return e
+
+    def seconds(self, a, b) -> float:
+        return (b - a) if not self.cuda else a.elapsed_time(b) / 1e3
+
+
+def _block(nxt: int, draft):
+    """The verification block [nxt, d_1..d_k]; a drafted device tensor stays on the device."""
+    if torch.is_tensor(draft):
+        return F.pad(draft.reshape(-1), (1, 0), value=nxt)
+    return torch.tensor([nxt] + list(draft))
+
+
 @torch.no_grad()
 def speculative_generate(model, ctx, drafter, *, bos_id: int, eos_id: int, max_new_tokens: int,
                          do_sample: bool = False, temperature: float = 1.0, generator=None,
@@ -176,14 +203,15 @@ def speculative_generate(model, ctx, drafter, *, bos_id: int, eos_id: int, max_n
                                verify_cost=0.02 if dev.type == "cuda" else 0.1)
     hidden = bool(drafter is not None and drafter.needs_hidden)
     st = SpecStats(k_max=k_max)
+    clock = _RoundClock(dev)
     _sync(dev)
     t0 = time.perf_counter()
 
-    def choose(logits):
+    def choose(out):
         if do_sample:
-            p = probs(logits, temperature)
+            p = probs(out.logits[0], temperature)
             return int(torch.multinomial(p, 1, generator=generator).item())
-        return int(greedy_pick(logits).item())
+        return int((out.argmax if out.argmax is not None else greedy_pick(out.logits))[0])
 
     ids: list[int] = []
     if max_new_tokens > 0:
@@ -191,7 +219,7 @@ def speculative_generate(model, ctx, drafter, *, bos_id: int, eos_id: int, max_n
         if drafter is not None:
             drafter.reset(ctx.rope, prompt_ids)
         out = model.forward_text(ctx, torch.tensor([bos_id]), return_all_hidden=hidden)
-        nxt = choose(out.logits[0])
+        nxt = choose(out)
         if drafter is not None:
             drafter.observe([bos_id], _layers(out, 1), nxt)
         while nxt != eos_id:
@@ -199,16 +227,17 @@ def speculative_generate(model, ctx, drafter, *, bos_id: int, eos_id: int, max_n
             if len(ids) >= max_new_tokens:
                 break
             k = min(ctrl.next_k(), max_new_tokens - len(ids) - 1)
-            t_a = time.perf_counter()
+            t_a = clock.mark()
             draft, q = drafter.propose(k, do_sample, temperature, generator) if k > 0 else ([], None)
-            t_b = time.perf_counter()
+            t_b = clock.mark()
             draft = draft[:k]
             q = None if q is None else q[: len(draft)]
             kv0, rope0 = ctx.kv_len, ctx.rope
-            out = model.forward_text(ctx, torch.tensor([nxt] + draft), return_all_hidden=hidden)
-            m, bonus = _accept(out.logits, draft, q, do_sample, temperature, generator)
+            out = model.forward_text(ctx, _block(nxt, draft), return_all_hidden=hidden)
+            t_c = clock.mark()
+            m, draft, bonus = _accept(out, draft, q, do_sample, temperature, generator)   # the round's one sync
             ctx.truncate(kv0 + 1 + m, rope0 + 1 + m)          # roll back the rejected drafts' K/V
-            ctrl.timing(len(draft), t_b - t_a, time.perf_counter() - t_b)
+            ctrl.timing(len(draft), clock.seconds(t_a, t_b), clock.seconds(t_b, t_c))
             ctrl.update(len(draft), m)
             st.record(len(draft), m)
             new = draft[:m] + [bonus]
@@ -228,13 +257,19 @@ def speculative_generate(model, ctx, drafter, *, bos_id: int, eos_id: int, max_n
     return SpecResult(ids, st.as_dict())
 
 
-def _accept(logits, draft: list[int], q, do_sample: bool, temperature: float, generator) -> tuple[int, int]:
-    """(accepted count m, next token) from the verification logits [k+1, V]."""
+def _accept(out, draft, q, do_sample: bool, temperature: float, generator) -> tuple[int, list[int], int]:
+    """(accepted count m, the draft as host ids, next token) from the verification step: the acceptance test
+    runs on the device and one small tensor (m, the candidates, the draft) is read back."""
+    k = len(draft)
+    dev = out.logits.device
+    d = draft.to(dev) if torch.is_tensor(draft) else torch.tensor(list(draft), dtype=torch.long, device=dev)
     if do_sample:
-        return speculative_accept(probs(logits, temperature), q, draft, generator)
-    tgt = greedy_pick(logits).tolist()
-    m = greedy_accept(draft, tgt)
-    return m, tgt[m]
+        vals = torch.cat([acceptance_on_device(probs(out.logits, temperature), q, d, generator), d]).tolist()
+        return vals[0], vals[2:], vals[1]
+    tgt = out.argmax if out.argmax is not None else greedy_pick(out.logits)
+    vals = torch.cat([greedy_accept_on_device(d, tgt), tgt[:k + 1], d]).tolist()
+    m = vals[0]
+    return m, vals[k + 2:], vals[1 + m]
 
 
 def _emit(ids: list[int], new: list[int], eos_id: int, max_new: int) -> int | None:

@@ -6,6 +6,9 @@ Per target position t (all L layer outputs H_t [L, D]):
 Draft entry for the token x_{t+1} (predicts x_{t+2}):
     z     = fc2(concat(embed(x_{t+1}), F_t));  g = DraftLayers(z);  logits = lm_head(norm(g))
 Chain step j >= 1 reuses the draft's own output g of the previous entry in place of F.
+With a reduced draft vocabulary (``draft_vocab_size`` > 0, EAGLE-3's d2t) the head's own LM head scores only
+the ``d2t`` target tokens (the most frequent ones of its training data) and a draft id maps back through
+``d2t``; the target still decides every token, so decoding stays lossless.
 ``docs/draft_head.md`` explains every choice; ``kind="eagle3"`` drops CA and Dec and uses 1 layer.
 """
 from __future__ import annotations
@@ -17,7 +20,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from ..quant import dense_dtype
+from ..quant import _fmt_of, dense_dtype, dequantize, is_quantized
 from .layers import (DecoderLayer, KVBuffer, RMSNorm, cached_layer, copy_layer_weights, inv_freq,
                      rope_cos_sin)
 
@@ -51,9 +54,13 @@ class DraftHeadConfig:
     num_draft_layers: int = 2                  # N
     zero_init: bool = True
     share_lm_head: bool = True                 # lm_head + final norm taken from the target (not stored)
+    draft_vocab_size: int = 0                  # > 0: own LM head over that many target tokens (d2t), else full
 
     def __post_init__(self):
         L = self.num_hidden_layers
+        if not 0 <= self.draft_vocab_size <= self.vocab_size:
+            raise ValueError(f"draft_vocab_size {self.draft_vocab_size} must lie in [0, {self.vocab_size}] "
+                             "(0 = the full vocabulary)")
         if not self.feature_layers:
             object.__setattr__(self, "feature_layers", default_feature_layers(L))
         object.__setattr__(self, "feature_layers", tuple(int(i) for i in self.feature_layers))
@@ -147,7 +154,10 @@ class DraftHead(nn.Module):
         self.layers = nn.ModuleList(_layer(c) for _ in range(c.num_draft_layers))
         if not c.share_lm_head:
             self.norm = RMSNorm(D, c.rms_norm_eps)
-            self.lm_head = nn.Linear(D, c.vocab_size, bias=False)
+        if c.draft_vocab_size or not c.share_lm_head:
+            self.lm_head = nn.Linear(D, c.draft_vocab_size or c.vocab_size, bias=False)
+        if c.draft_vocab_size:      # draft id -> target id
+            self.register_buffer("d2t", torch.arange(c.draft_vocab_size), persistent=True)
         self.register_buffer("inv_freq", inv_freq(c.head_dim, c.rope_theta), persistent=False)
         self._shared: dict[str, nn.Module] = {}
         if c.zero_init:
@@ -166,9 +176,15 @@ class DraftHead(nn.Module):
             w.zero_()
 
     @classmethod
-    def from_target(cls, model, kind: str = "hyper-bagel", seed: int = 0, **overrides) -> "DraftHead":
+    def from_target(cls, model, kind: str = "hyper-bagel", seed: int = 0, draft_vocab=None,
+                    **overrides) -> "DraftHead":
         """Initialise from a target: draft layers = the target's last N layers, Dec = the target's
-        high feature layer, LM head/norm shared (or copied), then zero-init; other weights random."""
+        high feature layer, LM head/norm shared (or copied), then zero-init; other weights random.
+        ``draft_vocab``: target ids the head drafts over (``select_draft_vocab``); its LM head starts as
+        those rows of the target's."""
+        if draft_vocab is not None:
+            draft_vocab = torch.as_tensor(draft_vocab, dtype=torch.long).reshape(-1).sort().values
+            overrides["draft_vocab_size"] = draft_vocab.numel()
         cfg = DraftHeadConfig.for_target(model.config.llm, kind, **overrides)
         lm = model.language_model
         ref = lm.lm_head.weight
@@ -183,7 +199,12 @@ class DraftHead(nn.Module):
             copy_layer_weights(head.dec, layers[cfg.feature_layers[-1]])
         if not cfg.share_lm_head:
             copy_layer_weights(head.norm, lm.model.norm)
-            copy_layer_weights(head.lm_head, lm.lm_head)
+        if cfg.draft_vocab_size or not cfg.share_lm_head:
+            rows = draft_vocab.to(ref.device) if cfg.draft_vocab_size else slice(None)
+            with torch.no_grad():
+                head.lm_head.weight.copy_(dense_weight(lm.lm_head)[rows])
+                if cfg.draft_vocab_size:
+                    head.d2t.copy_(draft_vocab)
         if cfg.zero_init:
             head.apply_zero_init()
         return head.bind(model)
@@ -193,7 +214,9 @@ class DraftHead(nn.Module):
         lm = model.language_model
         self._shared = {"embed": lm.model.embed_tokens}
         if self.config.share_lm_head:
-            self._shared.update(norm=lm.model.norm, lm_head=lm.lm_head)
+            self._shared["norm"] = lm.model.norm
+            if not self.config.draft_vocab_size:
+                self._shared["lm_head"] = lm.lm_head
         return self
 
     def _mod(self, name: str) -> nn.Module:
@@ -215,8 +238,19 @@ class DraftHead(nn.Module):
         return self.fc1(c.flatten(1)), feats[:, fl[-1], :]
 
     def logits(self, g: torch.Tensor) -> torch.Tensor:
+        """Draft logits [n, draft vocabulary] (the full vocabulary unless reduced)."""
         head = self._mod("lm_head")
         return head(self._mod("norm")(g).to(dense_dtype(head)))
+
+    def to_target(self, draft_ids: torch.Tensor) -> torch.Tensor:
+        """Draft-vocabulary ids -> target ids."""
+        return self.d2t[draft_ids] if self.config.draft_vocab_size else draft_ids
+
+    def target_probs(self, q: torch.Tensor) -> torch.Tensor:
+        """Draft probabilities [n, draft vocabulary] -> [n, V] over the target's vocabulary (0 off d2t)."""
+        if not self.config.draft_vocab_size:
+            return q
+        return q.new_zeros(q.shape[0], self.config.vocab_size).index_copy_(1, self.d2t, q)
 
     def draft_input(self, feat: torch.Tensor, tokens: torch.Tensor) -> torch.Tensor:
         emb = self._mod("embed")(tokens).to(feat.dtype)
@@ -231,7 +265,7 @@ class DraftHead(nn.Module):
         cache.dec.ensure(cache.dec_len + n)
         cos, sin = rope_cos_sin(torch.arange(rope0, rope0 + n, device=dev), self.inv_freq, x.dtype)
         slots = torch.arange(cache.dec_len, cache.dec_len + n, device=dev)
-        x = cached_layer(self.dec, x, cos, sin, cache.dec, 0, slots, cache.dec_len + n)
+        x = cached_layer(self.dec, x, cos, sin, cache.dec.k[0], cache.dec.v[0], slots, cache.dec_len + n)
         cache.dec_len += n
         return x + skip.to(x.dtype)
 
@@ -242,5 +276,26 @@ class DraftHead(nn.Module):
         cos, sin = rope_cos_sin(torch.arange(rope0, rope0 + n, device=dev), self.inv_freq, z.dtype)
         slots = torch.arange(slot0, slot0 + n, device=dev)
         for i, layer in enumerate(self.layers):
-            z = cached_layer(layer, z, cos, sin, cache.layers, i, slots, slot0 + n)
+            z = cached_layer(layer, z, cos, sin, cache.layers.k[i], cache.layers.v[i], slots, slot0 + n)
         return z
+
+
+def dense_weight(layer: nn.Module) -> torch.Tensor:
+    """A (possibly quantized) Linear's weight in its high-precision dtype."""
+    w = layer.weight
+    if not is_quantized(w):
+        return w.detach()
+    return dequantize(w, layer.weight_scale, _fmt_of(w), dense_dtype(layer), layer.in_features)
+
+
+def select_draft_vocab(counts: torch.Tensor, size: int, always=()) -> torch.Tensor:
+    """EAGLE-3's draft vocabulary: the ``size`` most frequent target tokens of the training data (``counts``
+    [V], ties to the lower id), ``always`` (e.g. the stop token) included; sorted target ids [size]."""
+    counts = counts.double().clone()
+    V = counts.numel()
+    if not 0 < size <= V:
+        raise ValueError(f"draft vocabulary size {size} must lie in [1, {V}]")
+    if always:
+        counts[torch.as_tensor(list(always), dtype=torch.long)] = float("inf")
+    order = torch.argsort(counts, descending=True, stable=True)      # stable: ties keep the lower id first
+    return order[:size].sort().values

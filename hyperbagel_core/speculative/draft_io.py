@@ -1,7 +1,8 @@
 """On-disk format of a draft head: ``<name>.safetensors`` (weights + metadata) and a ``<name>.json`` twin.
 
 The safetensors metadata (all strings) is authoritative:
-    format   "hyperbagel-draft-head"      version  "1"
+    format   "hyperbagel-draft-head"      version  "2" (1: before the reduced draft vocabulary; read as a
+                                          full-vocabulary head, which it is: nothing changes in its meaning)
     config   JSON of DraftHeadConfig (target shape + head options)
     target   JSON {hidden_size, vocab_size, num_hidden_layers, ..., fingerprint}
     sha256   hash of every tensor's name, dtype, shape and bytes (in key order)
@@ -12,6 +13,7 @@ from __future__ import annotations
 
 import hashlib
 import json
+import logging
 from pathlib import Path
 
 import torch
@@ -28,7 +30,9 @@ except ImportError:  # pragma: no cover - the core's errors module is optional f
     class CheckpointError(ValueError):
         pass
 
-FORMAT, VERSION = "hyperbagel-draft-head", "1"
+log = logging.getLogger(__name__)
+FORMAT, VERSION = "hyperbagel-draft-head", "2"
+READABLE = ("1", "2")
 
 
 def target_fingerprint(model) -> str:
@@ -94,9 +98,13 @@ def _read(st: Path):
     if meta.get("format") != FORMAT:
         raise CheckpointError(f"{st} is not a hyperbagel draft head (metadata format="
                               f"{meta.get('format')!r}, expected {FORMAT!r})")
-    if meta.get("version") != VERSION:
+    if meta.get("version") not in READABLE:
         raise CheckpointError(f"{st} has draft-head format version {meta.get('version')!r}; this "
-                              f"hyperbagel reads version {VERSION}: update hyperbagel or re-export the head")
+                              f"hyperbagel reads versions {', '.join(READABLE)}: update hyperbagel, or retrain the "
+                              "head with `python -m hyperbagel_core.training.draft_head`")
+    if meta["version"] == "1":
+        log.info("%s: draft-head format 1, read as a full-vocabulary head (each draft token reads the target's "
+                 "whole LM head); retrained with --draft-vocab, a head drafts over a reduced vocabulary", st)
     try:
         return meta, json.loads(meta["config"]), json.loads(meta["target"]), tensors
     except (KeyError, json.JSONDecodeError) as e:
@@ -142,10 +150,16 @@ def load_draft_head(path, model, *, strict_fingerprint: bool = True, verify_chec
             raise CheckpointError(f"{js} disagrees with the metadata of {st}; delete the .json or re-export")
     check_target(record, model, str(st), strict_fingerprint)
     try:
-        cfg_d["feature_layers"] = tuple(cfg_d["feature_layers"])
+        cfg_d = dict(cfg_d, feature_layers=tuple(cfg_d["feature_layers"]))
         cfg = DraftHeadConfig(**cfg_d)
     except (TypeError, ValueError, KeyError) as e:
         raise CheckpointError(f"{st}: invalid draft-head config ({e})") from e
+    if cfg.draft_vocab_size:
+        d2t = tensors.get("d2t")
+        if d2t is None or d2t.dtype != torch.int64 or d2t.shape != (cfg.draft_vocab_size,) \
+                or not bool(((d2t >= 0) & (d2t < cfg.vocab_size)).all()) or d2t.unique().numel() != d2t.numel():
+            raise CheckpointError(f"{st}: its draft vocabulary map d2t must be {cfg.draft_vocab_size} distinct "
+                                  f"target ids in [0, {cfg.vocab_size}); the file is corrupt: re-export the head")
     head = DraftHead(cfg)
     expected = head.state_dict()
     missing = sorted(set(expected) - set(tensors))

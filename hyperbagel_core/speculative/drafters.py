@@ -7,7 +7,8 @@ Protocol (duck-typed):
                                                # [n, L, D] layer features if needs_hidden), and the next
                                                # token (known, not yet fed)
     propose(k, do_sample, temperature, generator) -> (draft ids <= k, q [len, V] probs or None)
-q None means a deterministic proposal (one-hot q); it is only allowed to be None in that sense.
+q None means a deterministic proposal (one-hot q); it is only allowed to be None in that sense. The ids
+are a list or a 1-D LongTensor on the target's device (verification then reads them there: no host sync).
 """
 from __future__ import annotations
 
@@ -18,33 +19,64 @@ import torch
 
 from .accept import greedy_pick, probs
 from .draft_head import DraftHead
+from ..model.compiled import mark_dynamic
 from ..model.static_decode import capture_cuda_graph
 from .layers import cached_layer, rope_cos_sin
 
 
 def draft_costs(head: DraftHead) -> tuple[float, float]:
     """(one chain step, once-per-round work) in units of one target forward, from the weights each
-    reads at batch 1 (decoding is memory-bound): step = fc2 + draft layers + LM head; round = CA + fc1
-    + Dec; target = L decoder layers + LM head."""
+    reads at batch 1 (decoding is memory-bound): step = fc2 + draft layers + LM head (over the draft
+    vocabulary); round = CA + fc1 + Dec; target = L decoder layers + LM head."""
     n = lambda m: 0 if m is None else sum(p.numel() for p in m.parameters())
     c = head.config
-    lm = c.vocab_size * c.hidden_size
     per_layer = n(head.layers[0])
-    target = c.num_hidden_layers * per_layer + lm
+    target = c.num_hidden_layers * per_layer + c.vocab_size * c.hidden_size
+    lm = (c.draft_vocab_size or c.vocab_size) * c.hidden_size
     return (n(head.fc2) + n(head.layers) + lm) / target, (n(head.ca) + n(head.fc1) + n(head.dec)) / target
+
+
+def draft_chain_step(head: DraftHead, lay_k, lay_v, g, tok, slot, pos):
+    """Fixed-shape greedy chain step (a compiled region, and what the CUDA graph replays): g [1, D] the
+    previous entry's output, tok/slot/pos [1] device tensors, the draft layers' caches [N, capacity, Hkv, d]
+    -> (g', next draft token as a target id [1])."""
+    z = head.draft_input(g, tok)
+    cos, sin = rope_cos_sin(pos, head.inv_freq, z.dtype)
+    for i, layer in enumerate(head.layers):
+        z = cached_layer(layer, z, cos, sin, lay_k[i], lay_v[i], slot, lay_k.shape[1])
+    return z, head.to_target(greedy_pick(head.logits(z)[0]).view(1))
+
+
+def draft_catch_up(head: DraftHead, dec_k, dec_v, lay_k, lay_v, feats, tok, index):
+    """The catch-up over n new real target positions at fixed cache shapes (a compiled region): CA + fc1 +
+    Dec, then the draft layers. ``index`` [4, n]: Dec slots, Dec RoPE positions, draft-layer slots, their
+    RoPE positions. Returns the last entry's output g [1, D]."""
+    dec_slots, dec_pos, slots, pos = index
+    x, skip = head.aggregate(feats.to(head.fc1.weight.dtype))
+    if head.dec is not None:
+        cos, sin = rope_cos_sin(dec_pos, head.inv_freq, x.dtype)
+        x = cached_layer(head.dec, x, cos, sin, dec_k[0], dec_v[0], dec_slots, dec_k.shape[1]) + skip.to(x.dtype)
+    z = head.draft_input(x, tok)
+    cos, sin = rope_cos_sin(pos, head.inv_freq, z.dtype)
+    for i, layer in enumerate(head.layers):
+        z = cached_layer(layer, z, cos, sin, lay_k[i], lay_v[i], slots, lay_k.shape[1])
+    return z[-1:]
 
 
 class DraftHeadDrafter:
     """Chain drafting with a DraftHead; the draft's KV cache keeps real-feature entries across rounds
-    and overwrites the speculative ones (rollback by slot index)."""
+    and overwrites the speculative ones (rollback by slot index). Proposals stay on the device."""
 
     needs_hidden = True
 
-    def __init__(self, head: DraftHead, capacity: int = 256, flush_at: int = 64, static: bool = False):
-        """``static``: a fixed-capacity cache reused across answers and a fixed-shape greedy chain step,
-        captured as a CUDA graph on CUDA (on CPU the same step runs eagerly); ``capacity`` must then
-        cover the longest answer."""
+    def __init__(self, head: DraftHead, capacity: int = 256, flush_at: int = 64, static: bool = False,
+                 compiler=None):
+        """``static``: a fixed-capacity cache reused across answers, a fixed-shape catch-up and greedy chain
+        step, the step captured as a CUDA graph on CUDA (on CPU the same step runs eagerly); ``capacity`` must
+        then cover the longest answer. ``compiler`` (static only): a ``model.compiled.RegionCompiler`` that
+        the catch-up and the chain step run through."""
         self.head, self.capacity, self.flush_at, self.static = head, capacity, flush_at, static
+        self.compiler = compiler if static else None
         self.step_cost, self.round_cost = draft_costs(head)
         self.cache, self._graph = None, None
         self.reset(0)
@@ -57,6 +89,9 @@ class DraftHeadDrafter:
         self.feats: list[torch.Tensor] = []
         self.after: list[int] = []           # token following each pending position
         self.last_g: torch.Tensor | None = None
+
+    def _region(self, fn):
+        return fn if self.compiler is None else self.compiler.region(fn.__name__, fn)
 
     @torch.no_grad()
     def observe(self, tokens: list[int], layer_hidden, next_token: int) -> None:
@@ -74,20 +109,33 @@ class DraftHeadDrafter:
             return
         head, c = self.head, self.cache
         feats = torch.cat(self.feats)
-        p = feats.shape[0]
-        tok = torch.tensor(self.after, device=feats.device)
-        F = head.features(feats, c, self.rope)
-        g = head.run_layers(head.draft_input(F, tok), c, c.real_len, self.rope + 1)
+        p, dev = feats.shape[0], feats.device
+        tok = torch.tensor(self.after, device=dev)
+        if self.static:
+            for buf, end in ((c.dec, c.dec_len + p), (c.layers, c.real_len + p)):
+                if buf is not None:
+                    buf.ensure(end)      # a fixed cache: raises when full
+            rows = torch.arange(p)
+            index = torch.stack([c.dec_len + rows, self.rope + rows, c.real_len + rows, self.rope + 1 + rows])
+            dec = c.dec if c.dec is not None else c.layers        # (unused without Dec)
+            self.last_g = self._region(draft_catch_up)(
+                head, *(mark_dynamic(t, 1) for t in (dec.k, dec.v, c.layers.k, c.layers.v)),
+                mark_dynamic(feats, 0), mark_dynamic(tok, 0), mark_dynamic(index.to(dev), 1))
+            c.dec_len += p if c.dec is not None else 0
+        else:
+            F = head.features(feats, c, self.rope)
+            self.last_g = head.run_layers(head.draft_input(F, tok), c, c.real_len, self.rope + 1)[-1:]
         c.real_len += p
         self.rope += p
-        self.last_g = g[-1:]
         self.feats, self.after = [], []
 
     @torch.no_grad()
     def propose(self, k: int, do_sample: bool = False, temperature: float = 1.0, generator=None):
+        """k draft tokens as a device LongTensor (target ids) and, when sampling, their probabilities over
+        the target vocabulary [k, V]; nothing here waits for the device."""
         self._catch_up()
         head, c, g = self.head, self.cache, self.last_g
-        toks, qs = [], []                      # tokens stay on the device: one sync per chain, not per step
+        toks, qs = [], []
         for j in range(k):
             if j and self.static and not do_sample:
                 g, t = self._static_step(g, toks[-1], c.real_len + j - 1, self.rope + j)
@@ -98,23 +146,18 @@ class DraftHeadDrafter:
             logits = head.logits(g)[0]
             if do_sample:
                 q = probs(logits, temperature)
-                qs.append(q)
                 dist = q if generator is None or generator.device == q.device else q.to(generator.device)
-                toks.append(torch.multinomial(dist, 1, generator=generator).to(q.device))
+                qs.append(head.target_probs(q[None])[0])
+                toks.append(head.to_target(torch.multinomial(dist, 1, generator=generator).to(q.device)))
             else:
-                toks.append(greedy_pick(logits).view(1))
-        out = torch.cat(toks).tolist() if toks else []
+                toks.append(head.to_target(greedy_pick(logits).view(1)))
+        out = torch.cat(toks) if toks else torch.zeros(0, dtype=torch.long, device=g.device)
         return out, (torch.stack(qs) if do_sample and qs else None)
 
-
     def _step_fn(self, g, tok, slot, pos):
-        """Fixed-shape greedy chain step: g [1, D], tok/slot/pos [1] device tensors -> (g', next token [1])."""
-        head, c = self.head, self.cache
-        z = head.draft_input(g, tok)
-        cos, sin = rope_cos_sin(pos, head.inv_freq, z.dtype)
-        for i, layer in enumerate(head.layers):
-            z = cached_layer(layer, z, cos, sin, c.layers, i, slot, c.layers.capacity)
-        return z, greedy_pick(head.logits(z)[0]).view(1)
+        c = self.cache.layers
+        return self._region(draft_chain_step)(self.head, mark_dynamic(c.k, 1), mark_dynamic(c.v, 1), g, tok, slot,
+                                              pos)
 
     def _static_step(self, g, tok, slot: int, pos: int):
         if slot + 1 > self.cache.layers.capacity:
@@ -142,7 +185,10 @@ class OracleDrafter:
     discarded, so its cost is counted. If the committed text leaves ``reference`` (low-precision
     batched-vs-single-token numerics can flip a near-tie), ``resync(seq)`` is asked for the target's
     greedy continuation of the committed text (asked again when a round's proposals would run past it);
-    its time is accumulated in ``excluded_s`` so a bench can leave the measuring device's own cost out."""
+    its time is accumulated in ``excluded_s`` so a bench can leave the measuring device's own cost out. The
+    check after a divergence runs when a round's tokens are observed, outside the draft phase that the
+    adaptive draft length times."""
+    lookahead = 16            # reference tokens kept ahead of the committed text (>= k + 1 of a round)
 
     def __init__(self, reference: list[int], accept_rate: float, vocab_size: int, seed: int = 0,
                  shadow=None, resync=None):
@@ -165,6 +211,8 @@ class OracleDrafter:
         self.seq += list(tokens[1:]) + [next_token]
         if self.shadow is not None:
             self.shadow.observe(tokens, layer_hidden, next_token)
+        if self.reference[:len(self.seq)] != self.seq:     # left the reference: resync now, not while drafting
+            self._check(self.lookahead)
 
     def _check(self, k: int) -> None:
         n = len(self.seq)

@@ -126,12 +126,12 @@ class KVBuffer:
             setattr(self, name, new)
 
 
-def cached_layer(layer: DecoderLayer, x: torch.Tensor, cos, sin, buf: KVBuffer, li: int,
+def cached_layer(layer: DecoderLayer, x: torch.Tensor, cos, sin, kc: torch.Tensor, vc: torch.Tensor,
                  slots: torch.Tensor, end: int) -> torch.Tensor:
-    """Run ``layer`` on x [n, D] whose tokens go to cache ``slots`` [n]; attend to slots < ``end`` that
-    are <= the query's own slot (bottom-right causal over the cache)."""
+    """Run ``layer`` on x [n, D] whose tokens go to slots [n] of its cache kc/vc [capacity, Hkv, d]; attend to
+    slots < ``end`` that are <= the query's own slot (bottom-right causal over the cache)."""
     q, k, v = layer.qkv(x, cos, sin)
-    buf.k[li].index_copy_(0, slots, k)
-    buf.v[li].index_copy_(0, slots, v)
+    kc.index_copy_(0, slots, k)
+    vc.index_copy_(0, slots, v)
     mask = torch.arange(end, device=x.device)[None, :] <= slots[:, None]
-    return layer.finish(x, attend(q, buf.k[li, :end], buf.v[li, :end], mask))
+    return layer.finish(x, attend(q, kc[:end], vc[:end], mask))

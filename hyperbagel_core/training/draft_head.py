@@ -14,6 +14,11 @@ length); a deterministic held-out split (``--holdout``) by that key; the mean ac
 drafting round, bonus included) on the held-out split is the progress bar's metric, next to the untrained
 head's and prompt lookup's, measured once at the start. Resume, DDP and the progress bar: ``loop``, ``distributed``.
 
+Draft vocabulary (EAGLE-3): ``--draft-vocab N`` (default 32768) keeps the N most frequent target tokens of the
+regenerated answers (the stop token always) as the head's vocabulary: its own LM head over them starts as the
+target's rows, the loss compares it with the target's distribution renormalised over them, and a draft id maps
+back to the target id (``d2t``, saved with the head). ``--draft-vocab 0``: the full vocabulary, shared LM head.
+
 CLI:
     python -m hyperbagel_core.training.draft_head --model DIR --data pairs.jsonl --out head.safetensors
     python -m hyperbagel_core.training.draft_head --tiny --out /tmp/head.safetensors      # CPU smoke run
@@ -33,7 +38,7 @@ import torch.nn.functional as F
 
 from ..quant import dense_dtype
 from ..speculative.decode import speculative_generate
-from ..speculative.draft_head import DraftHead
+from ..speculative.draft_head import DraftHead, select_draft_vocab
 from ..speculative.layers import attend, rope_cos_sin
 
 log = logging.getLogger(__name__)
@@ -103,13 +108,36 @@ def unrolled_logits(head: DraftHead, feats, tokens, rope0: int, unroll: int) -> 
     return outs
 
 
-def draft_loss(logits: torch.Tensor, target_logits: torch.Tensor, ce_weight: float) -> torch.Tensor:
-    """Forward KL(p_target || p_draft) + ce_weight * CE(p_draft, argmax p_target), mean over rows."""
+def draft_loss(logits: torch.Tensor, target_logits: torch.Tensor, ce_weight: float,
+               d2t: torch.Tensor | None = None) -> torch.Tensor:
+    """Forward KL(p_target || p_draft) + ce_weight * CE(p_draft, argmax p_target), mean over rows.
+
+    With a draft vocabulary ``d2t`` (draft id -> target id) the draft's logits cover those tokens only: the
+    target's distribution is renormalised over them (EAGLE-3), and rows whose target argmax lies outside add
+    no CE term."""
+    label = target_logits.argmax(-1)
+    valid = torch.ones_like(label, dtype=torch.bool)
+    if d2t is not None:
+        t2d = torch.full((target_logits.shape[-1],), -1, dtype=torch.long, device=label.device)
+        t2d[d2t] = torch.arange(d2t.numel(), device=label.device)
+        label, target_logits = t2d[label], target_logits[:, d2t]
+        valid = label >= 0
     logq = F.log_softmax(logits.float(), -1)
     logp = F.log_softmax(target_logits.float(), -1)
     kl = (logp.exp() * (logp - logq)).sum(-1)
-    ce = F.nll_loss(logq, target_logits.argmax(-1), reduction="none")
+    ce = F.nll_loss(logq, label.clamp(min=0), reduction="none") * valid
     return (kl + ce_weight * ce).mean()
+
+
+def draft_vocabulary(samples: list[dict], size: int, vocab_size: int, always=()) -> torch.Tensor | None:
+    """The ``size`` most frequent target tokens of the training answers (``select_draft_vocab``), or None
+    for the full vocabulary (``size`` 0 or >= ``vocab_size``)."""
+    if not 0 < size < vocab_size:
+        return None
+    counts = torch.zeros(vocab_size, dtype=torch.long)
+    for s in samples:
+        counts += torch.bincount(s["tokens"].cpu(), minlength=vocab_size)
+    return select_draft_vocab(counts, size, always)
 
 
 def train_draft_head(head: DraftHead, samples: list[dict], cfg: TrainConfig, log_every: int = 0) -> list[float]:
@@ -221,7 +249,8 @@ def acceptance_length(model, contexts: list, drafter_factory, bos_id: int, eos_i
 
 def head_step_loss(head: DraftHead, s: dict, cfg: TrainConfig) -> torch.Tensor:
     outs = unrolled_logits(head, s["feats"], s["tokens"], s["rope0"], cfg.unroll)
-    return torch.stack([draft_loss(o[j:], s["target_logits"][j:], cfg.ce_weight)
+    d2t = head.d2t if head.config.draft_vocab_size else None
+    return torch.stack([draft_loss(o[j:], s["target_logits"][j:], cfg.ce_weight, d2t)
                         for j, o in enumerate(outs) if o.shape[0] > j]).mean()
 
 
@@ -286,6 +315,8 @@ def main(argv=None) -> dict:
     ap.add_argument("--lr", type=float, default=None)
     ap.add_argument("--batch", type=int, default=1, help="samples per step over all ranks")
     ap.add_argument("--unroll", type=int, default=3)
+    ap.add_argument("--draft-vocab", type=int, default=32768,
+                    help="draft vocabulary: the N most frequent target tokens of the answers (0 = full vocabulary)")
     ap.add_argument("--max-new-tokens", type=int, default=None)
     ap.add_argument("--k", type=int, default=4, help="draft length of the held-out acceptance measurement")
     ap.add_argument("--eval-every", type=int, default=0, help="held-out acceptance every N steps (0: ends only)")
@@ -313,7 +344,8 @@ def main(argv=None) -> dict:
     samples = cached_samples(model, train_items, cache, bos, eos, cfg.max_new_tokens)
     if not samples:
         raise SystemExit("no usable training samples (every regenerated answer was empty)")
-    head = DraftHead.from_target(model, args.kind, seed=args.seed).float()
+    vocab = draft_vocabulary(samples, args.draft_vocab, model.config.llm.vocab_size, always=[eos])
+    head = DraftHead.from_target(model, args.kind, seed=args.seed, draft_vocab=vocab).float()
     from ..speculative import DraftHeadDrafter, PromptLookupDrafter
 
     def accept(h):
@@ -321,7 +353,8 @@ def main(argv=None) -> dict:
                                  args.k) if held_ctx else float("nan")
     baselines = {}
     if held_ctx:
-        baselines["untrained_head"] = accept(DraftHead.from_target(model, args.kind, seed=args.seed).float())
+        baselines["untrained_head"] = accept(DraftHead.from_target(model, args.kind, seed=args.seed,
+                                                                   draft_vocab=vocab).float())
         baselines["prompt_lookup"] = acceptance_length(model, held_ctx, lambda prompt: PromptLookupDrafter(prompt),
                                                        bos, eos, cfg.max_new_tokens, args.k)
     params = [p for p in head.parameters() if p.requires_grad]
@@ -350,6 +383,7 @@ def main(argv=None) -> dict:
 
     hist = loop.run(step, (lambda: accept(head)) if held_ctx and args.eval_every else None)
     report = {"samples": len(samples), "heldout": len(held_ctx), "steps": len(hist["loss"]),
+              "draft_vocab": 0 if vocab is None else vocab.numel(),
               "baselines": baselines, "history": hist}
     if held_ctx:
         report["trained_head"] = accept(head)

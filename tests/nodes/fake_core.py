@@ -28,6 +28,10 @@ class FakePipe:
         self.memory_asks = []     # (task, run parameters) of memory_required calls
         self.weight_dtype, self.weight_plan = "default", None
         self.denoised_steps = 0   # steps that handed a denoised estimate to the callback
+        self.compiled_as = None   # set_compile's mode
+
+    def set_compile(self, mode):
+        self.compiled_as = mode
 
     def memory_required(self, task, **run):
         self.memory_asks.append((task, run))
@@ -128,8 +132,11 @@ def make_core(pipe=None):
         attached.append(("draft", path))
         return _load_file(path, _head)
 
-    from hyperbagel_core import quant   # the real option list (no weights involved)
-    return FakeCore(BagelPipeline=BagelPipeline, loads=loads, pipe=pipe, attached=attached, quant=quant,
+    from hyperbagel_core import quant   # the real option lists (no weights involved)
+    from hyperbagel_core.model import compiled
+    core = FakeCore(BagelPipeline=BagelPipeline, loads=loads, pipe=pipe, attached=attached, quant=quant,
                     distill=types.SimpleNamespace(load_distilled_expert=load_distilled_expert),
                     speculative=types.SimpleNamespace(load_draft_head=load_draft_head),
                     ops=types.SimpleNamespace(adopt_ops=lambda module, ops=None: module))
+    setattr(core, "model.compiled", compiled)     # runtime.core_submodule("model.compiled")
+    return core

@@ -84,7 +84,7 @@ def test_loader_lists_and_loads_through_model_patcher(env):
     state, ext, core = env
     opts = {i.id: i.options for i in ext.BagelModelLoader.define_schema().inputs if i.options}
     assert opts["checkpoint"] == ["tiny"] and opts["attention"][0] == "sdpa"
-    assert set(opts) == {"checkpoint", "dtype", "attention", "memory", "weight_dtype"}  # attachments: apply nodes
+    assert set(opts) == {"checkpoint", "dtype", "attention", "memory", "weight_dtype", "compile"}  # attachments: apply nodes
     assert [i.options for i in ext.BagelApplyDraftHead.define_schema().inputs if i.options] == [["head.safetensors"]]
     assert [i.options for i in ext.BagelApplyDistilledExpert.define_schema().inputs
             if i.options] == [["six.safetensors", "wrong-base.safetensors"]]

@@ -39,7 +39,7 @@ def test_loader_offers_the_modes_and_passes_the_choice(env):
     assert spec["weight_dtype"].options == list(WEIGHT_DTYPES) and spec["weight_dtype"].default == "default"
     assert {"fp8_e4m3fn", "fp8_e4m3fn_fast", "int8", "nf4", "auto"} <= set(WEIGHT_DTYPES)
     # appended: saved workflows keep their widget order ("vae" is a socket, not a widget value)
-    assert list(spec)[-3:] == ["weight_dtype", "max_memory", "vae"]
+    assert list(spec)[-4:] == ["weight_dtype", "compile", "max_memory", "vae"]
     m = _load(ext, weight_dtype="int8")
     assert core.loads[-1]["weight_dtype"] == "int8" and core.loads[-1]["free_memory"] is None
     assert "weights int8" in m.describe()
@@ -70,3 +70,14 @@ def tiny_pipe_int8(tmp_path_factory):
     return BagelPipeline.from_pretrained(folder, dtype=torch.float32, weight_dtype="int8")
 
 
+
+
+def test_loader_compile_option(env):
+    """compile (issue 21): the core's modes, default none (a workflow saved before it loads unchanged); a mode
+    is set on the pipeline and named in the description."""
+    _, ext, core, _ = env
+    spec = {i.id: i for i in ext.BagelModelLoader.define_schema().inputs}
+    assert spec["compile"].options == ["none", "decode", "all"] and spec["compile"].default == "none"
+    assert _load(ext).compile_mode == "none" and core.pipe.compiled_as is None
+    m = _load(ext, weight_dtype="default", compile="decode")
+    assert core.pipe.compiled_as == "decode" and "compiled (decode)" in m.describe()
