@@ -1,10 +1,10 @@
 """Golden-set conformance runner.
 
-    python -m hyperbagel_core.conformance --golden DIR --out OUT [--check]
+    python -m hyperbagel_core.conformance --golden DIR --out OUT [--check] [--manifest manifest_taylorseer.json]
 
-Reads ``DIR/manifest.json`` and reproduces every case from its ``inputs`` (``input_list`` for the
+Reads ``DIR/manifest.json`` (or ``--manifest``: another index of the same folder) and reproduces every case from its ``inputs`` (``input_list`` for the
 interleaved cases; named images for the VAE component case; one image for the ViT component case) and
-``hyperparameters`` alone, injecting the recorded noise (outputs whose tolerance says "injected").
+``hyperparameters`` alone (``enable_taylorseer``: the TaylorSeer feature cache), injecting the recorded noise (outputs whose tolerance says "injected").
 Writes ``OUT/cases/<case>.safetensors`` with the manifest's tensor names and ``OUT/timings.json``
 (wall seconds per case, model loading excluded). ``--check`` compares with the golden tensors using each
 output's ``tolerance`` rule and exits non-zero on any failure.
@@ -197,7 +197,8 @@ def run_interleave_case(pipe: BagelPipeline, case: dict, golden: Path, injected:
                              init_noise=injected.get("gen/init_noise"), cfg=cfg,
                              num_timesteps=int(hp.get("num_timesteps", 50)),
                              timestep_shift=float(hp.get("timestep_shift", 3.0)), schedule="teacher",
-                             batch_cfg=True, callback=None, trace=trace)
+                             batch_cfg=True, callback=None, trace=trace,
+                             cache="taylorseer" if hp.get("enable_taylorseer") else None)
     out.update(_gen_tensors(trace, res, H, W))
     out.update(_ctx_tensors("ctx/gen", ctxs.gen))
     out.update(_ctx_tensors("ctx/cfg_text", ctxs.cfg_text, with_kv=False))
@@ -306,9 +307,9 @@ def check_case(case: dict, ours: dict, ref: dict) -> list[str]:
 
 
 def run(golden: Path, out: Path, device="cpu", dtype=torch.float32, check: bool = False,
-        cases: list[str] | None = None) -> dict:
+        cases: list[str] | None = None, manifest: str = "manifest.json") -> dict:
     from safetensors.torch import load_file, save_file
-    manifest = json.loads((golden / "manifest.json").read_text())
+    manifest = json.loads((golden / manifest).read_text())
     pipe = BagelPipeline.from_pretrained(golden / manifest["model"]["path"], device=device, dtype=dtype)
     (out / "cases").mkdir(parents=True, exist_ok=True)
     timings, report = {}, {}
@@ -338,9 +339,11 @@ def main(argv=None) -> int:
     ap.add_argument("--dtype", default="float32")
     ap.add_argument("--case", action="append", help="run only this case (repeatable)")
     ap.add_argument("--check", action="store_true", help="compare with the golden tensors")
+    ap.add_argument("--manifest", default="manifest.json", help="index file in the golden folder "
+                    "(e.g. manifest_taylorseer.json)")
     args = ap.parse_args(argv)
     torch.set_grad_enabled(False)
-    report = run(args.golden, args.out, args.device, args.dtype, args.check, args.case)
+    report = run(args.golden, args.out, args.device, args.dtype, args.check, args.case, args.manifest)
     bad = 0
     for name, failures in report.items():
         bad += bool(failures)

@@ -214,8 +214,9 @@ class Qwen2MoTForCausalLM(nn.Module):
         self.lm_head = ops.Linear(cfg.hidden_size, cfg.vocab_size, bias=False)
 
     def forward(self, x: torch.Tensor, positions: torch.Tensor, ctxs: list, *, gen: bool, causal: bool,
-                update: bool, return_all_hidden: bool = False) -> LLMOutput:
-        """x [B, n, D] in the model dtype, positions [B, n]; one context per batch row (None = empty)."""
+                update: bool, return_all_hidden: bool = False, final_norm: bool = True) -> LLMOutput:
+        """x [B, n, D] in the model dtype, positions [B, n]; one context per batch row (None = empty).
+        ``final_norm=False``: ``hidden`` is the last decoder layer's output (a feature cache stores that)."""
         cfg = self.config
         cos, sin = rope_cos_sin(positions, cfg.head_dim, cfg.rope_theta, x.dtype)
         kv = KVAccess(ctxs, causal, update, x, cfg.num_key_value_heads, cfg.head_dim)
@@ -225,5 +226,6 @@ class Qwen2MoTForCausalLM(nn.Module):
             if return_all_hidden:
                 hiddens.append(x)
         m = self.model
-        x = _routed(x, m.norm, m.norm_moe_gen) if gen else m.norm(x)
+        if final_norm:
+            x = _routed(x, m.norm, m.norm_moe_gen) if gen else m.norm(x)
         return LLMOutput(x, tuple(hiddens) if return_all_hidden else None)
