@@ -2,9 +2,10 @@
 
     python -m hyperbagel_core.conformance --golden DIR --out OUT [--check] [--manifest manifest_taylorseer.json]
 
-Reads ``DIR/manifest.json`` (or ``--manifest``: another index of the same folder) and reproduces every case from its ``inputs`` (``input_list`` for the
-interleaved cases; named images for the VAE component case; one image for the ViT component case) and
-``hyperparameters`` alone (``enable_taylorseer``: the TaylorSeer feature cache), injecting the recorded noise (outputs whose tolerance says "injected").
+Reads ``DIR/manifest.json`` (or ``--manifest``: another index of the same folder) and reproduces every case
+from its ``inputs`` (``input_list`` for the interleaved cases; named images for the VAE component case; one
+image for the ViT component case) and ``hyperparameters`` alone (``enable_taylorseer``: the TaylorSeer feature
+cache), injecting the recorded noise (outputs whose tolerance says "injected").
 Writes ``OUT/cases/<case>.safetensors`` with the manifest's tensor names and ``OUT/timings.json``
 (wall seconds per case, model loading excluded). ``--check`` compares with the golden tensors using each
 output's ``tolerance`` rule and exits non-zero on any failure.
