@@ -8,7 +8,9 @@ as a rectified flow on synthetic two-mode latents; docs/TRAINING.md, block C2). 
 
   * the 50-step teacher (49 Euler steps): the reference; and with TaylorSeer (the official settings);
   * every training-free solver (euler, heun, unipc, dpmpp_2m, shift 3) at a range of evaluation budgets;
-  * solver + TaylorSeer (official settings, and ``--custom`` settings) on longer grids.
+  * solver + TaylorSeer (official settings, and other settings) on longer grids;
+  * solver + the adaptive cache (``cache="adaptive"``: full steps decided by the input's change; beyond the
+    official) at its default threshold and two others.
 
 Cost = branch passes computed: each CFG branch's run of the decoder stack counts one (a predicted branch pass
 counts zero; outside the CFG interval a step has one branch). Counted on the model, for every configuration.
@@ -19,6 +21,7 @@ The report says which configuration wins at each pass budget (the best MSE among
 
     python3 bench/flow_teacher.py --work /tmp/flow --steps 8000          # the teacher (5-10 min, once)
     python3 bench/taylorseer_quality.py --model /tmp/flow/teacher --out q.json [--noises 32] [--tiny]
+        [--families solver,solver+taylorseer,...]   # only some configurations (the reference always runs)
 """
 from __future__ import annotations
 
@@ -69,7 +72,7 @@ def sample_set(pipe, counter, items, size, **kw) -> tuple[torch.Tensor, float, d
     return torch.stack(outs), passes / len(items), stats
 
 
-def configurations(budgets, ts_steps, custom, custom_steps=()) -> list[dict]:
+def configurations(budgets, ts_steps, custom, custom_steps=(), adaptive_steps=(), thresholds=()) -> list[dict]:
     """(label, generate kwargs): solvers at evaluation budgets, solvers + TaylorSeer on longer grids."""
     out = []
     for m in METHODS:
@@ -89,6 +92,14 @@ def configurations(budgets, ts_steps, custom, custom_steps=()) -> list[dict]:
                     continue
                 out.append(dict(label=f"{m} {n} steps + taylorseer({name})", family="solver+taylorseer(custom)",
                                 kw=dict(kw, cache=settings)))
+        for n in adaptive_steps:
+            grid, _ = grid_for_budget("euler", n, 3.0)
+            kw = dict(schedule="custom", timesteps=grid.tolist(), timestep_shift=1.0, solver=m)
+            out.append(dict(label=f"{m} {n} steps + adaptive", family="solver+adaptive", kw=dict(kw, cache="adaptive")))
+            for d in thresholds:
+                if m in ("euler", "unipc") and n in (20, 49):
+                    out.append(dict(label=f"{m} {n} steps + adaptive({d:g})", family="solver+adaptive(custom)",
+                                    kw=dict(kw, cache={"change_threshold": d})))
     return out
 
 
@@ -118,6 +129,7 @@ def main(argv=None) -> None:
     ap.add_argument("--seed", type=int, default=0)
     ap.add_argument("--threads", type=int, default=1)
     ap.add_argument("--tiny", action="store_true", help="smoke run: 2 noises, 2 budgets")
+    ap.add_argument("--families", default=None, help="comma-separated families to run (default: all)")
     ap.add_argument("--out", default=None)
     a = ap.parse_args(argv)
     torch.set_num_threads(a.threads)
@@ -145,8 +157,14 @@ def main(argv=None) -> None:
           f"({len(items)} items)", flush=True)
     rows = [dict(label="teacher 49 steps (reference)", family="teacher", passes=ref_passes, mse=0.0,
                  frechet=C.frechet_distance(tokens(ref), tokens(ref_other)))]
-    for cfg in [dict(label="teacher 49 steps + taylorseer", family="teacher+taylorseer",
-                     kw=dict(teacher, cache="taylorseer"))] + configurations(budgets, ts_steps, custom, (12, 20, 35)):
+    configs = [dict(label="teacher 49 steps + taylorseer", family="teacher+taylorseer",
+                    kw=dict(teacher, cache="taylorseer")),
+               dict(label="teacher 49 steps + adaptive", family="teacher+adaptive", kw=dict(teacher, cache="adaptive"))]
+    configs += configurations(budgets, ts_steps, custom, (12, 20, 35), (12,) if a.tiny else (12, 20, 35, 49),
+                              () if a.tiny else (0.05, 0.2))
+    if a.families:
+        configs = [c for c in configs if c["family"] in a.families.split(",")]
+    for cfg in configs:
         x, passes, stats = sample_set(pipe, counter, items, a.size, **cfg["kw"])
         row = dict(label=cfg["label"], family=cfg["family"], passes=passes,
                    mse=C.latent_mse(x, ref), frechet=C.frechet_distance(tokens(x), tokens(ref_other)),

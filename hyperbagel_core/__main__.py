@@ -17,6 +17,7 @@ import torch
 
 from .errors import HyperbagelError
 from .progress import ProgressBar
+from .sampling.taylorseer import ADAPTIVE_THRESHOLD
 
 
 def _add_common(p: argparse.ArgumentParser) -> None:
@@ -42,17 +43,22 @@ def _add_image_args(p: argparse.ArgumentParser, text_scale: float, img_scale: fl
     p.add_argument("--cfg-interval", type=float, nargs=2, default=interval)
     p.add_argument("--renorm", default=renorm, choices=["global", "channel", "text_channel"])
     p.add_argument("--think", action="store_true")
-    p.add_argument("--cache", default="off", choices=["off", "taylorseer"],
-                   help="taylorseer: the official training-free feature cache (predicts some passes per CFG branch)")
+    p.add_argument("--cache", default="off", choices=["off", "taylorseer", "adaptive"],
+                   help="taylorseer: the official training-free feature cache (predicts some passes per CFG branch); "
+                        "adaptive: the same, full steps decided by the input's change")
     p.add_argument("--cache-warmup", type=int, help="TaylorSeer warm-up steps computed in full (official 5)")
     p.add_argument("--cache-interval", type=int, help="TaylorSeer: one full step every N after warm-up (official 3)")
     p.add_argument("--cache-order", type=int, help="TaylorSeer: highest finite-difference order (official 6)")
+    p.add_argument("--cache-threshold", type=float, help="adaptive: relative input change that triggers a full step")
 
 
 def _cache_arg(args):
-    """--cache plus any custom setting -> generate/edit's ``cache`` (a custom setting implies taylorseer)."""
+    """--cache plus any custom setting -> generate/edit's ``cache`` (a custom setting implies the cache)."""
     custom = {k: v for k, v in (("first_enhance", args.cache_warmup), ("fresh_threshold", args.cache_interval),
-                                ("max_order", args.cache_order)) if v is not None}
+                                ("max_order", args.cache_order), ("change_threshold", args.cache_threshold))
+              if v is not None}
+    if custom and args.cache == "adaptive":
+        custom.setdefault("change_threshold", ADAPTIVE_THRESHOLD)
     if custom:
         return custom
     return None if args.cache == "off" else args.cache

@@ -280,22 +280,23 @@ def check_guidance(interval_start: float, interval_end: float, renorm_type: str,
 
 # ----------------------------------------------------------------------------------------- feature cache
 
-CACHE_CHOICES = ["off", "taylorseer", "custom"]
+CACHE_CHOICES = ["off", "taylorseer", "adaptive", "custom"]
 TAYLORSEER_DEFAULTS = {"first_enhance": 5, "fresh_threshold": 3, "max_order": 6}   # the official settings
 
 
 def plan_cache(cache: str, warmup: int = 5, interval: int = 3, order: int = 6) -> dict:
     """The cache widgets -> ``pipe.generate/edit`` keyword arguments (none when off).
 
-    ``taylorseer``: the official TaylorSeer feature cache; ``custom``: TaylorSeer with the node's warm-up steps
-    (``first_enhance``), full-step interval (``fresh_threshold``) and order (``max_order``).
+    ``taylorseer``: the official TaylorSeer feature cache; ``adaptive``: the same predictions, full steps decided
+    per CFG branch by how much the model input changed (beyond the official); ``custom``: TaylorSeer with the
+    node's warm-up steps (``first_enhance``), full-step interval (``fresh_threshold``) and order (``max_order``).
     """
     if cache not in CACHE_CHOICES:
         raise NodeInputError(f"unknown cache {cache!r}; choose one of {', '.join(CACHE_CHOICES)}.")
     if cache == "off":
         return {}
-    if cache == "taylorseer":
-        return {"cache": "taylorseer"}
+    if cache in ("taylorseer", "adaptive"):
+        return {"cache": cache}
     values = {}
     for name, key, v, lo in (("cache_warmup", "first_enhance", warmup, 1), ("cache_interval", "fresh_threshold",
                              interval, 1), ("cache_order", "max_order", order, 0)):

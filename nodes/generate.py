@@ -59,7 +59,9 @@ def cache_inputs() -> list:
         io.Combo.Input("cache", options=A.CACHE_CHOICES, default="off",
                        tooltip="taylorseer: BAGEL's official training-free TaylorSeer cache; after 5 warm-up steps "
                                "it computes one step in 3 and predicts the others per CFG branch (faster, slightly "
-                               "different image). custom: TaylorSeer with the three settings below. off: exact."),
+                               "different image). adaptive: the same predictions, computing a step when the input "
+                               "has changed enough (beyond the official). custom: TaylorSeer with the three "
+                               "settings below. off: exact."),
         io.Int.Input("cache_warmup", default=5, min=1, max=200,
                      tooltip="cache=custom: first steps always computed (official 5)."),
         io.Int.Input("cache_interval", default=3, min=1, max=200,

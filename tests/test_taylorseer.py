@@ -63,9 +63,17 @@ def test_settings_and_bad_values():
     assert resolve_cache(None) is None and resolve_cache("off") is None
     assert resolve_cache("taylorseer") == TaylorSeerSettings(5, 3, 6)
     assert resolve_cache({"max_order": 2}) == TaylorSeerSettings(5, 3, 2)
-    for bad in ("teacache", {"order": 2}, {"fresh_threshold": 0}, {"first_enhance": 2.5}, 3):
+    assert resolve_cache("adaptive") == TaylorSeerSettings(change_threshold=0.1)
+    assert resolve_cache("adaptive").label == "adaptive" and resolve_cache("taylorseer").label == "taylorseer"
+    for bad in ("teacache", {"order": 2}, {"fresh_threshold": 0}, {"first_enhance": 2.5}, 3,
+                {"change_threshold": -1.0}, {"change_threshold": float("nan")}):
         with pytest.raises(ValueError):
             resolve_cache(bad)
+    from hyperbagel_core.__main__ import _cache_arg, build_parser
+    cli = lambda *a: _cache_arg(build_parser().parse_args(["generate", "x", *a]))  # noqa: E731
+    assert cli() is None and cli("--cache", "taylorseer") == "taylorseer"
+    assert cli("--cache-order", "2") == {"max_order": 2}
+    assert cli("--cache", "adaptive", "--cache-warmup", "3") == {"first_enhance": 3, "change_threshold": 0.1}
 
 
 @pytest.fixture(scope="module")
@@ -135,6 +143,32 @@ def test_custom_grid_edit_and_distilled_expert(pipe, tmp_path):
     finally:
         pipe.unload_distilled_expert()
     assert (d.stats["computed"], d.stats["predicted"], d.stats["passes"]) == (5, 1, 5)
+
+
+def test_adaptive_decides_per_branch_from_the_input_change(pipe):
+    """Beyond the official: after the warm-up a branch computes when the input's change since its last full
+    step reaches the threshold (a huge one: only the warm-up; a tiny one: every step); CFG stays on (both
+    branches are evaluated, each from its own factors)."""
+    kw = dict(SMALL, cfg_interval=(0.0, 1.0))
+    never = pipe.generate("a fox", cache={"change_threshold": 100.0}, **kw).stats
+    always = pipe.generate("a fox", cache={"change_threshold": 1e-6}, **kw).stats
+    mid = pipe.generate("a fox", cache="adaptive", **kw)
+    assert (never["computed"], never["predicted"]) == (2 * 5, 2 * 6)
+    assert (always["computed"], always["predicted"]) == (2 * 11, 0)
+    assert mid.stats["cache"] == "adaptive" and mid.stats["computed"] + mid.stats["predicted"] == 2 * 11
+    st = TaylorSeerState(TaylorSeerSettings(first_enhance=1, change_threshold=0.5))
+    a, b = st.branch("main"), st.branch("cfg_text")
+    full = []
+    for k in range(5):                         # the input grows by 20 % per evaluation; cfg_text sits out after 0
+        st.observe(torch.full((3, 2), 1.2 ** k))
+        full.append(a.begin())
+        if k == 0:
+            assert b.begin()
+            b.end()
+        a.end()
+    assert full == [True, False, False, True, False]
+    assert a.change == pytest.approx(0.2) and b.change == pytest.approx(0.8)
+    assert b.begin() and not a.begin()         # the branch that sat out saw the input move: it computes
 
 
 def _outputs(p: BagelPipeline) -> dict:

@@ -172,7 +172,8 @@ class BagelModel(nn.Module):
         skip the decoder stack; the others run it as one batch and feed the cache."""
         q = self._with_markers(self.latent_embed(x, t, h, w, time_embed_extra))
         if feature_cache is not None:
-            hidden = feature_cache.hidden(lambda rows: self._decode_query(q, [ctxs[i] for i in rows], False)[:, 1:-1])
+            hidden = feature_cache.hidden(
+                lambda rows: self._decode_query(q, [ctxs[i] for i in rows], False)[:, 1:-1], q[1:-1])
             return self.llm2vae(self.language_model.model.norm_moe_gen(hidden))
         return self.llm2vae(self._decode_query(q, ctxs)[:, 1:-1])
 

@@ -18,6 +18,12 @@ so a later call (or an interrupted one) cannot see it.
 
 A "step" is one evaluation of a branch, for every sampler: for the teacher and the multistep solvers one
 grid step; for Heun its predictor and its corrector evaluation are two steps (a solver step costs two).
+
+Beyond the official (``change_threshold`` > 0, ``cache="adaptive"``): after the warm-up a branch's step is full
+when the model input has changed enough since that branch's last full step (the idea of TeaCache): the
+relative L1 change of the denoising query's latent embedding from one evaluation to the next, summed per
+branch, reaches ``change_threshold``; ``fresh_threshold`` is then unused. Every branch keeps its own sum and
+its own factors, so CFG is never dropped: an uncond branch is predicted from its own outputs.
 """
 from __future__ import annotations
 
@@ -27,7 +33,8 @@ from dataclasses import dataclass
 import torch
 
 BRANCHES = ("main", "cfg_text", "cfg_img")
-CACHE_CHOICES = ("off", "taylorseer")
+CACHE_CHOICES = ("off", "taylorseer", "adaptive")
+ADAPTIVE_THRESHOLD = 0.1   # cache="adaptive": measured on the flow-trained tiny teacher (docs/PERFORMANCE.md)
 
 
 @dataclass(frozen=True)
@@ -36,40 +43,51 @@ class TaylorSeerSettings:
     first_enhance: int = 5     # warm-up: steps 0 .. first_enhance - 1 are computed in full
     fresh_threshold: int = 3   # afterwards one full step every fresh_threshold steps (1: every step is full)
     max_order: int = 6         # highest finite-difference order of the expansion (0: reuse the last output)
+    change_threshold: float = 0.0  # > 0: full steps decided by the input's change, not every fresh_threshold
 
     def __post_init__(self):
         for name, lo in (("first_enhance", 1), ("fresh_threshold", 1), ("max_order", 0)):
             v = getattr(self, name)
             if isinstance(v, bool) or not isinstance(v, int) or v < lo or v > 1000:
                 raise ValueError(f"TaylorSeer {name} must be an integer in [{lo}, 1000], got {v!r}")
+        v = self.change_threshold
+        if isinstance(v, bool) or not isinstance(v, (int, float)) or not 0 <= v <= 100:
+            raise ValueError(f"TaylorSeer change_threshold must be a number in [0, 100] (0: the official fixed "
+                             f"schedule), got {v!r}")
 
     @property
     def label(self) -> str:
         if self == TaylorSeerSettings():
             return "taylorseer"
-        return f"taylorseer(first_enhance={self.first_enhance}, fresh_threshold={self.fresh_threshold}, " \
-               f"max_order={self.max_order})"
+        if self == TaylorSeerSettings(change_threshold=ADAPTIVE_THRESHOLD):
+            return "adaptive"
+        rule = (f"change_threshold={self.change_threshold:g}" if self.change_threshold
+                else f"fresh_threshold={self.fresh_threshold}")
+        return f"taylorseer(first_enhance={self.first_enhance}, {rule}, max_order={self.max_order})"
 
 
 def resolve_cache(cache) -> TaylorSeerSettings | None:
     """``cache`` argument of generate/edit -> settings or None (off).
 
-    Accepts None / "off", "taylorseer" (the official settings), a ``TaylorSeerSettings``, or a dict of its
-    fields (missing ones take the official values)."""
+    Accepts None / "off", "taylorseer" (the official settings), "adaptive" (the official warm-up and order,
+    full steps decided by the input's change, ``ADAPTIVE_THRESHOLD``), a ``TaylorSeerSettings``, or a dict of
+    its fields (missing ones take the official values)."""
     if cache is None or cache == "off":
         return None
     if cache == "taylorseer":
         return TaylorSeerSettings()
+    if cache == "adaptive":
+        return TaylorSeerSettings(change_threshold=ADAPTIVE_THRESHOLD)
     if isinstance(cache, TaylorSeerSettings):
         return cache
     if isinstance(cache, dict):
-        unknown = set(cache) - {"first_enhance", "fresh_threshold", "max_order"}
+        fields = ("first_enhance", "fresh_threshold", "max_order", "change_threshold")
+        unknown = set(cache) - set(fields)
         if unknown:
-            raise ValueError(f"unknown TaylorSeer setting(s) {sorted(unknown)}; valid: first_enhance, "
-                             "fresh_threshold, max_order")
+            raise ValueError(f"unknown TaylorSeer setting(s) {sorted(unknown)}; valid: {', '.join(fields)}")
         return TaylorSeerSettings(**cache)
-    raise ValueError(f"cache must be 'off', 'taylorseer', a TaylorSeerSettings or a dict of its fields, got "
-                     f"{cache!r}")
+    raise ValueError(f"cache must be 'off', 'taylorseer', 'adaptive', a TaylorSeerSettings or a dict of its "
+                     f"fields, got {cache!r}")
 
 
 class BranchCache:
@@ -87,11 +105,13 @@ class BranchCache:
         self.factors: list[torch.Tensor] = []
         self.full = True
         self.computed = self.predicted = 0
+        self.change = 0.0             # adaptive: the input's relative change since this branch's last full step
 
     def begin(self) -> bool:
         s = self.settings
-        if self.step < s.first_enhance or self.counter == s.fresh_threshold - 1:
-            self.counter, self.full = 0, True
+        due = self.change >= s.change_threshold if s.change_threshold else self.counter == s.fresh_threshold - 1
+        if self.step < s.first_enhance or due:
+            self.counter, self.full, self.change = 0, True, 0.0
             self.activated.append(self.step)
             self.computed += 1
         else:
@@ -132,6 +152,18 @@ class TaylorSeerState:
         self.branches: dict[str, BranchCache] = {}
         self.passes = 0               # forwards of the decoder stack run (a batch of branches = one)
         self.peak_bytes = 0           # largest size of all branches' factors together
+        self._input = None            # adaptive: the last query embedding seen (latent rows)
+
+    def observe(self, q: torch.Tensor) -> None:
+        """Adaptive: add the input's relative L1 change since the previous evaluation to every branch's sum (a
+        branch that sits out a step still sees the input move); the same input twice adds nothing."""
+        if not self.settings.change_threshold:
+            return
+        if self._input is not None:
+            change = float((q - self._input).abs().mean() / self._input.abs().mean().clamp_min(1e-12))
+            for b in self.branches.values():
+                b.change += change
+        self._input = q.detach().clone()    # own storage: nothing the forward does can change it
 
     def branch(self, name: str) -> BranchCache:
         if name not in BRANCHES:
@@ -145,7 +177,8 @@ class TaylorSeerState:
         return CachedRows(self, [self.branch(n) for n in names])
 
     def nbytes(self) -> int:
-        return sum(b.nbytes() for b in self.branches.values())
+        held = 0 if self._input is None else self._input.numel() * self._input.element_size()
+        return held + sum(b.nbytes() for b in self.branches.values())
 
     def stats(self) -> dict:
         """For ``ImageResult.stats``: branch evaluations computed / predicted, forwards run, cache bytes."""
@@ -164,9 +197,11 @@ class CachedRows:
     def __len__(self) -> int:
         return len(self.branches)
 
-    def hidden(self, run) -> torch.Tensor:
+    def hidden(self, run, q: torch.Tensor) -> torch.Tensor:
         """The last decoder layer's latent rows [B, h*w, D] for this step: ``run(rows)`` (the decoder stack on
-        those batch rows, -> [len(rows), h*w, D]) for the rows that compute, the Taylor prediction for the rest."""
+        those batch rows, -> [len(rows), h*w, D]) for the rows that compute, the Taylor prediction for the rest;
+        ``q``: this step's query embedding, latent rows (the adaptive decision reads it)."""
+        self.state.observe(q)
         full = [b.begin() for b in self.branches]
         out: list = [None] * len(full)
         rows = [i for i, f in enumerate(full) if f]
@@ -187,10 +222,11 @@ class CachedRows:
 def cache_bytes(settings: TaylorSeerSettings | None, tokens: int, hidden: int, branches: int, dtype_bytes: int,
                 layers: int = 1) -> int:
     """Upper bound of a call's cache: ``max_order + 1`` factors of ``tokens x hidden`` per branch and layer,
-    plus the one factor being formed and the prediction of one branch. ``layers=1``, ``tokens`` = latent
-    tokens is this module; the official layout is ``layers`` = all decoder layers, ``tokens`` = query tokens
-    (latents + 2 markers), without the transient terms."""
+    plus the one factor being formed and the prediction of one branch (and the adaptive mode's last input).
+    ``layers=1``, ``tokens`` = latent tokens is this module; the official layout is ``layers`` = all decoder
+    layers, ``tokens`` = query tokens (latents + 2 markers), without the transient terms."""
     if settings is None:
         return 0
     per = tokens * hidden * dtype_bytes
-    return per * ((settings.max_order + 1) * branches * layers + (2 if layers == 1 else 0))
+    extra = (2 + (1 if settings.change_threshold else 0)) if layers == 1 else 0
+    return per * ((settings.max_order + 1) * branches * layers + extra)

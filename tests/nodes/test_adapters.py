@@ -176,8 +176,9 @@ def test_adapters_module_is_comfy_free():
 def test_plan_cache_widgets():
     assert A.plan_cache("off", 1, 1, 0) == {}
     assert A.plan_cache("taylorseer", 9, 9, 9) == {"cache": "taylorseer"}   # the official settings
+    assert A.plan_cache("adaptive", 9, 9, 9) == {"cache": "adaptive"}
     assert A.plan_cache("custom", 4, 2, 3) == {"cache": {"first_enhance": 4, "fresh_threshold": 2, "max_order": 3}}
-    with pytest.raises(A.NodeInputError, match="choose one of off, taylorseer, custom"):
+    with pytest.raises(A.NodeInputError, match="choose one of off, taylorseer, adaptive, custom"):
         A.plan_cache("teacache")
     with pytest.raises(A.NodeInputError, match="cache_interval must be an integer in 1..200"):
         A.plan_cache("custom", 5, 0, 6)
