@@ -119,16 +119,15 @@ def test_batched_branches_with_their_own_counters(pipe, interval):
         assert states[True].passes > len(full_steps(15))
 
 
-@pytest.mark.parametrize("solver", ["heun", "unipc", "dpmpp_2m"])
-def test_every_solver_takes_the_cache(pipe, solver):
-    """A step is one evaluation of a branch: Heun's predictor and corrector are two."""
-    res = pipe.generate("a red fox", solver=solver, cache="taylorseer", **SMALL)
-    plain = pipe.generate("a red fox", solver=solver, **SMALL)
-    s = res.stats
-    assert s["evaluations"] == plain.stats["evaluations"]
-    main = s["evaluations"]
-    assert s["computed"] + s["predicted"] > main and len(full_steps(main)) <= s["passes"] < main
-    assert (res.latent - plain.latent).abs().max() > 0
+def test_every_solver_takes_the_cache(pipe):
+    """A step is one evaluation of a branch: Heun's predictor and corrector are two. Guidance on throughout,
+    so both branches run every evaluation and each follows the official schedule over them."""
+    for solver in ("heun", "unipc", "dpmpp_2m"):
+        s = pipe.generate("a red fox", solver=solver, cache="taylorseer", **dict(SMALL, cfg_interval=(0.0, 1.0))).stats
+        n = s["evaluations"]
+        assert n == (21 if solver == "heun" else 11)
+        assert (s["computed"], s["predicted"], s["passes"]) == (2 * len(full_steps(n)), 2 * (n - len(full_steps(n))),
+                                                                len(full_steps(n)))
 
 
 def test_custom_grid_edit_and_distilled_expert(pipe, tmp_path):
@@ -152,10 +151,8 @@ def test_adaptive_decides_per_branch_from_the_input_change(pipe):
     kw = dict(SMALL, cfg_interval=(0.0, 1.0))
     never = pipe.generate("a fox", cache={"change_threshold": 100.0}, **kw).stats
     always = pipe.generate("a fox", cache={"change_threshold": 1e-6}, **kw).stats
-    mid = pipe.generate("a fox", cache="adaptive", **kw)
     assert (never["computed"], never["predicted"]) == (2 * 5, 2 * 6)
     assert (always["computed"], always["predicted"]) == (2 * 11, 0)
-    assert mid.stats["cache"] == "adaptive" and mid.stats["computed"] + mid.stats["predicted"] == 2 * 11
     st = TaylorSeerState(TaylorSeerSettings(first_enhance=1, change_threshold=0.5))
     a, b = st.branch("main"), st.branch("cfg_text")
     full = []
