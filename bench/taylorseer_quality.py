@@ -92,6 +92,10 @@ def configurations(budgets, ts_steps, custom, custom_steps=(), adaptive_steps=()
                     continue
                 out.append(dict(label=f"{m} {n} steps + taylorseer({name})", family="solver+taylorseer(custom)",
                                 kw=dict(kw, cache=settings)))
+            for ft in (2, 4):          # the official schedule with other intervals: adaptive's equal-pass rivals
+                if (m, n) in (("euler", 49), ("unipc", 20)):
+                    out.append(dict(label=f"{m} {n} steps + taylorseer(interval {ft})",
+                                    family="solver+taylorseer(interval)", kw=dict(kw, cache={"fresh_threshold": ft})))
         for n in adaptive_steps:
             grid, _ = grid_for_budget("euler", n, 3.0)
             kw = dict(schedule="custom", timesteps=grid.tolist(), timestep_shift=1.0, solver=m)
