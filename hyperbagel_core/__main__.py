@@ -17,7 +17,7 @@ import torch
 
 from .errors import HyperbagelError
 from .progress import ProgressBar
-from .sampling.taylorseer import ADAPTIVE_THRESHOLD
+from .sampling.taylorseer import ADAPTIVE_THRESHOLD, CACHE_CHOICES
 
 
 def _add_common(p: argparse.ArgumentParser) -> None:
@@ -43,7 +43,7 @@ def _add_image_args(p: argparse.ArgumentParser, text_scale: float, img_scale: fl
     p.add_argument("--cfg-interval", type=float, nargs=2, default=interval)
     p.add_argument("--renorm", default=renorm, choices=["global", "channel", "text_channel"])
     p.add_argument("--think", action="store_true")
-    p.add_argument("--cache", default="off", choices=["off", "taylorseer", "adaptive"],
+    p.add_argument("--cache", default="off", choices=CACHE_CHOICES,
                    help="taylorseer: the official training-free feature cache (predicts some passes per CFG branch); "
                         "adaptive: the same, full steps decided by the input's change")
     p.add_argument("--cache-warmup", type=int, help="TaylorSeer warm-up steps computed in full (official 5)")
