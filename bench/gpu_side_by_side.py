@@ -5,9 +5,12 @@ The official harness (``shared/perf/gpu/scripts/bench.py``) times ``t2i_1024``, 
 nodes call) with the same settings on a random real-shape pipeline, plus per-pass figures the issue asks for:
 one 1024² denoising pass with 1, 2 and 3 CFG branches and the prefill of the edit's image block (seconds,
 peak memory above what was allocated before, the CUDA kernels each attention call ran). ``--official``
-merges the official results.json and prints ratios (official seconds / ours).
+merges the official results.json and prints ratios (official seconds / ours). ``t2i_1024_taylorseer`` and
+``edit_1024_taylorseer`` (issue 20) run the same calls with ``cache="taylorseer"`` (the official harness's
+cases of the same names set ``enable_taylorseer=True``); ``--cases`` picks workloads.
 
     python bench/gpu_side_by_side.py --out ours.json [--official results.json]
+    python bench/gpu_side_by_side.py --only workloads --cases t2i_1024_taylorseer,edit_1024_taylorseer --out ts.json
     python bench/gpu_side_by_side.py --merge ours.json --official results.json     # ratios of earlier runs
     python bench/gpu_side_by_side.py --tiny --device cpu          # smoke run at tiny shapes
 """
@@ -88,24 +91,40 @@ def attention_kernels(fn, dev) -> list[str]:
     return sorted(n[:120] for n in names if any(w in n.lower() for w in ATTN_KERNEL_WORDS))
 
 
-def workloads(pipe, dev, tiny: bool, repeats: int, ntok: int) -> dict:
+WORKLOADS = ("t2i_1024", "edit_1024", "und_980", "t2i_1024_taylorseer", "edit_1024_taylorseer")
+DEFAULT_CASES = "t2i_1024,edit_1024,und_980"
+
+
+def workloads(pipe, dev, tiny: bool, repeats: int, ntok: int, names=WORKLOADS) -> dict:
     s1024, s980 = (64, 56) if tiny else (1024, 980)
     steps = 3 if tiny else 50
+    if tiny and any(n.endswith("taylorseer") for n in names):
+        steps = 12   # past TaylorSeer's 5 warm-up steps, so the smoke run predicts some passes
     out = {}
+    t2i = dict(num_timesteps=steps, cfg_text_scale=4.0, cfg_img_scale=1.0, cfg_interval=(0.4, 1.0),
+               timestep_shift=3.0, cfg_renorm_type="global")
+    edit = dict(num_timesteps=steps, cfg_text_scale=4.0, cfg_img_scale=2.0, cfg_interval=(0.0, 1.0),
+                timestep_shift=3.0, cfg_renorm_type="text_channel")
     cases = {
-        "t2i_1024": (lambda: pipe.generate(PROMPT_T2I, height=s1024, width=s1024, num_timesteps=steps,
-                                           cfg_text_scale=4.0, cfg_img_scale=1.0, cfg_interval=(0.4, 1.0),
-                                           timestep_shift=3.0, cfg_renorm_type="global"), repeats),
-        "edit_1024": (lambda: pipe.edit(rand_img(s1024, s1024, 1), PROMPT_EDIT, num_timesteps=steps,
-                                        cfg_text_scale=4.0, cfg_img_scale=2.0, cfg_interval=(0.0, 1.0),
-                                        timestep_shift=3.0, cfg_renorm_type="text_channel"), max(1, repeats - 1)),
+        "t2i_1024": (lambda: pipe.generate(PROMPT_T2I, height=s1024, width=s1024, **t2i), repeats),
+        "edit_1024": (lambda: pipe.edit(rand_img(s1024, s1024, 1), PROMPT_EDIT, **edit), max(1, repeats - 1)),
         "und_980": (lambda: pipe.answer(rand_img(s980, s980, 2), PROMPT_UND, max_new_tokens=ntok), repeats),
+        "t2i_1024_taylorseer": (lambda: pipe.generate(PROMPT_T2I, height=s1024, width=s1024, cache="taylorseer",
+                                                      **t2i), max(1, repeats - 1)),
+        "edit_1024_taylorseer": (lambda: pipe.edit(rand_img(s1024, s1024, 1), PROMPT_EDIT, cache="taylorseer",
+                                                   **edit), max(1, repeats - 1)),
     }
-    for name, (fn, n) in tqdm(cases.items(), desc="workloads", unit="workload", dynamic_ncols=True):
+    unknown = set(names) - set(cases)
+    if unknown:
+        raise SystemExit(f"unknown workload(s) {sorted(unknown)}; choose from {', '.join(cases)}")
+    for name in tqdm(names, desc="workloads", unit="workload", dynamic_ncols=True):
+        fn, n = cases[name]
         times, peak, res = run(fn, dev, n)
         rec = dict(total_s=statistics.median(times), runs=times, peak_above_GiB=peak)
         if name == "und_980":
             rec.update(tokens=res.stats.get("new_tokens"), decode_tokens_per_s=res.stats.get("tokens_per_second"))
+        if "predicted" in res.stats:
+            rec.update({k: res.stats[k] for k in ("passes", "computed", "predicted", "cache_peak_bytes")})
         out[name] = rec
         tqdm.write(f"{name}: {rec}")
     return out
@@ -144,8 +163,8 @@ def merge_official(ours: dict, official: dict) -> list[str]:
     """Markdown rows: official seconds / ours for the shared workloads and per-pass figures."""
     rows = ["| figure | official | ours | official / ours |", "|---|---|---|---|"]
     ow = official.get("workloads", {})
-    for name in ("t2i_1024", "edit_1024", "und_980"):
-        if name not in ow or name not in ours["workloads"]:
+    for name in WORKLOADS:
+        if name not in ow or name not in ours.get("workloads", {}) or not ow[name].get("runs"):
             continue
         o = statistics.median(r["total"] for r in ow[name]["runs"])
         u = ours["workloads"][name]["total_s"]
@@ -160,7 +179,7 @@ def merge_official(ours: dict, official: dict) -> list[str]:
         utps = ours["workloads"]["und_980"]["decode_tokens_per_s"]
         rows.append(f"| und_980 decode tokens/s | {otps:.1f} | {utps:.1f} | {utps / otps:.2f}x (ours/official) |")
     edit = ow.get("edit_1024", {}).get("warmup", {})
-    if edit.get("nfe_median_s"):
+    if edit.get("nfe_median_s") and "passes" in ours:
         per = edit["nfe_median_s"]
         for b in (1, 2, 3):
             u = ours["passes"][f"pass_{b}_branches"]["median_s"]
@@ -176,6 +195,7 @@ def main(argv=None) -> None:
     ap.add_argument("--repeats", type=int, default=3)
     ap.add_argument("--ntok", type=int, default=256, help="decoded tokens of und_980 (official: 256)")
     ap.add_argument("--only", default="workloads,passes")
+    ap.add_argument("--cases", default=DEFAULT_CASES, help="workloads to run, comma-separated: " + ", ".join(WORKLOADS))
     ap.add_argument("--official", default=None, help="the official harness's results.json to compare with")
     ap.add_argument("--merge", default=None, help="only merge: our earlier --out JSON with --official")
     ap.add_argument("--out", default=None)
@@ -205,8 +225,9 @@ def main(argv=None) -> None:
         if "passes" in only:
             res["passes"] = passes(pipe, dev, a.tiny, a.repeats)
         if "workloads" in only:
-            res["workloads"] = workloads(pipe, dev, a.tiny, a.repeats, 8 if a.tiny else a.ntok)
-    if a.official and Path(a.official).exists() and "workloads" in res and "passes" in res:
+            res["workloads"] = workloads(pipe, dev, a.tiny, a.repeats, 8 if a.tiny else a.ntok,
+                                         [c for c in a.cases.split(",") if c])
+    if a.official and Path(a.official).exists() and "workloads" in res:
         res["side_by_side"] = merge_official(res, json.loads(Path(a.official).read_text()))
         print("\n".join(res["side_by_side"]))
     if pipe.compiler is not None:

@@ -11,6 +11,8 @@
 # OFFICIAL must hold scripts/, shim/, tok/ and bagel/ (see its README); OFFICIAL_PYTHONPATH a folder with
 # transformers 4.49.0 (+ tokenizers 0.21.x, huggingface_hub 0.36.x), put first on the official run's path.
 # DECODE_ARGS / OURS_ARGS add options to the two benches; TINY=1 runs ours at tiny shapes on the CPU (smoke).
+# TaylorSeer (issue 20): OURS_ARGS="--cases t2i_1024,edit_1024,und_980,t2i_1024_taylorseer,edit_1024_taylorseer"
+# and ONLY=t2i_1024,edit_1024,und_980,t2i_1024_taylorseer,edit_1024_taylorseer add both sides' cached cases.
 set -uo pipefail
 cd "$(dirname "$0")/.."
 OUT=${OUT:?set OUT}; mkdir -p "$OUT"

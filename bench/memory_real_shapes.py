@@ -10,7 +10,10 @@ Measured (bf16, 1024x1024 edit: VAE block 64x64 latents, ViT block 70x70 patches
   * prefill of the image block (VAE latents, then ViT patches) into the LLM context;
   * one denoising pass with 3 CFG branches (main, text-free, image-free), and with 1 and 2;
   * one decode step after the edit context (a VQA-style token), after the decode's one-off reservation
-    (``reserve_text``: a forked context copies its cache once per answer, reported apart).
+    (``reserve_text``: a forked context copies its cache once per answer, reported apart);
+  * the TaylorSeer feature cache (issue 20) over 20 guided steps with 2 branches (text-to-image) and 3 (edit):
+    its bytes once every order is filled (19 steps), the peak of a cached step, against the official layout's
+    bytes (every decoder layer keeps max_order + 1 tensors of query tokens x hidden per branch: arithmetic).
 Each figure is the peak above what was alive before the call (weights + KV caches + inputs).
 
     python bench/memory_real_shapes.py [--out mem.json] [--tiny]
@@ -41,6 +44,7 @@ from hyperbagel_core.config import BagelConfig, LLMConfig, ViTConfig  # noqa: E4
 from hyperbagel_core.generation import CFGSettings, guided_velocity  # noqa: E402
 from hyperbagel_core.model import attention as attn_mod  # noqa: E402
 from hyperbagel_core.model.bagel import BagelModel  # noqa: E402
+from hyperbagel_core.sampling.taylorseer import TaylorSeerSettings, TaylorSeerState, cache_bytes  # noqa: E402
 
 GiB = 2 ** 30
 
@@ -169,10 +173,35 @@ def measure(spec: dict, size: int, vit_side: int, prompt_tokens: int, dtype=torc
         steady, _ = peak_above(lambda: model.forward_text(dec, tok))
         res["decode_step"] = dict(peak_above_GiB=steady / GiB, kv_tokens=dec.kv_len,
                                   first_step_with_reservation_GiB=first / GiB)  # the fork's one copy
+        res["taylorseer"] = taylorseer_cache(model, gen, cfg_text, cfg_img, x, h, w)
         res["weights_GiB"] = weights / GiB
         res["kv_caches_GiB"] = kv / GiB
         res["kv_tokens"] = dict(gen=gen.kv_len, cfg_text=cfg_text.kv_len, cfg_img=cfg_img.kv_len)
     return res
+
+
+def taylorseer_cache(model, gen, cfg_text, cfg_img, x, h: int, w: int, steps: int = 20) -> dict:
+    """The TaylorSeer cache's bytes (ours, measured) against the official layout's (arithmetic) at this shape."""
+    st_ = TaylorSeerSettings()
+    llm = model.config.llm
+    e = torch.empty((), dtype=model.dtype).element_size()
+    out = {}
+    for name, branches, s in (("text_to_image", 2, CFGSettings(4.0, 1.0, (0.0, 1.0), "global", 0.0)),
+                              ("edit", 3, CFGSettings(4.0, 2.0, (0.0, 1.0), "text_channel", 0.0))):
+        state = TaylorSeerState(st_)
+        peaks = []
+        for _ in range(steps):
+            run = lambda: guided_velocity(model, gen, cfg_text, cfg_img, x, 0.5, h, w, s, cache=state)  # noqa: E731
+            peaks.append(peak_above(run)[0])
+        ours = storage_bytes([f for b in state.branches.values() for f in b.factors])
+        official = branches * llm.num_hidden_layers * (st_.max_order + 1) * (h * w + 2) * llm.hidden_size * e
+        out[name] = dict(branches=branches, ours_cache_GiB=ours / GiB, official_layout_GiB=official / GiB,
+                         ratio_official_over_ours=official / ours, estimate_GiB=cache_bytes(
+                             st_, h * w, llm.hidden_size, branches, e) / GiB,
+                         orders=len(state.branches["main"].factors),
+                         step_peak_above_GiB=max(peaks) / GiB,
+                         full_steps=state.branches["main"].activated[1:], passes=state.passes)
+    return out
 
 
 def main(argv=None) -> None:

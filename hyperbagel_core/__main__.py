@@ -17,6 +17,7 @@ import torch
 
 from .errors import HyperbagelError
 from .progress import ProgressBar
+from .sampling.taylorseer import ADAPTIVE_THRESHOLD, CACHE_CHOICES
 
 
 def _add_common(p: argparse.ArgumentParser) -> None:
@@ -53,6 +54,25 @@ def _add_image_args(p: argparse.ArgumentParser, text_scale: float, img_scale: fl
     p.add_argument("--cfg-interval", type=float, nargs=2, default=interval)
     p.add_argument("--renorm", default=renorm, choices=["global", "channel", "text_channel"])
     p.add_argument("--think", action="store_true")
+    p.add_argument("--cache", default="off", choices=CACHE_CHOICES,
+                   help="taylorseer: the official training-free feature cache (predicts some passes per CFG branch); "
+                        "adaptive: the same, full steps decided by the input's change")
+    p.add_argument("--cache-warmup", type=int, help="TaylorSeer warm-up steps computed in full (official 5)")
+    p.add_argument("--cache-interval", type=int, help="TaylorSeer: one full step every N after warm-up (official 3)")
+    p.add_argument("--cache-order", type=int, help="TaylorSeer: highest finite-difference order (official 6)")
+    p.add_argument("--cache-threshold", type=float, help="adaptive: relative input change that triggers a full step")
+
+
+def _cache_arg(args):
+    """--cache plus any custom setting -> generate/edit's ``cache`` (a custom setting implies the cache)."""
+    custom = {k: v for k, v in (("first_enhance", args.cache_warmup), ("fresh_threshold", args.cache_interval),
+                                ("max_order", args.cache_order), ("change_threshold", args.cache_threshold))
+              if v is not None}
+    if custom and args.cache == "adaptive":
+        custom.setdefault("change_threshold", ADAPTIVE_THRESHOLD)
+    if custom:
+        return custom
+    return None if args.cache == "off" else args.cache
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -178,7 +198,8 @@ def main(argv=None) -> int:
             pipe.load_distilled_expert(args.distilled_expert)
         kw = dict(seed=args.seed, num_timesteps=args.steps, timestep_shift=args.shift, schedule=args.schedule,
                   solver=args.solver, cfg_text_scale=args.cfg_text, cfg_img_scale=args.cfg_img,
-                  cfg_interval=tuple(args.cfg_interval), cfg_renorm_type=args.renorm, think=args.think)
+                  cfg_interval=tuple(args.cfg_interval), cfg_renorm_type=args.renorm, think=args.think,
+                  cache=_cache_arg(args))
         with ProgressBar("denoising") as bar:
             if args.cmd == "generate":
                 res = pipe.generate(args.prompt, height=args.height, width=args.width, callback=bar, **kw)
@@ -190,6 +211,9 @@ def main(argv=None) -> int:
         if res.thinking:
             print("thinking:", res.thinking)
         print(f"wrote {path} ({res.image.size[0]}x{res.image.size[1]}) in {time.perf_counter() - t0:.2f}s")
+        if "predicted" in res.stats:
+            print(f"{res.stats['cache']}: {res.stats['computed']} branch passes computed, {res.stats['predicted']} "
+                  f"predicted ({res.stats['passes']} forwards)")
         return 0
     except HyperbagelError as e:
         print(f"error: {e}", file=sys.stderr)

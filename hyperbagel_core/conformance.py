@@ -1,10 +1,11 @@
 """Golden-set conformance runner.
 
-    python -m hyperbagel_core.conformance --golden DIR --out OUT [--check]
+    python -m hyperbagel_core.conformance --golden DIR --out OUT [--check] [--manifest manifest_taylorseer.json]
 
-Reads ``DIR/manifest.json`` and reproduces every case from its ``inputs`` (``input_list`` for the
-interleaved cases; named images for the VAE component case; one image for the ViT component case) and
-``hyperparameters`` alone, injecting the recorded noise (outputs whose tolerance says "injected").
+Reads ``DIR/manifest.json`` (or ``--manifest``: another index of the same folder) and reproduces every case
+from its ``inputs`` (``input_list`` for the interleaved cases; named images for the VAE component case; one
+image for the ViT component case) and ``hyperparameters`` alone (``enable_taylorseer``: the TaylorSeer feature
+cache), injecting the recorded noise (outputs whose tolerance says "injected").
 Writes ``OUT/cases/<case>.safetensors`` with the manifest's tensor names and ``OUT/timings.json``
 (wall seconds per case, model loading excluded). ``--check`` compares with the golden tensors using each
 output's ``tolerance`` rule and exits non-zero on any failure.
@@ -197,7 +198,8 @@ def run_interleave_case(pipe: BagelPipeline, case: dict, golden: Path, injected:
                              init_noise=injected.get("gen/init_noise"), cfg=cfg,
                              num_timesteps=int(hp.get("num_timesteps", 50)),
                              timestep_shift=float(hp.get("timestep_shift", 3.0)), schedule="teacher",
-                             batch_cfg=True, callback=None, trace=trace)
+                             batch_cfg=True, callback=None, trace=trace,
+                             cache="taylorseer" if hp.get("enable_taylorseer") else None)
     out.update(_gen_tensors(trace, res, H, W))
     out.update(_ctx_tensors("ctx/gen", ctxs.gen))
     out.update(_ctx_tensors("ctx/cfg_text", ctxs.cfg_text, with_kv=False))
@@ -306,12 +308,14 @@ def check_case(case: dict, ours: dict, ref: dict) -> list[str]:
 
 
 def run(golden: Path, out: Path, device="cpu", dtype=torch.float32, check: bool = False,
-        cases: list[str] | None = None, model: Path | None = None, **load) -> dict:
-    """Run (and with ``check`` compare) the golden cases; ``model``: load this checkpoint (any on-disk format of
-    the golden weights, docs/loading.md) instead of the golden set's own folder; ``load``: more
-    ``from_pretrained`` arguments (e.g. ``device_map``/``offload_dir``: a placed model)."""
+        cases: list[str] | None = None, model: Path | None = None, manifest: str = "manifest.json",
+        **load) -> dict:
+    """Run (and with ``check`` compare) the golden cases of ``manifest`` (e.g. manifest_taylorseer.json);
+    ``model``: load this checkpoint (any on-disk format of the golden weights, docs/loading.md) instead of the
+    golden set's own folder; ``load``: more ``from_pretrained`` arguments (e.g. ``device_map``/``offload_dir``:
+    a placed model)."""
     from safetensors.torch import load_file, save_file
-    manifest = json.loads((golden / "manifest.json").read_text())
+    manifest = json.loads((golden / manifest).read_text())
     pipe = BagelPipeline.from_pretrained(model or golden / manifest["model"]["path"], device=device, dtype=dtype,
                                          **load)
     (out / "cases").mkdir(parents=True, exist_ok=True)
@@ -344,6 +348,8 @@ def main(argv=None) -> int:
     ap.add_argument("--model", type=Path, help="load this checkpoint (folder or single file) instead of the golden "
                                                "set's own (the same weights in another on-disk format)")
     ap.add_argument("--check", action="store_true", help="compare with the golden tensors")
+    ap.add_argument("--manifest", default="manifest.json", help="index file in the golden folder "
+                    "(e.g. manifest_taylorseer.json)")
     ap.add_argument("--device-map", help="run a placed model: auto, a JSON object {module: device} or a JSON file")
     ap.add_argument("--max-memory", help="per-device budget, e.g. '0=20GiB,cpu=64GiB'")
     ap.add_argument("--offload-dir", type=Path, help="folder for modules placed on 'disk'")
@@ -352,7 +358,8 @@ def main(argv=None) -> int:
     from .placement import parse_device_map
     load = dict(device_map=parse_device_map(args.device_map), max_memory=args.max_memory,
                 offload_dir=args.offload_dir)
-    report = run(args.golden, args.out, args.device, args.dtype, args.check, args.case, args.model, **load)
+    report = run(args.golden, args.out, args.device, args.dtype, args.check, args.case, args.model, args.manifest,
+                 **load)
     bad = 0
     for name, failures in report.items():
         bad += bool(failures)

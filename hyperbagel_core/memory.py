@@ -18,8 +18,12 @@ kernels (no query x key score matrix); bytes, with ``e`` the activation dtype's 
   widest channel count next to that level (a resnet's input, norm and activation, an upsample's input and
   output), in the VAE dtype; plus the fused mid-block attention's q/k/v/out at the lowest level.
 
-Total = KV + the largest of (LLM pass, ViT, VAE encode, VAE decode): the caches stay alive until the image
-is decoded; one pass's activations are freed before the next.
+* TaylorSeer feature cache (``cache`` settings): per CFG branch ``max_order + 1`` factors of the latent
+  tokens x hidden in the activation dtype, plus two such tensors while a factor is formed or a prediction
+  summed (``sampling.taylorseer.cache_bytes``).
+
+Total = KV + feature cache + the largest of (LLM pass, ViT, VAE encode, VAE decode): the caches stay alive
+until the image is decoded; one pass's activations are freed before the next.
 """
 from __future__ import annotations
 
@@ -30,6 +34,7 @@ from torch import nn
 
 from . import image as im
 from .config import BagelConfig
+from .sampling.taylorseer import cache_bytes
 
 TASKS = ("answer", "generate", "edit")
 
@@ -41,6 +46,7 @@ class MemoryEstimate:
     vit: int           # ViT encoder pass
     vae: int           # largest VAE encode/decode
     total: int
+    feature_cache: int = 0  # TaylorSeer cache (sampling.taylorseer), 0 when off
 
 
 def _size(dtype) -> int:
@@ -61,12 +67,13 @@ def _vae_bytes(cfg: dict, height: int, width: int, e: int) -> int:
 def estimate_run_memory(config: BagelConfig, task: str, *, height: int = 1024, width: int = 1024,
                         dtype=torch.bfloat16, vae_dtype=torch.float32, cfg_branches: int = 3,
                         text_tokens: int = 256, think_tokens: int = 0, max_new_tokens: int = 512,
-                        num_images: int = 1) -> MemoryEstimate:
+                        num_images: int = 1, cache=None) -> MemoryEstimate:
     """Upper bound of the working memory for one call (see the module docstring for the formula).
 
     ``height``/``width``: the output image (generate), the input image (edit: it is VAE-resized, the output
     has that size; answer: each of ``num_images`` images). ``cfg_branches``: 3 for the teacher's CFG, 1 with
-    a distilled expert. ``text_tokens``: the prompt/question budget (system prompts included).
+    a distilled expert. ``text_tokens``: the prompt/question budget (system prompts included). ``cache``:
+    ``sampling.taylorseer.TaylorSeerSettings`` or None (off).
     """
     if task not in TASKS:
         raise ValueError(f"unknown task {task!r}; choose one of {TASKS}")
@@ -110,7 +117,8 @@ def estimate_run_memory(config: BagelConfig, task: str, *, height: int = 1024, w
                                                      + 8 * vit.hidden_size)
     ev = _size(vae_dtype)
     vae = 0 if task == "answer" else _vae_bytes(config.vae, height, width, ev)
-    return MemoryEstimate(kv, act, vit_bytes, vae, kv + max(act, vit_bytes, vae))
+    feat = 0 if task == "answer" else cache_bytes(cache, n_lat - 2, llm.hidden_size, cfg_branches, e)
+    return MemoryEstimate(kv, act, vit_bytes, vae, kv + feat + max(act, vit_bytes, vae), feat)
 
 
 # -- weights per part and the weight-dtype plan -------------------------------------------------------------------

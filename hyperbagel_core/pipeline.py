@@ -32,6 +32,7 @@ from .ops import adopt_ops
 from .sampling.preview import unpacking
 from .sampling.schedules import FIXED_GRIDS, get_schedule
 from .sampling.solvers import SOLVERS, evaluations_for
+from .sampling.taylorseer import TaylorSeerState, resolve_cache
 from .tokenizer import BagelTokenizer
 
 log = logging.getLogger(__name__)
@@ -331,19 +332,21 @@ class BagelPipeline:
         return self.model.dtype
 
     def memory_required(self, task: str, *, height: int = 1024, width: int = 1024, distilled: bool | None = None,
-                        think: bool = False, max_think_tokens: int = 1000, **kw) -> int:
+                        think: bool = False, max_think_tokens: int = 1000, cache=None, **kw) -> int:
         """Bytes of working memory one ``task`` call ("answer", "generate", "edit") needs beyond the weights.
 
         ``memory.estimate_run_memory`` with this model's config and dtypes; with a distilled expert (one
         branch, no CFG) plus its replacement tensors, which are copied next to resident weights while
-        denoising. ``height``/``width``: the output (generate) or the input image (edit, answer).
+        denoising. ``height``/``width``: the output (generate) or the input image (edit, answer); ``cache``: the
+        generate/edit argument (the TaylorSeer cache's bytes are added).
         """
         from .memory import estimate_run_memory
         use_distilled = task != "answer" and self._use_distilled(distilled)
         est = estimate_run_memory(self.config, task, height=height, width=width, dtype=self.dtype,
                                   vae_dtype=self.vae.model.encoder.conv_in.weight.dtype,
                                   cfg_branches=1 if use_distilled else 3,
-                                  think_tokens=max_think_tokens if think else 0, **kw)
+                                  think_tokens=max_think_tokens if think else 0,
+                                  cache=None if task == "answer" else resolve_cache(cache), **kw)
         return est.total + (self.distilled_expert.nbytes() if use_distilled else 0)
 
     # -- context building --------------------------------------------------------------------------------------
@@ -491,8 +494,13 @@ class BagelPipeline:
     def _sample_image(self, ctxs: Contexts, height: int, width: int, *, generator, init_noise, cfg: CFGSettings,
                       num_timesteps: int, timestep_shift: float, schedule: str, batch_cfg: bool, callback,
                       trace: dict | None, thinking: str | None = None, t_start: float | None = None,
-                      solver: str = "euler", timesteps=None, distilled: bool = False):
+                      solver: str = "euler", timesteps=None, distilled: bool = False, cache=None):
         h, w = self._check_size(height, width)
+        try:
+            settings = resolve_cache(cache)
+        except ValueError as e:
+            raise InputError(str(e)) from None
+        state = TaylorSeerState(settings) if settings is not None else None  # this call's only cache state
         try:
             grid = get_schedule(schedule, num_timesteps, timestep_shift, timesteps).timesteps
         except ValueError as e:
@@ -507,20 +515,22 @@ class BagelPipeline:
         if distilled:  # one pass per step on the main context, distilled weights swapped in for denoising only
             img_scale = cfg.img_scale if ctxs.image_shapes is not None else None
             x = distilled_sample(self.model, self.distilled_expert, ctxs.gen, h, w, noise, grid, cfg.text_scale,
-                                 img_scale, solver, callback)
+                                 img_scale, solver, callback, cache=state)
         elif solver == "euler":
             if schedule in FIXED_GRIDS:
                 log.warning("schedule %r is meant for a distilled expert; running it with the teacher's CFG", schedule)
             x = teacher_sample(self.model, ctxs.gen, ctxs.cfg_text, ctxs.cfg_img, h, w, noise, cfg,
-                               timesteps=grid, batch_cfg=batch_cfg, callback=callback, trace=trace)
+                               timesteps=grid, batch_cfg=batch_cfg, callback=callback, trace=trace, cache=state)
         else:
             x = solver_sample(self.model, ctxs.gen, ctxs.cfg_text, ctxs.cfg_img, h, w, noise, cfg, grid, solver,
-                              batch_cfg, callback)
+                              batch_cfg, callback, cache=state)
         t_start = time.perf_counter() if t_start is None else t_start
         res = self.decode_tokens(x, h, w, thinking=thinking,
                                  stats=dict(schedule=schedule, steps=grid.numel() - 1, solver=solver,
                                             evaluations=evaluations_for(solver, grid.numel() - 1),
                                             distilled=bool(distilled)))
+        if state is not None:
+            res.stats.update(state.stats())
         res.stats["seconds"] = time.perf_counter() - t_start  # end to end, VAE decode included
         if self.weight_kernels:
             res.stats["weight_kernels"] = self.weight_kernels
@@ -548,7 +558,7 @@ class BagelPipeline:
                  cfg_renorm_min: float = 0.0, think: bool = False, max_think_tokens: int = 1000,
                  do_sample: bool = False, text_temperature: float = 0.3, schedule: str = "teacher",
                  batch_cfg: bool = True, callback=None, init_noise=None, trace: dict | None = None,
-                 solver: str = "euler", timesteps=None, distilled: bool | None = None) -> ImageResult:
+                 solver: str = "euler", timesteps=None, distilled: bool | None = None, cache=None) -> ImageResult:
         """Text to image (spec 11a); defaults = the notebook's.
 
         ``schedule`` names a grid of ``sampling.schedules.SCHEDULES`` ("custom": ``timesteps``, then
@@ -556,6 +566,9 @@ class BagelPipeline:
         ``num_timesteps``/``timestep_shift``), ``solver`` a
         method of ``sampling.solvers.SOLVERS``. With a distilled expert loaded (``distilled`` None or True) each
         step is one pass with the scales as inputs and no CFG contexts are built; otherwise the teacher's CFG.
+        ``cache``: "off" (None), "taylorseer" (the official TaylorSeer feature cache, ``enable_taylorseer``), or
+        custom settings (``sampling.taylorseer.TaylorSeerSettings`` or a dict of its fields); its counts are in
+        ``stats`` (computed / predicted branch passes).
         """
         t0 = time.perf_counter()
         validate.check(self, "generate", locals())
@@ -568,7 +581,8 @@ class BagelPipeline:
         return self._sample_image(ctxs, height, width, generator=gen, init_noise=init_noise, cfg=cfg,
                                   num_timesteps=num_timesteps, timestep_shift=timestep_shift, schedule=schedule,
                                   batch_cfg=batch_cfg, callback=callback, trace=trace, thinking=thinking,
-                                  t_start=t0, solver=solver, timesteps=timesteps, distilled=use_distilled)
+                                  t_start=t0, solver=solver, timesteps=timesteps, distilled=use_distilled,
+                                  cache=cache)
 
     def edit(self, image: Image.Image, prompt: str, *, seed: int = 0, num_timesteps: int = 50,
              timestep_shift: float = 3.0, cfg_text_scale: float = 4.0, cfg_img_scale: float = 2.0,
@@ -576,8 +590,8 @@ class BagelPipeline:
              think: bool = False, max_think_tokens: int = 1000, do_sample: bool = False,
              text_temperature: float = 0.3, schedule: str = "teacher", batch_cfg: bool = True, callback=None,
              init_noise=None, vae_noise=None, trace: dict | None = None, solver: str = "euler", timesteps=None,
-             distilled: bool | None = None) -> ImageResult:
-        """Image editing (spec 11b); the output has the VAE-resized input's size.
+             distilled: bool | None = None, cache=None) -> ImageResult:
+        """Image editing (spec 11b); the output has the VAE-resized input's size; ``cache`` as in ``generate``.
 
         With a distilled expert: CFG-free, one pass per step, ``cfg_text_scale``/``cfg_img_scale`` are model
         inputs (clamped to the trained ranges); the source image is prefilled with the ORIGINAL weights.
@@ -595,7 +609,8 @@ class BagelPipeline:
         return self._sample_image(ctxs, H, W, generator=gen, init_noise=init_noise, cfg=cfg,
                                   num_timesteps=num_timesteps, timestep_shift=timestep_shift, schedule=schedule,
                                   batch_cfg=batch_cfg, callback=callback, trace=trace, thinking=thinking,
-                                  t_start=t0, solver=solver, timesteps=timesteps, distilled=use_distilled)
+                                  t_start=t0, solver=solver, timesteps=timesteps, distilled=use_distilled,
+                                  cache=cache)
 
     def interleave(self, inputs: list, *, understanding_output: bool = False, think: bool = False,
                    max_think_token_n: int = 1000, do_sample: bool = False, text_temperature: float = 0.3,
@@ -603,11 +618,11 @@ class BagelPipeline:
                    timestep_shift: float = 3.0, num_timesteps: int = 50, cfg_renorm_min: float = 0.0,
                    cfg_renorm_type: str = "global", image_shapes=(1024, 1024), seed: int = 0,
                    init_noise=None, vae_noise=None, callback=None, trace: dict | None = None,
-                   batch_cfg: bool = True) -> list:
+                   batch_cfg: bool = True, enable_taylorseer: bool = False) -> list:
         """The official inferencer's entry: a list of texts and images in, [thinking text?, text | image] out.
 
         ``max_think_token_n`` keeps the official meaning (it counts the start token). Defaults are
-        ``InterleaveInferencer.interleave_inference``'s.
+        ``InterleaveInferencer.interleave_inference``'s; ``enable_taylorseer`` is ``cache="taylorseer"``.
         """
         validate.check(self, "interleave", locals())
         gen = torch.Generator("cpu").manual_seed(int(seed))
@@ -626,5 +641,6 @@ class BagelPipeline:
         out.append(self._sample_image(ctxs, H, W, generator=gen, init_noise=init_noise, cfg=cfg,
                                       num_timesteps=num_timesteps, timestep_shift=timestep_shift,
                                       schedule="teacher", batch_cfg=batch_cfg, callback=callback, trace=trace,
-                                      thinking=out[0] if think else None))
+                                      thinking=out[0] if think else None,
+                                      cache="taylorseer" if enable_taylorseer else None))
         return out

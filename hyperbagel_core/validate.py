@@ -245,6 +245,15 @@ def _schedule(pipe, value, args):
     choice("schedule", value, tuple(SCHEDULES))
 
 
+def _cache(pipe, value, args):
+    from .sampling.taylorseer import resolve_cache
+    try:
+        resolve_cache(value)
+    except (TypeError, ValueError) as e:
+        raise InputError(f"{e}; e.g. cache='taylorseer' or cache=dict(first_enhance=5, fresh_threshold=3, "
+                         "max_order=6)") from None
+
+
 def _drafter(pipe, value, args):
     from .speculative.api import DRAFTER_NAMES
     choice("drafter", value, DRAFTER_NAMES)
@@ -291,6 +300,8 @@ RULES = {
     "init_noise": lambda pipe, v, a: tensor("init_noise", v),
     "vae_noise": lambda pipe, v, a: tensor("vae_noise", v, allow_list=True),
     "trace": lambda pipe, v, a: _dict_or_none("trace", v),
+    "cache": _cache,
+    "enable_taylorseer": lambda pipe, v, a: flag("enable_taylorseer", v),
 }
 
 

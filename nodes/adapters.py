@@ -289,6 +289,34 @@ def check_guidance(interval_start: float, interval_end: float, renorm_type: str,
     return (float(interval_start), float(interval_end)), renorm_type, float(renorm_min)
 
 
+# ----------------------------------------------------------------------------------------- feature cache
+
+CACHE_CHOICES = ["off", "taylorseer", "adaptive", "custom"]
+TAYLORSEER_DEFAULTS = {"first_enhance": 5, "fresh_threshold": 3, "max_order": 6}   # the official settings
+
+
+def plan_cache(cache: str, warmup: int = 5, interval: int = 3, order: int = 6) -> dict:
+    """The cache widgets -> ``pipe.generate/edit`` keyword arguments (none when off).
+
+    ``taylorseer``: the official TaylorSeer feature cache; ``adaptive``: the same predictions, full steps decided
+    per CFG branch by how much the model input changed (beyond the official); ``custom``: TaylorSeer with the
+    node's warm-up steps (``first_enhance``), full-step interval (``fresh_threshold``) and order (``max_order``).
+    """
+    if cache not in CACHE_CHOICES:
+        raise NodeInputError(f"unknown cache {cache!r}; choose one of {', '.join(CACHE_CHOICES)}.")
+    if cache == "off":
+        return {}
+    if cache in ("taylorseer", "adaptive"):
+        return {"cache": cache}
+    values = {}
+    for name, key, v, lo in (("cache_warmup", "first_enhance", warmup, 1), ("cache_interval", "fresh_threshold",
+                             interval, 1), ("cache_order", "max_order", order, 0)):
+        if isinstance(v, bool) or not isinstance(v, (int, np.integer)) or not lo <= v <= 200:
+            raise NodeInputError(f"{name} must be an integer in {lo}..200, got {v!r}.")
+        values[key] = int(v)
+    return {"cache": values}
+
+
 # ----------------------------------------------------------------------------------------- dtypes
 
 DTYPE_CHOICES = ["auto", "bf16", "fp16", "fp32"]
@@ -452,7 +480,8 @@ def merge_stats(per_item: Sequence[dict]) -> dict:
     if len(per_item) == 1:
         return dict(per_item[0])
     out: dict = {"images": len(per_item)}
-    for key in ("new_tokens", "tokens", "rounds", "nfe", "passes", "drafted", "accepted", "seconds"):
+    for key in ("new_tokens", "tokens", "rounds", "nfe", "passes", "computed", "predicted", "drafted", "accepted",
+                "seconds"):
         vals = [s[key] for s in per_item if isinstance(s.get(key), (int, float)) and not isinstance(s.get(key), bool)]
         if vals:
             out[key] = sum(vals)
@@ -461,7 +490,7 @@ def merge_stats(per_item: Sequence[dict]) -> dict:
         out["tokens_per_s"] = toks / out["seconds"]
     if out.get("rounds") and toks is not None:
         out["tau"] = toks / out["rounds"]
-    for key in ("drafter", "k", "schedule", "solver", "cfg", "distilled"):
+    for key in ("drafter", "k", "schedule", "solver", "cfg", "distilled", "cache"):
         if key in per_item[0]:
             out[key] = per_item[0][key]
     return out

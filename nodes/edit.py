@@ -5,7 +5,7 @@ from comfy_api.latest import io
 
 from . import adapters as A
 from . import runtime
-from .generate import THINK_TOOLTIP, guidance_inputs, image_ui, latent_of, run_images, schedule_inputs
+from .generate import THINK_TOOLTIP, cache_inputs, guidance_inputs, image_ui, latent_of, run_images, schedule_inputs
 from .loaders import BagelModelType
 
 
@@ -37,6 +37,7 @@ class BagelCFGFreeEditor(io.ComfyNode):
                                  tooltip="Resize the result back to the input's size (BAGEL edits at its own "
                                          "working resolution, 512-1024 px)."),
                 io.Boolean.Input("think", default=False, tooltip=THINK_TOOLTIP.replace("drawing", "editing")),
+                *cache_inputs(),
             ],
             outputs=[io.Image.Output(display_name="image"),
                      io.Latent.Output(display_name="latent", tooltip="At BAGEL's working resolution."),
@@ -46,7 +47,7 @@ class BagelCFGFreeEditor(io.ComfyNode):
     @classmethod
     def execute(cls, model, image, instruction, schedule, steps, solver, custom_timesteps, shift, text_guidance,
                 image_guidance, cfg_interval_start, cfg_interval_end, cfg_renorm_type, cfg_renorm_min, seed,
-                original_size, think) -> io.NodeOutput:
+                original_size, think, cache="off", cache_warmup=5, cache_interval=3, cache_order=6) -> io.NodeOutput:
         bagel = runtime.check_model(model)
         A.check_text(instruction, "instruction")
         batch = A.check_image_batch(image)
@@ -57,7 +58,8 @@ class BagelCFGFreeEditor(io.ComfyNode):
         seeds = A.batch_seeds(seed, len(pils))
         results, stats = run_images(bagel, "edit", plan, [(p, instruction) for p in pils], seeds,
                                     cfg_text_scale=text_guidance, cfg_img_scale=image_guidance, cfg_interval=interval,
-                                    cfg_renorm_type=renorm, cfg_renorm_min=renorm_min, think=think)
+                                    cfg_renorm_type=renorm, cfg_renorm_min=renorm_min, think=think,
+                                    **A.plan_cache(cache, cache_warmup, cache_interval, cache_order))
         images = [A.result_to_image(r) for r in results]
         if original_size:
             images = [A.resize_image(i, batch.shape[1], batch.shape[2]) for i in images]

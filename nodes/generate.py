@@ -12,7 +12,7 @@ from . import runtime
 from .loaders import BagelModelType
 
 log = logging.getLogger("hyperbagel")
-STAT_KEYS = ("schedule", "nfe", "passes", "cfg", "seconds")
+STAT_KEYS = ("schedule", "nfe", "passes", "cfg", "cache", "computed", "predicted", "seconds")
 
 
 SCHEDULE_TOOLTIP = (
@@ -50,6 +50,24 @@ def guidance_inputs(interval: tuple, renorm: str) -> list:
                                "text_channel (editing default). Stock model only."),
         io.Float.Input("cfg_renorm_min", default=0.0, min=0.0, max=1.0, step=0.05,
                        tooltip="Lower bound of the renorm factor (0 = BAGEL's default). Stock model only."),
+    ]
+
+
+def cache_inputs() -> list:
+    """The feature-cache widgets shared by the sampler and the editor (last, so older workflows keep their order)."""
+    return [
+        io.Combo.Input("cache", options=A.CACHE_CHOICES, default="off",
+                       tooltip="taylorseer: BAGEL's official training-free TaylorSeer cache; after 5 warm-up steps "
+                               "it computes one step in 3 and predicts the others per CFG branch (faster, slightly "
+                               "different image). adaptive: the same predictions, computing a step when the input "
+                               "has changed enough (beyond the official). custom: TaylorSeer with the three "
+                               "settings below. off: exact."),
+        io.Int.Input("cache_warmup", default=5, min=1, max=200,
+                     tooltip="cache=custom: first steps always computed (official 5)."),
+        io.Int.Input("cache_interval", default=3, min=1, max=200,
+                     tooltip="cache=custom: after warm-up one computed step every N (official 3; 1 = all computed)."),
+        io.Int.Input("cache_order", default=6, min=0, max=200,
+                     tooltip="cache=custom: order of the Taylor prediction (official 6; 0 reuses the last step)."),
     ]
 
 
@@ -102,8 +120,9 @@ def run_shape(method: str, items: list, kwargs: dict) -> dict:
     else:
         width, height = kwargs["width"], kwargs["height"]
     shape = dict(height=height, width=width, think=bool(kwargs.get("think")))
-    if "distilled" in kwargs:
-        shape["distilled"] = kwargs["distilled"]
+    for key in ("distilled", "cache"):
+        if key in kwargs:
+            shape[key] = kwargs[key]
     return shape
 
 
@@ -162,6 +181,7 @@ class BagelFewStepSampler(io.ComfyNode):
                              tooltip="Noise seed; image i of the batch uses seed + i."),
                 io.Int.Input("batch_size", default=1, min=1, max=16, tooltip="Images to generate (seed, seed+1, ...)."),
                 io.Boolean.Input("think", default=False, tooltip=THINK_TOOLTIP),
+                *cache_inputs(),
             ],
             outputs=[io.Image.Output(display_name="image"), io.Latent.Output(display_name="latent"),
                      io.String.Output(display_name="thinking", tooltip="The plan BAGEL wrote when think is on.")],
@@ -170,7 +190,7 @@ class BagelFewStepSampler(io.ComfyNode):
     @classmethod
     def execute(cls, model, prompt, width, height, schedule, steps, solver, custom_timesteps, shift,
                 text_guidance, cfg_interval_start, cfg_interval_end, cfg_renorm_type, cfg_renorm_min, seed,
-                batch_size, think) -> io.NodeOutput:
+                batch_size, think, cache="off", cache_warmup=5, cache_interval=3, cache_order=6) -> io.NodeOutput:
         bagel = runtime.check_model(model)
         A.check_text(prompt, "prompt")
         A.check_size(width, height, max_side=max_side(bagel))
@@ -180,7 +200,8 @@ class BagelFewStepSampler(io.ComfyNode):
         seeds = A.batch_seeds(seed, batch_size)
         results, stats = run_images(bagel, "generate", plan, [(prompt,)] * batch_size, seeds,
                                     height=height, width=width, cfg_text_scale=text_guidance, cfg_interval=interval,
-                                    cfg_renorm_type=renorm, cfg_renorm_min=renorm_min, think=think)
+                                    cfg_renorm_type=renorm, cfg_renorm_min=renorm_min, think=think,
+                                    **A.plan_cache(cache, cache_warmup, cache_interval, cache_order))
         images = A.stack_images([A.result_to_image(r) for r in results])
         latent = A.concat_latents([latent_of(bagel, r) for r in results])
         thinking = "\n\n".join(r.thinking for r in results if getattr(r, "thinking", None))

@@ -143,6 +143,8 @@ def test_compile_option_and_pipeline_paths(tiny_pipe, monkeypatch):
     monkeypatch.setattr(C, "_shared", {})                  # this test's own compiler
     ref = tiny_pipe.answer(None, "hello there", max_new_tokens=6)
     img_ref = tiny_pipe.generate("a red square", height=64, width=64, num_timesteps=3, cfg_interval=(0.0, 1.0))
+    cached = dict(height=64, width=64, num_timesteps=9, cfg_interval=(0.0, 1.0), cache="taylorseer")
+    ts_ref = tiny_pipe.generate("a red square", **cached)   # the pass region also serves the feature cache
     try:
         tiny_pipe.set_compile("all", backend=None)
         got = tiny_pipe.answer(None, "hello there", max_new_tokens=6)
@@ -150,6 +152,9 @@ def test_compile_option_and_pipeline_paths(tiny_pipe, monkeypatch):
         img = tiny_pipe.generate("a red square", height=64, width=64, num_timesteps=3, cfg_interval=(0.0, 1.0))
         assert img.stats["compiled"] and tiny_pipe.model.language_model.pass_compiler is None
         torch.testing.assert_close(img.latent, img_ref.latent, rtol=1e-4, atol=1e-5)
+        ts = tiny_pipe.generate("a red square", **cached)
+        assert ts.stats["compiled"] and ts.stats["predicted"] > 0
+        torch.testing.assert_close(ts.latent, ts_ref.latent, rtol=1e-4, atol=1e-5)
         assert tiny_pipe.compile_stats()["mode"] == "all" and not tiny_pipe.compiler.failed
         assert {"decode_first", "decode_middle", "decode_last", "pass_middle"} <= set(tiny_pipe.compiler.regions)
         layer = tiny_pipe.model.language_model.model.layers[0].mlp.up_proj

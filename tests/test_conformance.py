@@ -34,6 +34,17 @@ def test_every_golden_case_passes(golden_run, golden_dir):
     assert not failures, failures
 
 
+def test_taylorseer_golden_cases_pass(golden_dir, tmp_path):
+    """manifest_taylorseer.json (the official code with enable_taylorseer=True): the runner reads the
+    hyperparameter and every output passes its rule."""
+    name = "manifest_taylorseer.json"
+    if not (golden_dir / name).exists():
+        pytest.skip(f"{name} not in the golden set at {golden_dir}")
+    report = conformance.run(golden_dir, tmp_path, check=True, manifest=name)
+    assert set(report) == {"t2i_taylorseer", "edit_taylorseer"}
+    assert not {n: f for n, f in report.items() if f}, report
+
+
 def test_required_outputs_and_timings(golden_run):
     out, _ = golden_run
     for case, names in REQUIRED.items():

@@ -13,6 +13,7 @@ HERE = os.path.dirname(os.path.abspath(__file__))
 
 # widget order of each node type as ComfyUI's frontend serialises it (control_after_generate / upload extras)
 GUIDANCE = ["cfg_interval_start", "cfg_interval_end", "cfg_renorm_type", "cfg_renorm_min"]
+CACHE = ["cache", "cache_warmup", "cache_interval", "cache_order"]
 WIDGETS = {
     "HyperBagelModelLoader": ["checkpoint", "dtype", "attention", "memory", "weight_dtype", "compile", "max_memory"],
     "HyperBagelApplyDraftHead": ["draft_head"],
@@ -21,10 +22,10 @@ WIDGETS = {
     "HyperBagelSpeculativeVQA": ["question", "drafter", "k", "max_new_tokens", "temperature", "seed", "think",
                                  "batch_mode"],
     "HyperBagelFewStepSampler": ["prompt", "width", "height", "schedule", "steps", "solver", "custom_timesteps",
-                                 "shift", "text_guidance", *GUIDANCE, "seed", "+control", "batch_size", "think"],
+                                 "shift", "text_guidance", *GUIDANCE, "seed", "+control", "batch_size", "think", *CACHE],
     "HyperBagelCFGFreeEditor": ["instruction", "schedule", "steps", "solver", "custom_timesteps", "shift",
                                 "text_guidance", "image_guidance", *GUIDANCE, "seed", "+control", "original_size",
-                                "think"],
+                                "think", *CACHE],
     "LoadImage": ["image", "+upload"],
     "SaveImage": ["filename_prefix"],
     "ImageScale": ["upscale_method", "width", "height", "crop"],
@@ -63,12 +64,13 @@ LOADER = dict(checkpoint="BAGEL-7B-MoT", dtype="auto", attention="sdpa", memory=
               compile="none", max_memory="")
 GUIDE_T2I = dict(cfg_interval_start=0.4, cfg_interval_end=1.0, cfg_renorm_type="global", cfg_renorm_min=0.0)
 GUIDE_EDIT = dict(cfg_interval_start=0.0, cfg_interval_end=1.0, cfg_renorm_type="text_channel", cfg_renorm_min=0.0)
+NO_CACHE = dict(cache="off", cache_warmup=5, cache_interval=3, cache_order=6)
 SAMPLER = dict(prompt="A photo of a red fox in fresh snow, golden hour, shallow depth of field.", width=1024,
                height=1024, schedule="auto", steps=8, solver="unipc", custom_timesteps="1.0, 0.75, 0.5, 0.25",
-               shift=3.0, text_guidance=4.0, **GUIDE_T2I, seed=42, batch_size=1, think=False)
+               shift=3.0, text_guidance=4.0, **GUIDE_T2I, seed=42, batch_size=1, think=False, **NO_CACHE)
 EDITOR = dict(instruction="Turn it into a watercolor painting.", schedule="auto", steps=8, solver="unipc",
               custom_timesteps="1.0, 0.75, 0.5, 0.25", shift=3.0, text_guidance=4.0, image_guidance=2.0,
-              **GUIDE_EDIT, seed=42, original_size=True, think=False)
+              **GUIDE_EDIT, seed=42, original_size=True, think=False, **NO_CACHE)
 VQA = dict(question="Describe this image in detail.", drafter="prompt_lookup", k=0, max_new_tokens=512,
            temperature=0.0, seed=0, think=False, batch_mode="one answer per image")
 
@@ -147,7 +149,7 @@ def text_to_image():
     g = Graph()
     g.add("MarkdownNote", (40, 440), note("BAGEL text to image", FILES, EXPERT_SWITCH, MEMORY), size=(340, 420))
     d = loader_with_expert(g)
-    s = g.add("HyperBagelFewStepSampler", (420, 80), SAMPLER, size=(380, 760))
+    s = g.add("HyperBagelFewStepSampler", (420, 80), SAMPLER, size=(380, 790))
     out = g.add("SaveImage", (840, 80), {"filename_prefix": "hyperbagel/t2i"}, size=(520, 560))
     g.link(d, 0, s, "model")
     g.link(s, 0, out, "images")
@@ -160,7 +162,7 @@ def edit():
                                           EXPERT_SWITCH, MEMORY), size=(340, 420))
     d = loader_with_expert(g)
     img = g.add("LoadImage", (40, 440), {"image": "example.png"}, size=(340, 320))
-    e = g.add("HyperBagelCFGFreeEditor", (420, 80), EDITOR, size=(380, 760))
+    e = g.add("HyperBagelCFGFreeEditor", (420, 80), EDITOR, size=(380, 790))
     out = g.add("SaveImage", (840, 80), {"filename_prefix": "hyperbagel/edit"}, size=(520, 560))
     g.link(d, 0, e, "model")
     g.link(img, 0, e, "image")
@@ -198,7 +200,7 @@ def chain_vqa_to_image():
     q = g.add("HyperBagelSpeculativeVQA", (420, 80), dict(
         VQA, question="Write a one-sentence prompt for an image generator that recreates this picture as an oil "
                       "painting. Reply with the prompt only.", max_new_tokens=96), size=(400, 560))
-    s = g.add("HyperBagelFewStepSampler", (860, 80), dict(SAMPLER, prompt=""), size=(380, 760),
+    s = g.add("HyperBagelFewStepSampler", (860, 80), dict(SAMPLER, prompt=""), size=(380, 790),
               converted=("prompt",))
     sc = g.add("ImageScale", (1280, 80), {"upscale_method": "lanczos", "width": 1536, "height": 1536,
                                             "crop": "disabled"}, size=(300, 160))
@@ -225,7 +227,7 @@ def describe_then_edit():
         VQA, question="Look at this image and write one short instruction for an image editor that turns it into a "
                       "winter scene while keeping its composition. Reply with the instruction only.",
         max_new_tokens=64), size=(400, 560))
-    e = g.add("HyperBagelCFGFreeEditor", (860, 80), dict(EDITOR, instruction=""), size=(380, 760),
+    e = g.add("HyperBagelCFGFreeEditor", (860, 80), dict(EDITOR, instruction=""), size=(380, 790),
               converted=("instruction",))
     out = g.add("SaveImage", (1280, 80), {"filename_prefix": "hyperbagel/describe_edit"}, size=(520, 560))
     g.link(m, 0, q, "model")
@@ -251,7 +253,7 @@ def low_memory():
                                                            "*BAGEL Apply Distilled Expert* after it")),
         size=(340, 460))
     m = g.add("HyperBagelModelLoader", (40, 80), dict(LOADER, memory="offload_after_run", weight_dtype="auto"), size=(340, 160))
-    s = g.add("HyperBagelFewStepSampler", (420, 80), dict(SAMPLER, width=768, height=768), size=(380, 760))
+    s = g.add("HyperBagelFewStepSampler", (420, 80), dict(SAMPLER, width=768, height=768), size=(380, 790))
     out = g.add("SaveImage", (840, 80), {"filename_prefix": "hyperbagel/low_memory"}, size=(520, 560))
     g.link(m, 0, s, "model")
     g.link(s, 0, out, "images")
@@ -269,7 +271,7 @@ def decode_latent_core_vae():
         size=(340, 460))
     m = g.add("HyperBagelModelLoader", (40, 80), LOADER, size=(340, 160))
     v = g.add("HyperBagelVAELoader", (40, 320), {"checkpoint": "BAGEL-7B-MoT"}, size=(340, 90))
-    s = g.add("HyperBagelFewStepSampler", (420, 80), SAMPLER, size=(380, 760))
+    s = g.add("HyperBagelFewStepSampler", (420, 80), SAMPLER, size=(380, 790))
     dec = g.add("VAEDecode", (840, 80), {}, size=(220, 60))
     out = g.add("SaveImage", (1100, 80), {"filename_prefix": "hyperbagel/core_vae_decode"}, size=(480, 520))
     ref = g.add("SaveImage", (1100, 640), {"filename_prefix": "hyperbagel/bagel_decode"}, size=(480, 520))

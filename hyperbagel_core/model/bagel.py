@@ -161,16 +161,27 @@ class BagelModel(nn.Module):
 
     @torch.no_grad()
     def velocity(self, ctx: Context | None, x: torch.Tensor, t, h: int, w: int,
-                 time_embed_extra=None) -> torch.Tensor:
+                 time_embed_extra=None, feature_cache=None) -> torch.Tensor:
         """One denoising pass for one branch: v [h*w, 64] (model dtype); the cache is only read."""
-        return self.velocity_batched([ctx], x, t, h, w, time_embed_extra)[0]
+        return self.velocity_batched([ctx], x, t, h, w, time_embed_extra, feature_cache)[0]
 
     @torch.no_grad()
     def velocity_batched(self, ctxs: list, x: torch.Tensor, t, h: int, w: int,
-                         time_embed_extra=None) -> torch.Tensor:
-        """All CFG branches in ONE forward: the same query against each branch's cache -> [B, h*w, 64]."""
+                         time_embed_extra=None, feature_cache=None) -> torch.Tensor:
+        """All CFG branches in ONE forward: the same query against each branch's cache -> [B, h*w, 64].
+
+        ``feature_cache`` (``sampling.taylorseer.CachedRows``, one branch per row): rows it predicts this step
+        skip the decoder stack; the others run it as one batch and feed the cache."""
         q = self._with_markers(self.latent_embed(x, t, h, w, time_embed_extra))
+        if feature_cache is not None:
+            hidden = feature_cache.hidden(
+                lambda rows: self._decode_query(q, [ctxs[i] for i in rows], False)[:, 1:-1], q[1:-1])
+            return self.llm2vae(self.language_model.model.norm_moe_gen(hidden))
+        return self.llm2vae(self._decode_query(q, ctxs)[:, 1:-1])
+
+    def _decode_query(self, q: torch.Tensor, ctxs: list, final_norm: bool = True) -> torch.Tensor:
+        """The denoising query [n, D] against each context (batch rows) -> hidden states [B, n, D]."""
         B, n = len(ctxs), q.shape[0]
         pos = torch.tensor([0 if c is None else c.rope for c in ctxs], device=self.device)[:, None].expand(B, n)
-        out = self._llm(q[None].expand(B, n, q.shape[1]), pos, list(ctxs), gen=True, causal=False, update=False)
-        return self.llm2vae(out.hidden[:, 1:-1])
+        return self._llm(q[None].expand(B, n, q.shape[1]), pos, list(ctxs), gen=True, causal=False, update=False,
+                         final_norm=final_norm).hidden

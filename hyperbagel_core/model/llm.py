@@ -227,24 +227,26 @@ class Qwen2MoTForCausalLM(nn.Module):
     pass_compiler = None
 
     def forward(self, x: torch.Tensor, positions: torch.Tensor, ctxs: list, *, gen: bool, causal: bool,
-                update: bool, return_all_hidden: bool = False) -> LLMOutput:
-        """x [B, n, D] in the model dtype, positions [B, n]; one context per batch row (None = empty)."""
+                update: bool, return_all_hidden: bool = False, final_norm: bool = True) -> LLMOutput:
+        """x [B, n, D] in the model dtype, positions [B, n]; one context per batch row (None = empty).
+        ``final_norm=False``: ``hidden`` is the last decoder layer's output (a feature cache stores that)."""
         cfg = self.config
         cos, sin = rope_cos_sin(positions, cfg.head_dim, cfg.rope_theta, x.dtype)
         kv = KVAccess(ctxs, causal, update, x, cfg.num_key_value_heads, cfg.head_dim, self.kv_devices)
         if (self.pass_compiler is not None and gen and not update and not torch.is_grad_enabled()
                 and len(self.model.layers) > 1):
-            return self._compiled_pass(x, cos, sin, kv, return_all_hidden)
+            return self._compiled_pass(x, cos, sin, kv, return_all_hidden, final_norm)
         hiddens = []
         for layer in self.model.layers:
             x = layer(x, cos, sin, kv, gen)
             if return_all_hidden:
                 hiddens.append(x)
         m = self.model
-        x = _routed(x, m.norm, m.norm_moe_gen) if gen else m.norm(x)
+        if final_norm:
+            x = _routed(x, m.norm, m.norm_moe_gen) if gen else m.norm(x)
         return LLMOutput(x, tuple(hiddens) if return_all_hidden else None)
 
-    def _compiled_pass(self, x, cos, sin, kv: KVAccess, return_all_hidden: bool) -> LLMOutput:
+    def _compiled_pass(self, x, cos, sin, kv: KVAccess, return_all_hidden: bool, final_norm: bool) -> LLMOutput:
         """A denoising query (gen mode, read-only caches) with ``pass_middle`` compiled: the end of each layer
         fused with the start of the next (``model/compiled.py``). Attention runs between the regions on each
         branch's own cache; the first layer's start and the last layer's end run as in ``forward``."""
@@ -260,7 +262,9 @@ class Qwen2MoTForCausalLM(nn.Module):
             hiddens.append(x)
         x = layers[-1].finish(x, kv.attend(q, k, v).flatten(2), True)
         hiddens.append(x)
-        return LLMOutput(_routed(x, m.norm, m.norm_moe_gen), tuple(hiddens) if return_all_hidden else None)
+        if final_norm:
+            x = _routed(x, m.norm, m.norm_moe_gen)
+        return LLMOutput(x, tuple(hiddens) if return_all_hidden else None)
 
 
 def pass_middle(layer, nxt, x, o, cos, sin):

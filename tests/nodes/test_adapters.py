@@ -199,3 +199,16 @@ def test_adapters_module_is_comfy_free():
     import re
     src = open(A.__file__, encoding="utf-8").read()
     assert not re.search(r"^\s*(import|from)\s+(comfy|comfy_api|folder_paths|hyperbagel_core)\b", src, re.M)
+
+
+def test_plan_cache_widgets():
+    assert A.plan_cache("off", 1, 1, 0) == {}
+    assert A.plan_cache("taylorseer", 9, 9, 9) == {"cache": "taylorseer"}   # the official settings
+    assert A.plan_cache("adaptive", 9, 9, 9) == {"cache": "adaptive"}
+    assert A.plan_cache("custom", 4, 2, 3) == {"cache": {"first_enhance": 4, "fresh_threshold": 2, "max_order": 3}}
+    with pytest.raises(A.NodeInputError, match="choose one of off, taylorseer, adaptive, custom"):
+        A.plan_cache("teacache")
+    with pytest.raises(A.NodeInputError, match="cache_interval must be an integer in 1..200"):
+        A.plan_cache("custom", 5, 0, 6)
+    merged = A.merge_stats([dict(nfe=8, passes=6, computed=10, predicted=6, cache="taylorseer")] * 2)
+    assert (merged["computed"], merged["predicted"], merged["passes"], merged["cache"]) == (20, 12, 12, "taylorseer")

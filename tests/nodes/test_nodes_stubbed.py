@@ -497,3 +497,33 @@ def test_the_interrupt_is_checked_before_a_preview_is_made(env):
     asked = core.pipe.denoised_steps
     ext.BagelFewStepSampler.execute(**sampler_kw(m, batch_size=1))
     assert len(state.previewed) == 1 and core.pipe.denoised_steps == asked
+
+
+def test_cache_option_reaches_the_core_memory_ask_and_badge(env):
+    _, ext, core = env
+    m = load(ext)
+    real = core.pipe.generate
+
+    def generate(*a, **kw):
+        res = real(*a, **kw)
+        if "cache" in kw:
+            res.stats.update(passes=3, computed=5, predicted=3, cache="taylorseer")
+        return res
+    core.pipe.generate = generate
+    out = ext.BagelFewStepSampler.execute(**sampler_kw(m, batch_size=1, cache="taylorseer"))
+    assert core.pipe.calls[-1][1]["cache"] == "taylorseer"
+    assert core.pipe.memory_asks[-1][1]["cache"] == "taylorseer"      # the estimate includes the cache's bytes
+    badge = out.ui["bagel_stats"][0]
+    assert (badge["computed"], badge["predicted"], badge["passes"]) == (5, 3, 3) and "predicted: 3" in badge["summary"]
+    ext.BagelFewStepSampler.execute(**sampler_kw(m, batch_size=1, cache="custom", cache_warmup=2, cache_interval=2,
+                                                 cache_order=1))
+    assert core.pipe.calls[-1][1]["cache"] == {"first_enhance": 2, "fresh_threshold": 2, "max_order": 1}
+    ext.BagelFewStepSampler.execute(**sampler_kw(m, batch_size=1))
+    assert "cache" not in core.pipe.calls[-1][1] and "cache" not in core.pipe.memory_asks[-1][1]
+    img = torch.rand(1, 40, 50, 3)
+    ext.BagelCFGFreeEditor.execute(model=m, image=img, instruction="make it red", schedule="teacher-50", steps=1,
+                                   solver="euler", custom_timesteps="", shift=3.0, text_guidance=4.0,
+                                   image_guidance=1.5, cfg_interval_start=0.0, cfg_interval_end=1.0,
+                                   cfg_renorm_type="text_channel", cfg_renorm_min=0.0, seed=3, original_size=True,
+                                   think=False, cache="taylorseer")
+    assert core.pipe.calls[-1][0] == "edit" and core.pipe.calls[-1][1]["cache"] == "taylorseer"

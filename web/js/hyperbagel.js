@@ -1,7 +1,7 @@
 // hyperbagel frontend extension. On the VQA node: a read-only box with the answer and decoding stats. On the
 // sampler and editor: a read-only box with the settings used, any warning and the thinking text, and the
-// widgets the chosen schedule ignores hidden. On all three: a badge under the node (the frontend draws its own
-// node badges in and above the title bar). Reads the `text` and `bagel_stats` entries of the nodes' UI
+// widgets the chosen schedule (or cache) ignores hidden. On all three: a badge under the node (the frontend
+// draws its own node badges in and above the title bar). Reads the `text` and `bagel_stats` entries of the nodes' UI
 // payload; nothing here is needed for the nodes to work.
 import { app } from "../../../scripts/app.js";
 import { ComfyWidgets } from "../../../scripts/widgets.js";
@@ -18,6 +18,8 @@ const USED_BY = {
   custom_timesteps: ["custom"],
   shift: ["auto", "training-free", "teacher-50", "custom"],
 };
+// the TaylorSeer settings, read only with cache = custom (nodes/adapters.py plan_cache)
+const CACHE_SETTINGS = ["cache_warmup", "cache_interval", "cache_order"];
 
 function fmt(v, digits = 2) {
   if (typeof v !== "number" || !isFinite(v)) return String(v);
@@ -40,14 +42,16 @@ export function imageBadge(s) {
   const parts = [];
   if (s.nfe != null) parts.push(`${s.nfe} NFE`);
   if (s.passes != null) parts.push(`${s.passes} passes`);
+  if (s.predicted != null) parts.push(`${s.computed} computed / ${s.predicted} predicted`);
   if (s.cfg) parts.push(s.cfg);
   if (s.seconds != null) parts.push(`${fmt(s.seconds, 1)} s`);
   if (s.warning) parts.push("⚠ see the text box");
   return parts.join(" · ");
 }
 
-export function hiddenWidgets(schedule) {
-  return Object.entries(USED_BY).filter(([, used]) => !used.includes(schedule)).map(([name]) => name);
+export function hiddenWidgets(schedule, cache = "off") {
+  const hidden = Object.entries(USED_BY).filter(([, used]) => !used.includes(schedule)).map(([name]) => name);
+  return cache === "custom" ? hidden : hidden.concat(CACHE_SETTINGS);
 }
 
 function textWidget(node, name, placeholder) {
@@ -81,9 +85,11 @@ function setHidden(w, hidden) {
 function applySchedule(node) {
   const schedule = node.widgets?.find((w) => w.name === "schedule")?.value;
   if (!schedule) return;
-  const hide = new Set(hiddenWidgets(schedule));
+  const cache = node.widgets.find((w) => w.name === "cache")?.value;
+  const hide = new Set(hiddenWidgets(schedule, cache));
   for (const w of node.widgets) {
-    if (w.name in USED_BY && !!w.hidden !== hide.has(w.name)) setHidden(w, hide.has(w.name));
+    const managed = w.name in USED_BY || CACHE_SETTINGS.includes(w.name);
+    if (managed && !!w.hidden !== hide.has(w.name)) setHidden(w, hide.has(w.name));
   }
   node.setDirtyCanvas?.(true, true);
 }
@@ -145,11 +151,11 @@ app.registerExtension({
         textWidget(this, ANSWER_WIDGET, "The answer appears here after a run.");
       } else {
         textWidget(this, INFO_WIDGET, "Settings used, warnings and BAGEL's thinking appear here after a run.");
-        const schedule = this.widgets?.find((w) => w.name === "schedule");
-        if (schedule) {
-          const callback = schedule.callback;
-          schedule.callback = (...args) => {
-            const out = callback?.apply(schedule, args);
+        for (const w of this.widgets ?? []) {
+          if (w.name !== "schedule" && w.name !== "cache") continue;
+          const callback = w.callback;
+          w.callback = (...args) => {
+            const out = callback?.apply(w, args);
             applySchedule(this);
             return out;
           };
