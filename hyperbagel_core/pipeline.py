@@ -89,7 +89,8 @@ def _compiled_passes(sample):
         try:
             res = sample(self, *args, **kw)
         finally:
-            compiled, lm.pass_compiler = lm.pass_compiler is not None, None
+            compiled = lm.pass_compiler is not None
+            del lm.pass_compiler   # back to the class default (None): no per-call state stays on the module
         res.stats.update(compiled=compiled, compile_s=round(self._compile_seconds() - c0, 3))
         return res
     return run
