@@ -101,7 +101,7 @@ def main(argv=None) -> int:
         res = s.get("result") or {}
         meta = res.get("meta") if isinstance(res.get("meta"), dict) else res
         dev = meta.get("device_name") or meta.get("device") if isinstance(meta, dict) else None
-        if isinstance(dev, str) and dev not in ("cuda", "cpu"):
+        if isinstance(dev, str) and dev.strip() and dev not in ("cuda", "cpu"):
             devices.add(dev)
     meta = dict(date=datetime.datetime.now(datetime.timezone.utc).isoformat(timespec="seconds"),
                 device=", ".join(sorted(devices)) or None,

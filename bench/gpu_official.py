@@ -64,6 +64,21 @@ def merge_results(parts: list[dict]) -> dict:
     return out
 
 
+def pass_rows(official: dict, passes: dict) -> list[dict]:
+    """Issue 9's per-pass comparison: the official code runs one forward per CFG branch (its synced median
+    forward of the edit warm-up, times the branches) against our batched pass (bench/denoise_pass.py: the same
+    1024² edit shapes), compiled and eager."""
+    per = official.get("workloads", {}).get("edit_1024", {}).get("warmup", {}).get("nfe_median_s")
+    rows = []
+    for r in passes.get("rows", []) if per else []:
+        b, ours = r["branches"], r.get("compiled", r["eager"])
+        rows.append(dict(figure=f"official vs ours: edit 1024² pass, {b} branch(es) s (official {b} x forward; "
+                                f"ours {'compiled' if 'compiled' in r else 'eager'}, eager {r['eager']['median_s']:.4f})",
+                         value=f"{b * per:.4f} / {ours['median_s']:.4f}", target="",
+                         verdict=f"{b * per / ours['median_s']:.2f}x"))
+    return rows
+
+
 def summary(official: dict, merged_rows: list[str]) -> list[dict]:
     rows = []
     for name, w in official.get("workloads", {}).items():
@@ -98,6 +113,8 @@ def main(argv=None) -> int:
                                                              "run in this order while time is left")
     ap.add_argument("--ntok", type=int, default=256, help="und_980's decoded tokens (NTOK; ours: --ntok)")
     ap.add_argument("--ours", type=Path, help="our gpu_side_by_side.py JSON to merge with (updated in place)")
+    ap.add_argument("--passes", type=Path, help="our bench/denoise_pass.py JSON: per-pass rows against the "
+                                                 "official edit forward")
     ap.add_argument("--budget-s", type=float, default=None,
                     help="seconds for all groups (default: until the GPU check's STEP_DEADLINE, else 420)")
     a = ap.parse_args(argv)
@@ -162,7 +179,9 @@ def main(argv=None) -> int:
                             "--official", str(work / "results.json")], capture_output=True, text=True)
         print(p.stdout[-3000:] + p.stderr[-3000:], flush=True)
         merged = json.loads(a.ours.read_text()).get("side_by_side", []) if p.returncode == 0 else []
-    res.update(official=official, side_by_side=merged, summary=summary(official, merged))
+    passes = json.loads(a.passes.read_text()) if a.passes and a.passes.exists() else {}
+    res.update(official=official, side_by_side=merged,
+               summary=summary(official, merged) + pass_rows(official, passes))
     a.out.write_text(json.dumps(res, indent=1))
     return 0 if all(g["status"] in ("ok", "skipped") for g in res["groups"]) else 1
 

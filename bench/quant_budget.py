@@ -32,7 +32,6 @@ import time
 import urllib.request
 from pathlib import Path
 
-import torch
 
 REPO = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(REPO))
@@ -76,6 +75,7 @@ def write_real_folder(folder: Path, device) -> Path:
     """A BAGEL-7B-MoT folder of random weights in the official format: configs, a small BPE tokenizer (the
     model's vocabulary stays 152064), ``ema.safetensors`` in bf16 written tensor by tensor (made on
     ``device``; the 29 GB never sit in memory at once), a random FLUX ``ae.safetensors`` in fp32."""
+    import torch
     from quant_real_shapes import NormalBank, _random, real_config
     from safetensors.torch import save_file
 
@@ -99,7 +99,7 @@ def write_real_folder(folder: Path, device) -> Path:
     header["__metadata__"] = {"format": "pt"}
     raw = json.dumps(header).encode()
     raw += b" " * (-len(raw) % 8)
-    bank = NormalBank(0, device=device)
+    bank = NormalBank(0, device=torch.device(device))
     part = folder / "ema.safetensors.part"
     with open(part, "wb") as f:
         f.write(struct.pack("<Q", len(raw)) + raw)
@@ -247,6 +247,7 @@ def run_budget(folder: Path, budget: float, args) -> dict:
         finally:
             srv.stop()
             if args.keep_logs:
+                args.keep_logs.mkdir(parents=True, exist_ok=True)
                 (args.keep_logs / f"server-{budget:g}.log").write_text(srv.read_log())
     return row
 
@@ -306,8 +307,9 @@ def main(argv=None) -> int:
             from hyperbagel_core.testing import make_tiny_checkpoint
             make_tiny_checkpoint(folder)
         else:
-            write_real_folder(folder, torch.device(args.device))
+            write_real_folder(folder, args.device)
     written = time.time() - t0
+    import torch
     meta = dict(device=torch.cuda.get_device_name(0) if args.device == "cuda" else "cpu", torch=torch.__version__,
                 folder_s=written, size=args.size, steps=args.steps or "workflow", tiny=args.tiny,
                 date=time.strftime("%Y-%m-%d %H:%M"))
