@@ -3,14 +3,15 @@ process (and every child that inherits the variable) refuses to import a top-lev
 machine would not have.
 
 Refused: a module found in this interpreter's site-packages whose distribution is not named in
-``packages.txt`` beside this file (the GPU image's list): it raises ``ModuleNotFoundError`` naming the module
-and its distribution, which is what the GPU run would hit. Everything outside site-packages is allowed: the
-standard library, the repository, and the folders on ``PYTHONPATH`` (where the GPU run installs the carried
-wheels, and the official code). Versions are not simulated (this machine's torch, transformers, ... stand in
-for the GPU's).
+``packages.txt`` beside this file (the GPU image's list): it is absent, as on the GPU machine (an import raises
+``ModuleNotFoundError``, ``importlib.util.find_spec`` returns None), and ``GPU_ENV_LOG=file`` gets a line naming
+the module, its distribution and the process. Everything outside site-packages is allowed: the standard
+library, the repository, and the folders on ``PYTHONPATH`` (where the GPU run installs the carried wheels, the
+official code, and the stand-ins of the GPU image's versions that ``bench/gpu_prepare.sh --check`` puts
+there where this machine's differ in what they import). Other versions are not simulated (this machine's
+torch stands in for the GPU's).
 
     PYTHONPATH=bench/gpu_env:/tmp/site python3 -c "import hyperbagel_core.pipeline"
-Used by ``bench/gpu_prepare.sh --check``; ``GPU_ENV_LOG=file`` appends each refused import to ``file``.
 """
 from __future__ import annotations
 
