@@ -13,6 +13,9 @@ cases of the same names set ``enable_taylorseer=True``); ``--cases`` picks workl
     python bench/gpu_side_by_side.py --only workloads --cases t2i_1024_taylorseer,edit_1024_taylorseer --out ts.json
     python bench/gpu_side_by_side.py --merge ours.json --official results.json     # ratios of earlier runs
     python bench/gpu_side_by_side.py --tiny --device cpu          # smoke run at tiny shapes
+
+In ``bench/gpu_check.sh`` (step side_by_side) the five workloads run once each after a short warm-up
+(``--repeats 1 --warmup-steps 8``); its official step merges the harness's results into this JSON.
 """
 from __future__ import annotations
 
@@ -61,9 +64,10 @@ def rand_img(h: int, w: int, seed: int) -> Image.Image:
     return Image.fromarray(rs.randint(0, 256, size=(h, w, 3), dtype=np.uint8))
 
 
-def run(fn, dev, repeats: int, warm: bool = True) -> tuple[list[float], float, object]:
-    """Wall seconds of ``repeats`` runs (after one warm-up), the peak memory above the start (GiB), the result."""
-    res = fn() if warm else None
+def run(fn, dev, repeats: int, warm: bool = True, warmup=None) -> tuple[list[float], float, object]:
+    """Wall seconds of ``repeats`` runs (after one warm-up: ``warmup()``, else ``fn()``), the peak memory above
+    the start (GiB), the result."""
+    res = (warmup or fn)() if warm else None
     times, peak = [], 0.0
     for _ in range(repeats):
         sync(dev)
@@ -95,38 +99,49 @@ WORKLOADS = ("t2i_1024", "edit_1024", "und_980", "t2i_1024_taylorseer", "edit_10
 DEFAULT_CASES = "t2i_1024,edit_1024,und_980"
 
 
-def workloads(pipe, dev, tiny: bool, repeats: int, ntok: int, names=WORKLOADS) -> dict:
+def workloads(pipe, dev, tiny: bool, repeats: int, ntok: int, names=WORKLOADS, warmup_steps: int = 0,
+              on_result=None) -> dict:
+    """The official harness's workloads through ``BagelPipeline``: one warm-up, then the timed runs. The
+    warm-up is the same call, or with ``warmup_steps`` > 0 the same call at that many steps (it compiles,
+    captures and autotunes the same shapes: every CFG branch count of the schedule, the VAE, the prefill).
+    ``on_result(out)`` after each workload (the GPU check writes its JSON as it goes)."""
     s1024, s980 = (64, 56) if tiny else (1024, 980)
     steps = 3 if tiny else 50
     if tiny and any(n.endswith("taylorseer") for n in names):
         steps = 12   # past TaylorSeer's 5 warm-up steps, so the smoke run predicts some passes
     out = {}
-    t2i = dict(num_timesteps=steps, cfg_text_scale=4.0, cfg_img_scale=1.0, cfg_interval=(0.4, 1.0),
-               timestep_shift=3.0, cfg_renorm_type="global")
-    edit = dict(num_timesteps=steps, cfg_text_scale=4.0, cfg_img_scale=2.0, cfg_interval=(0.0, 1.0),
-                timestep_shift=3.0, cfg_renorm_type="text_channel")
-    cases = {
-        "t2i_1024": (lambda: pipe.generate(PROMPT_T2I, height=s1024, width=s1024, **t2i), repeats),
-        "edit_1024": (lambda: pipe.edit(rand_img(s1024, s1024, 1), PROMPT_EDIT, **edit), max(1, repeats - 1)),
-        "und_980": (lambda: pipe.answer(rand_img(s980, s980, 2), PROMPT_UND, max_new_tokens=ntok), repeats),
-        "t2i_1024_taylorseer": (lambda: pipe.generate(PROMPT_T2I, height=s1024, width=s1024, cache="taylorseer",
-                                                      **t2i), max(1, repeats - 1)),
-        "edit_1024_taylorseer": (lambda: pipe.edit(rand_img(s1024, s1024, 1), PROMPT_EDIT, cache="taylorseer",
-                                                   **edit), max(1, repeats - 1)),
+    t2i = dict(cfg_text_scale=4.0, cfg_img_scale=1.0, cfg_interval=(0.4, 1.0), timestep_shift=3.0,
+               cfg_renorm_type="global")
+    edit = dict(cfg_text_scale=4.0, cfg_img_scale=2.0, cfg_interval=(0.0, 1.0), timestep_shift=3.0,
+                cfg_renorm_type="text_channel")
+    cases = {   # name: (call at n steps, timed runs)
+        "t2i_1024": (lambda n: pipe.generate(PROMPT_T2I, height=s1024, width=s1024, num_timesteps=n, **t2i),
+                     repeats),
+        "edit_1024": (lambda n: pipe.edit(rand_img(s1024, s1024, 1), PROMPT_EDIT, num_timesteps=n, **edit),
+                      max(1, repeats - 1)),
+        "und_980": (lambda n: pipe.answer(rand_img(s980, s980, 2), PROMPT_UND, max_new_tokens=ntok), repeats),
+        "t2i_1024_taylorseer": (lambda n: pipe.generate(PROMPT_T2I, height=s1024, width=s1024, num_timesteps=n,
+                                                        cache="taylorseer", **t2i), max(1, repeats - 1)),
+        "edit_1024_taylorseer": (lambda n: pipe.edit(rand_img(s1024, s1024, 1), PROMPT_EDIT, num_timesteps=n,
+                                                     cache="taylorseer", **edit), max(1, repeats - 1)),
     }
     unknown = set(names) - set(cases)
     if unknown:
         raise SystemExit(f"unknown workload(s) {sorted(unknown)}; choose from {', '.join(cases)}")
     for name in tqdm(names, desc="workloads", unit="workload", dynamic_ncols=True):
-        fn, n = cases[name]
-        times, peak, res = run(fn, dev, n)
-        rec = dict(total_s=statistics.median(times), runs=times, peak_above_GiB=peak)
+        call, n = cases[name]
+        warm = (lambda: call(warmup_steps)) if warmup_steps else None
+        times, peak, res = run(lambda: call(steps), dev, n, warmup=warm)
+        rec = dict(total_s=statistics.median(times), runs=times, peak_above_GiB=peak,
+                   warmup_steps=warmup_steps or steps)
         if name == "und_980":
             rec.update(tokens=res.stats.get("new_tokens"), decode_tokens_per_s=res.stats.get("tokens_per_second"))
         if "predicted" in res.stats:
             rec.update({k: res.stats[k] for k in ("passes", "computed", "predicted", "cache_peak_bytes")})
         out[name] = rec
         tqdm.write(f"{name}: {rec}")
+        if on_result is not None:
+            on_result(out)
     return out
 
 
@@ -188,6 +203,23 @@ def merge_official(ours: dict, official: dict) -> list[str]:
     return rows
 
 
+def summary(res: dict) -> list[dict]:
+    """The GPU check's table rows (``gpu_check_merge.py``): our seconds and peak memory per workload (the
+    official ratios are the official step's rows)."""
+    out = []
+    for name, w in res.get("workloads", {}).items():
+        extra = f", {w['computed']} computed / {w['predicted']} predicted passes" if "predicted" in w else ""
+        out.append(dict(figure=f"ours {name}: total s (peak GiB above weights{extra})",
+                        value=f"{w['total_s']:.3f} ({w['peak_above_GiB']:.2f})"))
+        if w.get("decode_tokens_per_s"):
+            out.append(dict(figure=f"ours {name}: decode tokens/s", value=round(w["decode_tokens_per_s"], 1)))
+    for name, p in res.get("passes", {}).items():
+        if "median_s" in p:
+            out.append(dict(figure=f"ours {name} s (peak GiB above)", value=f"{p['median_s']:.4f} "
+                                                                            f"({p['peak_above_GiB']:.3f})"))
+    return out
+
+
 def main(argv=None) -> None:
     ap = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     ap.add_argument("--tiny", action="store_true")
@@ -201,6 +233,8 @@ def main(argv=None) -> None:
     ap.add_argument("--out", default=None)
     ap.add_argument("--compile", default="none", choices=["none", "decode", "all"],
                     help="BagelPipeline.set_compile for our side (issue 21)")
+    ap.add_argument("--warmup-steps", type=int, default=0,
+                    help="warm each workload up with this many steps instead of the full call (0: the full call)")
     a = ap.parse_args(argv)
     if a.merge:
         res = json.loads(Path(a.merge).read_text())
@@ -221,19 +255,26 @@ def main(argv=None) -> None:
         res["weights_GiB"] = torch.cuda.memory_allocated() / 2 ** 30
     print(f"built in {res['build_s']:.1f} s", flush=True)
     only = a.only.split(",")
+
+    def write(partial=None):
+        if partial is not None:
+            res["workloads"] = partial
+        res["summary"] = summary(res)
+        if a.out:
+            Path(a.out).write_text(json.dumps(res, indent=1))
     with torch.no_grad():
         if "passes" in only:
             res["passes"] = passes(pipe, dev, a.tiny, a.repeats)
+            write()
         if "workloads" in only:
             res["workloads"] = workloads(pipe, dev, a.tiny, a.repeats, 8 if a.tiny else a.ntok,
-                                         [c for c in a.cases.split(",") if c])
+                                         [c for c in a.cases.split(",") if c], a.warmup_steps, on_result=write)
     if a.official and Path(a.official).exists() and "workloads" in res:
         res["side_by_side"] = merge_official(res, json.loads(Path(a.official).read_text()))
         print("\n".join(res["side_by_side"]))
     if pipe.compiler is not None:
         res["compile_stats"] = pipe.compile_stats()
-    if a.out:
-        Path(a.out).write_text(json.dumps(res, indent=1))
+    write()
 
 
 if __name__ == "__main__":

@@ -1,5 +1,6 @@
 #!/usr/bin/env bash
-# One GPU session of issue 9's figures, everything written under $OUT:
+# One GPU session of issue 9's figures, everything written under $OUT (bench/gpu_check.sh runs both sides as its
+# steps side_by_side and official, within its 9-minute budget):
 #   ours      bench/spec_decode.py (decode tokens/s after a 1024-token context, eager vs CUDA graph, kernels)
 #             and bench/gpu_side_by_side.py (t2i_1024, edit_1024, und_980 through BagelPipeline; one 1024^2
 #             pass with 1/2/3 CFG branches; image-block prefill; peak memory; attention kernel names)

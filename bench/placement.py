@@ -177,12 +177,23 @@ def main(argv=None) -> int:
     )
     if "decode_static_tok_s" in single:
         result["decode_ratio_vs_static"] = single["decode_static_tok_s"] / placed["decode_eager_tok_s"]
-    args.out.parent.mkdir(parents=True, exist_ok=True)
-    args.out.write_text(json.dumps(result, indent=1))
-    print(json.dumps({k: v for k, v in result.items() if k not in ("single", "placed", "device_map")}, indent=1))
     # the greedy ids are reported, not required: random-weight logits nearly tie, so a last-bit difference
     # could flip one (none is expected: same weight bits, same kernels)
     ok = diff <= 1e-2 * max(scale, 1.0) and result["placed"]["kv_devices"] == exec_kv
+    result["summary"] = [   # the GPU check's table rows (gpu_check_merge.py)
+        dict(figure=f"placed ({n_cpu} layers in {offloaded}) vs single: largest latent difference",
+             value=f"{diff:.3g} (of {scale:.3g}); greedy ids equal: {result['greedy_ids_equal']}",
+             target="<= 1e-2 x scale", verdict="PASS" if ok else "FAIL"),
+        dict(figure=f"denoise s/step, single / placed ({size}², 3 branches)",
+             value=f"{single['denoise_s_per_step']:.3f} / {placed['denoise_s_per_step']:.3f} "
+                   f"({result['denoise_ratio']:.2f}x)"),
+        dict(figure="decode tokens/s, single eager / placed eager" + (" (single graphed)" if "decode_static_tok_s"
+                                                                       in single else ""),
+             value=f"{single['decode_eager_tok_s']:.1f} / {placed['decode_eager_tok_s']:.1f}"
+                   + (f" ({single['decode_static_tok_s']:.1f})" if "decode_static_tok_s" in single else ""))]
+    args.out.parent.mkdir(parents=True, exist_ok=True)
+    args.out.write_text(json.dumps(result, indent=1))
+    print(json.dumps({k: v for k, v in result.items() if k not in ("single", "placed", "device_map")}, indent=1))
     print("placement check:", "PASS" if ok else "FAIL")
     return 0 if ok else 1
 

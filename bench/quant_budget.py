@@ -13,7 +13,8 @@ allocator's peak, and any error (an out-of-memory fails the prompt and is report
 
     COMFYUI_DIR=... python bench/quant_budget.py --out quant_budget.json             # GPU, real shapes
     COMFYUI_DIR=... python bench/quant_budget.py --tiny --device cpu --out smoke.json  # smoke: tiny, CPU
-COMFYUI_PYTHON: the python that runs ComfyUI (default: this one). The random folder (29 GB at real shapes)
+COMFYUI_PYTHON: the python that runs ComfyUI (default: this one); COMFYUI_ARGS: more server arguments (the GPU
+check passes ``--front-end-root DIR``: the budget runs need no frontend package). The random folder (29 GB at real shapes)
 is written once into --folder and reused when it is already there.
 """
 from __future__ import annotations
@@ -31,7 +32,6 @@ import time
 import urllib.request
 from pathlib import Path
 
-import torch
 
 REPO = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(REPO))
@@ -75,6 +75,7 @@ def write_real_folder(folder: Path, device) -> Path:
     """A BAGEL-7B-MoT folder of random weights in the official format: configs, a small BPE tokenizer (the
     model's vocabulary stays 152064), ``ema.safetensors`` in bf16 written tensor by tensor (made on
     ``device``; the 29 GB never sit in memory at once), a random FLUX ``ae.safetensors`` in fp32."""
+    import torch
     from quant_real_shapes import NormalBank, _random, real_config
     from safetensors.torch import save_file
 
@@ -98,7 +99,7 @@ def write_real_folder(folder: Path, device) -> Path:
     header["__metadata__"] = {"format": "pt"}
     raw = json.dumps(header).encode()
     raw += b" " * (-len(raw) % 8)
-    bank = NormalBank(0, device=device)
+    bank = NormalBank(0, device=torch.device(device))
     part = folder / "ema.safetensors.part"
     with open(part, "wb") as f:
         f.write(struct.pack("<Q", len(raw)) + raw)
@@ -127,6 +128,7 @@ class Comfy:
                str(self.port), "--base-directory", str(base), "--disable-auto-launch", "--disable-cuda-malloc"]
         if cpu:
             cmd.append("--cpu")
+        cmd += os.environ.get("COMFYUI_ARGS", "").split()     # e.g. --front-end-root DIR (no frontend package)
         self.log = open(self.log_path, "w")
         self.proc = subprocess.Popen(cmd, cwd=env["COMFYUI_DIR"], env=env, stdout=self.log, stderr=subprocess.STDOUT)
         deadline = time.time() + 180
@@ -245,8 +247,28 @@ def run_budget(folder: Path, budget: float, args) -> dict:
         finally:
             srv.stop()
             if args.keep_logs:
+                args.keep_logs.mkdir(parents=True, exist_ok=True)
                 (args.keep_logs / f"server-{budget:g}.log").write_text(srv.read_log())
     return row
+
+
+def summary(rows: list[dict], tiny: bool) -> list[dict]:
+    """The GPU check's table rows (``gpu_check_merge.py``): per budget what auto chose, seconds, tokens/s,
+    peak, and no out-of-memory (issue 22's must-show 3)."""
+    out = []
+    for r in rows:
+        runs = r["runs"]
+        errs = [f"{k}: {v['error']}" for k, v in runs.items() if v.get("error")]
+        ok = all(v.get("ok") for v in runs.values()) and len(runs) == len(WORKFLOWS) and not r.get("out_of_memory")
+        peak = r.get("peak_allocated")
+        out.append(dict(
+            figure=f"{r['budget_gib']:g} GiB: auto, t2i s (with load / again), edit s, VQA tok/s, peak GiB",
+            value=f"{r.get('auto')}, {runs.get('t2i', {}).get('seconds', 0):.1f} / "
+                  f"{runs.get('t2i_again', {}).get('seconds', 0):.1f}, {runs.get('edit', {}).get('seconds', 0):.1f}, "
+                  f"{runs.get('vqa', {}).get('stats', {}).get('tokens_per_second', 0) or 0:.1f}, "
+                  f"{peak / GIB if peak else 0:.2f}" + (f"; errors: {'; '.join(errs)[:200]}" if errs else ""),
+            target="all workflows, no OOM", verdict="smoke" if tiny else ("PASS" if ok else "FAIL")))
+    return out
 
 
 def main(argv=None) -> int:
@@ -261,12 +283,23 @@ def main(argv=None) -> int:
     ap.add_argument("--timeout", type=float, default=600, help="seconds per workflow")
     ap.add_argument("--keep-logs", type=Path, help="copy each server's log into this folder")
     ap.add_argument("--tiny", action="store_true", help="tiny checkpoint (smoke run)")
+    ap.add_argument("--min-budget-s", type=float, default=90,
+                    help="start another budget only with this much (or the last budget's time) left of "
+                         "STEP_DEADLINE (bench/gpu_check.sh)")
     ap.add_argument("--out", type=Path)
     args = ap.parse_args(argv)
-    if not os.environ.get("COMFYUI_DIR"):
-        ap.error("set COMFYUI_DIR to a ComfyUI checkout (and COMFYUI_PYTHON to its python)")
+    comfy = os.environ.get("COMFYUI_DIR")
+    if not comfy or not (Path(comfy) / "main.py").exists():
+        why = (f"no ComfyUI: COMFYUI_DIR={comfy or '(unset)'} holds no main.py; set COMFYUI_DIR to a ComfyUI "
+               "checkout (and COMFYUI_PYTHON to its python); bench/gpu_prepare.sh puts a trimmed copy in .gpu/ComfyUI")
+        print(f"quant_budget: skipped: {why}")
+        if args.out:
+            args.out.write_text(json.dumps(dict(skipped=why), indent=1) + "\n")
+        return 3
     if args.tiny:
-        args.size, args.steps, args.tokens = 64, args.steps or 2, 8
+        args.size, args.steps, args.tokens, args.min_budget_s = 64, args.steps or 2, 8, 5
+        if args.folder == ap.get_default("folder"):     # never mistake the tiny folder for the real one
+            args.folder = args.folder.with_name("hyperbagel-tiny-bagel")
     folder = args.folder
     t0 = time.time()
     if not (folder / "ema.safetensors").exists():
@@ -274,14 +307,30 @@ def main(argv=None) -> int:
             from hyperbagel_core.testing import make_tiny_checkpoint
             make_tiny_checkpoint(folder)
         else:
-            write_real_folder(folder, torch.device(args.device))
+            write_real_folder(folder, args.device)
     written = time.time() - t0
-    rows = [run_budget(folder, b, args) for b in args.budgets]
+    import torch
     meta = dict(device=torch.cuda.get_device_name(0) if args.device == "cuda" else "cpu", torch=torch.__version__,
                 folder_s=written, size=args.size, steps=args.steps or "workflow", tiny=args.tiny,
                 date=time.strftime("%Y-%m-%d %H:%M"))
+    rows, skipped = [], []
+    deadline = float(os.environ.get("STEP_DEADLINE", "inf"))    # set by bench/gpu_check.sh
+    for b in args.budgets:
+        last = max((r["seconds"] for r in rows), default=0.0)
+        if time.time() + max(last, args.min_budget_s) > deadline:
+            skipped.append(b)
+            print(f"budget {b:g} GiB skipped: {deadline - time.time():.0f} s left of the step", flush=True)
+            continue
+        t1 = time.time()
+        rows.append(dict(run_budget(folder, b, args), seconds=time.time() - t1))
+        if args.out:          # as it goes: a run cut by the GPU check's time limit keeps the budgets it ran
+            args.out.write_text(json.dumps(dict(meta, rows=rows, skipped_budgets=skipped,
+                                                summary=summary(rows, args.tiny)), indent=1) + "\n")
     if args.out:
-        args.out.write_text(json.dumps(dict(meta, rows=rows), indent=1) + "\n")
+        args.out.write_text(json.dumps(dict(meta, rows=rows, skipped_budgets=skipped,
+                                            summary=summary(rows, args.tiny) + [
+                                                dict(figure=f"budget {b:g} GiB", value="skipped: no time left")
+                                                for b in skipped]), indent=1) + "\n")
     print("| budget GiB | auto | t2i s (with load) | t2i s | edit s | VQA tokens/s | peak GiB | errors |")
     print("|---|---|---|---|---|---|---|---|")
     for r in rows:

@@ -203,6 +203,32 @@ def auto_order(rows: list[dict]) -> list[str]:
     return ["default"] + [r["mode"] for r in ranked]
 
 
+def summary(rows: list[dict], meta: dict, smoke: bool) -> list[dict]:
+    """The GPU check's table rows (``gpu_check_merge.py``): per mode its figures, issue 22's targets met."""
+    def verdict(ok):
+        return "smoke" if smoke else ("" if ok is None else ("PASS" if ok else "FAIL"))
+    met = checks(rows)
+    out = []
+    for r in rows:
+        c = met.get(r["mode"], {})
+        tok = r.get("tokens_per_second") or 0
+        out.append(dict(figure=f"{r['mode']}: decode tokens/s ({r['kernels']})", value=round(tok, 1),
+                        **(dict(target=f">= {c['decode_target']}x bf16", verdict=verdict(c["decode_met"]))
+                           if c else {})))
+        out.append(dict(figure=f"{r['mode']}: {meta['size']}² image s ({meta['steps']} steps)", value=round(r["t2i_s"], 3),
+                        **(dict(target="<= 1.15x bf16", verdict=verdict(c["t2i_met"])) if c else {})))
+        out.append(dict(figure=f"{r['mode']}: peak GB of that image", value=round(r["t2i_peak_bytes"] / 1e9, 2),
+                        **(dict(target=f"<= {c['peak_target_gb']}", verdict=verdict(c["peak_met"])) if c else {})))
+        if r.get("agreement"):
+            g = r["agreement"]
+            out.append(dict(figure=f"{r['mode']}: greedy agreement with the dequantizing path",
+                            value=f"first divergence {g['first_divergence']}/{g['tokens']}, "
+                                  f"logits rel {g['last_logits_rel']:.2e}"))
+    if len(rows) > 1:
+        out.append(dict(figure="auto order (measured, fastest image first)", value=" > ".join(auto_order(rows))))
+    return out
+
+
 def main(argv=None) -> int:
     ap = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     ap.add_argument("--device", default="cuda")
@@ -222,17 +248,18 @@ def main(argv=None) -> int:
         args.size, args.steps, args.context, args.tokens, args.rows = 64, 2, 64, 8, [1, 16, 40]
     cfg = config(args.tiny)
     rows = []
+    meta = dict(device=torch.cuda.get_device_name(device) if device.type == "cuda" else platform.processor(),
+                torch=torch.__version__, size=args.size, steps=args.steps, context=args.context, tokens=args.tokens,
+                tiny=args.tiny, date=time.strftime("%Y-%m-%d %H:%M"))
     for mode in args.modes:
         rows.append(run_mode(cfg, mode, device, args))   # the mode's model is freed on return
         if device.type == "cuda":
             torch.cuda.empty_cache()
         print(json.dumps({k: v for k, v in rows[-1].items() if k != "layers"}), flush=True)
-    meta = dict(device=torch.cuda.get_device_name(device) if device.type == "cuda" else platform.processor(),
-                torch=torch.__version__, size=args.size, steps=args.steps, context=args.context, tokens=args.tokens,
-                tiny=args.tiny, date=time.strftime("%Y-%m-%d %H:%M"))
-    result = dict(meta, rows=rows, checks=checks(rows), auto_order=auto_order(rows))
-    if args.out:
-        args.out.write_text(json.dumps(result, indent=1) + "\n")
+        result = dict(meta, rows=rows, checks=checks(rows), auto_order=auto_order(rows),
+                      summary=summary(rows, meta, smoke=args.tiny or device.type != "cuda"))
+        if args.out:          # as it goes: a run cut by the GPU check's time limit keeps the modes it measured
+            args.out.write_text(json.dumps(result, indent=1) + "\n")
     print(f"| mode | kernels | weights GB | t2i peak GB | t2i s ({args.steps} steps) | tokens/s | "
           "agreement (first divergence / tokens) |")
     print("|---|---|---|---|---|---|---|")
