@@ -29,7 +29,6 @@ import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
-from hyperbagel_core.config import BagelConfig, LLMConfig, ViTConfig  # noqa: E402
 from hyperbagel_core.decoding import generate_text  # noqa: E402
 from hyperbagel_core.generation import CFGSettings, teacher_sample  # noqa: E402
 from hyperbagel_core.model.bagel import BagelModel  # noqa: E402
@@ -37,32 +36,7 @@ from hyperbagel_core.model.static_decode import StaticTextDecoder  # noqa: E402
 from hyperbagel_core.placement import Placement  # noqa: E402
 from hyperbagel_core.sampling.schedules import get_schedule  # noqa: E402
 from hyperbagel_core.testing import tiny_config  # noqa: E402
-
-BAGEL_7B = BagelConfig(llm=LLMConfig(hidden_size=3584, intermediate_size=18944, num_hidden_layers=28,
-                                     num_attention_heads=28, num_key_value_heads=4, vocab_size=152064),
-                       vit=ViTConfig(hidden_size=1152, intermediate_size=4304, num_hidden_layers=26,
-                                     num_attention_heads=16))
-
-
-def sync(device) -> None:
-    if torch.device(device).type == "cuda":
-        torch.cuda.synchronize()
-
-
-@torch.no_grad()
-def build_model(cfg: BagelConfig, device, dtype, seed: int) -> BagelModel:
-    """Random weights made on ``device``: N(0, 0.02), norm weights 1, biases 0."""
-    with torch.device("meta"):
-        model = BagelModel(cfg)
-    model = model.to(dtype=dtype).to_empty(device=device)
-    g = torch.Generator(device).manual_seed(seed)
-    for name, p in model.named_parameters():
-        if p.dim() == 1:
-            p.fill_(1.0) if "norm" in name else p.zero_()
-        else:
-            p.normal_(0.0, 0.02, generator=g)
-    model.set_special_tokens(2, 3)
-    return model.requires_grad_(False).eval()
+from spec_decode import BAGEL_7B, build_model, sync  # noqa: E402  (the same random real-shape model)
 
 
 @torch.no_grad()
