@@ -17,11 +17,10 @@ differences (asserted, so the comparison cannot silently lose its meaning).
 import pytest
 import torch
 
-from hyperbagel_core.decoding import generate_text
 from hyperbagel_core.model.compiled import RegionCompiler, resolve_compile
 from hyperbagel_core.model.static_decode import StaticTextDecoder, decode_middle
 from hyperbagel_core.speculative import DraftHead, DraftHeadDrafter, OracleDrafter
-from tests.speculative_helpers import BOS, decode, one_thread, tiny_target
+from tests.speculative_helpers import decode, one_thread, tiny_target
 
 _threads = pytest.fixture(autouse=True, scope="module")(one_thread)
 TOL = dict(rtol=1e-4, atol=1e-4)
