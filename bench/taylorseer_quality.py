@@ -2,7 +2,7 @@
 
 The target is the flow-trained teacher of ``bench/flow_teacher.py`` (the tiny checkpoint's generation side trained
 as a rectified flow on synthetic two-mode latents; docs/TRAINING.md, block C2). Held-out prompts
-(``training_prompts/held.txt``) and noises (the held-out noise domain of ``training.common``), text to image at
+(``training_prompts/held.txt``) and noises (the held-out noise domain of ``training.teacher``), text to image at
 64² with the pipeline's text-to-image CFG (text scale 4, interval (0.4, 1], global renorm), every sample made by
 ``BagelPipeline.generate`` (what the nodes call):
 
@@ -15,7 +15,7 @@ as a rectified flow on synthetic two-mode latents; docs/TRAINING.md, block C2). 
 Cost = branch passes computed: each CFG branch's run of the decoder stack counts one (a predicted branch pass
 counts zero; outside the CFG interval a step has one branch). Counted on the model, for every configuration.
 Metrics: paired MSE of the final latent against the 50-step reference of the same noise, and the unpaired
-Fréchet distance (``training.common.frechet_distance``) of the latent patch tokens against the 50-step teacher's
+Fréchet distance (``training.evaluation.frechet_distance``) of the latent patch tokens against the 50-step teacher's
 samples of the same prompts from a disjoint noise set (the floor: the teacher against itself on the two sets).
 The report says which configuration wins at each pass budget (the best MSE among those within the budget).
 
@@ -37,7 +37,9 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 from hyperbagel_core.image import pack_latent  # noqa: E402
 from hyperbagel_core.pipeline import BagelPipeline  # noqa: E402
 from hyperbagel_core.sampling.solvers import grid_for_budget  # noqa: E402
-from hyperbagel_core.training import common as C  # noqa: E402
+from hyperbagel_core.training.data import read_prompts  # noqa: E402
+from hyperbagel_core.training.evaluation import frechet_distance, latent_mse  # noqa: E402
+from hyperbagel_core.training.teacher import HELD_OUT_DOMAIN, REFERENCE_DOMAIN, domain_generator  # noqa: E402
 
 PROMPTS = Path(__file__).parent / "training_prompts" / "held.txt"
 METHODS = ("euler", "heun", "unipc", "dpmpp_2m")
@@ -141,11 +143,11 @@ def main(argv=None) -> None:
     t0 = time.time()
     pipe = BagelPipeline.from_pretrained(a.model, device="cpu", dtype=torch.float32)
     counter = PassCounter(pipe.model)
-    prompts = C.read_prompts([], a.prompts_file)
+    prompts = read_prompts([], a.prompts_file)
     noises = 2 if a.tiny else a.noises
     n_tok = (a.size // pipe.config.latent_downsample) ** 2
     shape = (n_tok, pipe.config.patch_latent_dim)
-    held, ref_gen = (C.domain_generator(a.seed, d) for d in (C.HELD_OUT_DOMAIN, C.REFERENCE_DOMAIN))
+    held, ref_gen = (domain_generator(a.seed, d) for d in (HELD_OUT_DOMAIN, REFERENCE_DOMAIN))
     items = [(p, torch.randn(shape, generator=held)) for p in prompts for _ in range(noises)]
     other = [(p, torch.randn(shape, generator=ref_gen)) for p in prompts for _ in range(noises)]
     budgets = (6, 12) if a.tiny else (4, 6, 8, 10, 12, 15, 19, 25, 33)
@@ -156,11 +158,11 @@ def main(argv=None) -> None:
     ref, ref_passes, _ = sample_set(pipe, counter, items, a.size, **teacher)
     ref_other, _, _ = sample_set(pipe, counter, other, a.size, **teacher)
     tokens = lambda x: x.reshape(-1, x.shape[-1])  # noqa: E731
-    floor = C.frechet_distance(tokens(ref), tokens(ref_other))
+    floor = frechet_distance(tokens(ref), tokens(ref_other))
     print(f"reference: 50-step teacher, {ref_passes:.1f} branch passes; Fréchet floor {floor:.4f} "
           f"({len(items)} items)", flush=True)
     rows = [dict(label="teacher 49 steps (reference)", family="teacher", passes=ref_passes, mse=0.0,
-                 frechet=C.frechet_distance(tokens(ref), tokens(ref_other)))]
+                 frechet=frechet_distance(tokens(ref), tokens(ref_other)))]
     configs = [dict(label="teacher 49 steps + taylorseer", family="teacher+taylorseer",
                     kw=dict(teacher, cache="taylorseer")),
                dict(label="teacher 49 steps + adaptive", family="teacher+adaptive", kw=dict(teacher, cache="adaptive"))]
@@ -171,7 +173,7 @@ def main(argv=None) -> None:
     for cfg in configs:
         x, passes, stats = sample_set(pipe, counter, items, a.size, **cfg["kw"])
         row = dict(label=cfg["label"], family=cfg["family"], passes=passes,
-                   mse=C.latent_mse(x, ref), frechet=C.frechet_distance(tokens(x), tokens(ref_other)),
+                   mse=latent_mse(x, ref), frechet=frechet_distance(tokens(x), tokens(ref_other)),
                    evaluations=stats.get("evaluations"), predicted=stats.get("predicted", 0))
         rows.append(row)
         print(f"{row['label']:>48}: {passes:6.1f} passes  MSE {row['mse']:.5f}  FD {row['frechet']:.4f}", flush=True)
