@@ -7,11 +7,12 @@ a fresh interpreter imports every module in dependency order (dependencies first
 reaches a module still executing (the runtime shape of a circle) and that each import loads nothing the
 graph does not predict.
 """
-import ast
 import json
 import subprocess
 import sys
 from pathlib import Path
+
+from tests.import_scan import import_statements
 
 ROOT = Path(__file__).resolve().parents[1]
 CORE = ROOT / "hyperbagel_core"
@@ -34,17 +35,9 @@ def import_graph() -> dict[str, set[str]]:
     for name, path in files.items():
         package = name if path.name == "__init__.py" else name.rpartition(".")[0]
         targets = set()
-        for node in ast.walk(ast.parse(path.read_text(encoding="utf-8"))):
-            if isinstance(node, ast.Import):
-                targets.update(a.name for a in node.names)
-            elif isinstance(node, ast.ImportFrom):
-                if node.level:
-                    base = package.split(".")[: len(package.split(".")) - node.level + 1]
-                    mod = ".".join(base + ([node.module] if node.module else []))
-                else:
-                    mod = node.module or ""
-                # `from pkg import sub` imports the submodule; `from mod import name` the module
-                targets.update(f"{mod}.{a.name}" if f"{mod}.{a.name}" in files else mod for a in node.names)
+        for mod, names in import_statements(path, package):
+            # `from pkg import sub` imports the submodule; `from mod import name` the module
+            targets.update({f"{mod}.{n}" if f"{mod}.{n}" in files else mod for n in names} or {mod})
         deps = set()
         for t in targets:
             while t and t not in files:  # `import a.b.c` names the module a.b.c; attributes are cut off

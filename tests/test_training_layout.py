@@ -1,7 +1,8 @@
 """Layering: training sits above the pipeline. No inference package imports ``hyperbagel_core.training``,
 and ``speculative`` / ``distill`` do not import the pipeline (checked on the source's import statements)."""
-import ast
 from pathlib import Path
+
+from tests.import_scan import import_statements
 
 CORE = Path(__file__).resolve().parents[1] / "hyperbagel_core"
 
@@ -10,17 +11,9 @@ def _imports(path: Path) -> set[str]:
     """Absolute module names a file imports (relative imports resolved against its package)."""
     pkg = ".".join(path.relative_to(CORE.parent).with_suffix("").parts[:-1])
     out = set()
-    for node in ast.walk(ast.parse(path.read_text(encoding="utf-8"))):
-        if isinstance(node, ast.Import):
-            out.update(a.name for a in node.names)
-        elif isinstance(node, ast.ImportFrom):
-            if node.level:
-                base = pkg.split(".")[: len(pkg.split(".")) - node.level + 1]
-                mod = ".".join(base + ([node.module] if node.module else []))
-            else:
-                mod = node.module or ""
-            out.add(mod)
-            out.update(f"{mod}.{a.name}" for a in node.names)
+    for mod, names in import_statements(path, pkg):
+        out.add(mod)
+        out.update(f"{mod}.{n}" for n in names)
     return out
 
 

@@ -140,3 +140,25 @@ def make_core(pipe=None):
                     ops=types.SimpleNamespace(adopt_ops=lambda module, ops=None: module))
     setattr(core, "model.compiled", compiled)     # runtime.core_submodule("model.compiled")
     return core
+
+
+def start_extension(models_dir, monkeypatch, core=None):
+    """The stubbed ComfyUI with ``models_dir``, a fresh import of our nodes and ``core`` behind them.
+
+    Returns (stub state, nodes.extension, core, nodes.runtime); the caller uninstalls the stub.
+    """
+    import asyncio
+    import importlib
+    import sys
+
+    import comfy_stub
+
+    state = comfy_stub.install(str(models_dir))
+    for name in [n for n in sys.modules if n == "nodes" or n.startswith("nodes.")]:
+        sys.modules.pop(name)
+    ext = importlib.import_module("nodes.extension")
+    runtime = importlib.import_module("nodes.runtime")
+    core = core or make_core()
+    monkeypatch.setattr(runtime, "import_core", lambda: core)
+    asyncio.run(ext.comfy_entrypoint())
+    return state, ext, core, runtime

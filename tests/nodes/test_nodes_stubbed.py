@@ -1,6 +1,5 @@
 """The V3 nodes executed under a ComfyUI stub with a fake pipeline: schemas, batching, seeds, progress,
 interrupts, memory management and error messages."""
-import importlib
 import os
 import sys
 
@@ -8,7 +7,7 @@ import pytest
 import torch
 
 import comfy_stub
-from fake_core import make_core
+from fake_core import start_extension
 
 REPO = os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 
@@ -23,15 +22,7 @@ def env(tmp_path, monkeypatch):
     (models / "bagel" / "distilled").mkdir()
     (models / "bagel" / "distilled" / "six.safetensors").write_bytes(b"x")
     (models / "bagel" / "distilled" / "wrong-base.safetensors").write_bytes(b"bad")
-    state = comfy_stub.install(str(models))
-    for name in [n for n in sys.modules if n == "nodes" or n.startswith("nodes.")]:
-        sys.modules.pop(name)
-    ext = importlib.import_module("nodes.extension")
-    runtime = importlib.import_module("nodes.runtime")
-    core = make_core()
-    monkeypatch.setattr(runtime, "import_core", lambda: core)
-    import asyncio
-    asyncio.run(ext.comfy_entrypoint())
+    state, ext, core, runtime = start_extension(models, monkeypatch)
     yield state, ext, core
     comfy_stub.uninstall()
 

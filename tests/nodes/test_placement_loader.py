@@ -1,15 +1,13 @@
 """The loader's multi_gpu memory mode under the ComfyUI stub: it asks the core for an accelerate placement,
 leaves the placed weights out of ComfyUI's model management (prepare frees working memory on each GPU the
 model computes on instead of loading it), reports where the weights are, and the default path is unchanged."""
-import importlib
-import sys
 import types
 
 import pytest
 import torch
 
 import comfy_stub
-from fake_core import make_core
+from fake_core import start_extension
 
 
 @pytest.fixture()
@@ -18,15 +16,7 @@ def env(tmp_path, monkeypatch):
     (tmp_path / "models" / "bagel" / "tiny" / "llm_config.json").write_text("{}")
     (tmp_path / "models" / "bagel" / "distilled").mkdir()
     (tmp_path / "models" / "bagel" / "distilled" / "six.safetensors").write_bytes(b"x")
-    state = comfy_stub.install(str(tmp_path / "models"))
-    for name in [n for n in sys.modules if n == "nodes" or n.startswith("nodes.")]:
-        sys.modules.pop(name)
-    ext = importlib.import_module("nodes.extension")
-    runtime = importlib.import_module("nodes.runtime")
-    core = make_core()
-    monkeypatch.setattr(runtime, "import_core", lambda: core)
-    import asyncio
-    asyncio.run(ext.comfy_entrypoint())
+    state, ext, core, runtime = start_extension(tmp_path / "models", monkeypatch)
     yield state, ext, core
     comfy_stub.uninstall()
 

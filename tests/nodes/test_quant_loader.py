@@ -1,28 +1,18 @@
 """The loader's weight_dtype widget (issue 10) under the ComfyUI stub: it offers the core's modes, passes the
 choice to from_pretrained, names it in the description, and prepare() loads only the parts a task runs."""
-import importlib
-import sys
 
 import pytest
 import torch
 
 import comfy_stub
-from fake_core import make_core
+from fake_core import start_extension
 
 
 @pytest.fixture()
 def env(tmp_path, monkeypatch):
     (tmp_path / "models" / "bagel" / "tiny").mkdir(parents=True)
     (tmp_path / "models" / "bagel" / "tiny" / "llm_config.json").write_text("{}")
-    state = comfy_stub.install(str(tmp_path / "models"))
-    for name in [n for n in sys.modules if n == "nodes" or n.startswith("nodes.")]:
-        sys.modules.pop(name)
-    ext = importlib.import_module("nodes.extension")
-    runtime = importlib.import_module("nodes.runtime")
-    core = make_core()
-    monkeypatch.setattr(runtime, "import_core", lambda: core)
-    import asyncio
-    asyncio.run(ext.comfy_entrypoint())
+    state, ext, core, runtime = start_extension(tmp_path / "models", monkeypatch)
     yield state, ext, core, runtime
     comfy_stub.uninstall()
 
