@@ -31,14 +31,9 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 
 from gpu_specs import card  # noqa: E402
-from spec_decode import build_model, config_for  # noqa: E402
+from spec_decode import build_model, config_for, sync  # noqa: E402
 
 from hyperbagel_core.model.compiled import RegionCompiler  # noqa: E402
-
-
-def sync(dev) -> None:
-    if dev.type == "cuda":
-        torch.cuda.synchronize(dev)
 
 
 def edit_context_lengths(size: int, prompt: int = 30) -> list[int]:

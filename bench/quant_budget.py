@@ -41,9 +41,6 @@ sys.path.insert(0, str(REPO / "tests" / "nodes"))
 GIB = 1 << 30
 WORKFLOWS = (("t2i", "hyperbagel_text_to_image.json"), ("t2i_again", "hyperbagel_text_to_image.json"),
              ("edit", "hyperbagel_edit.json"), ("vqa", "hyperbagel_speculative_vqa.json"))
-# the FLUX autoencoder's real architecture (the shipped workflows decode with it)
-FLUX_AE = dict(resolution=256, in_channels=3, downsample=8, ch=128, out_ch=3, ch_mult=[1, 2, 4, 4], num_res_blocks=2,
-               z_channels=16, scale_factor=0.3611, shift_factor=0.1159)
 
 # run before ComfyUI's main.py in its process: the memory cap and the card size ComfyUI and the loader see
 LAUNCH = r"""
@@ -79,14 +76,14 @@ def write_real_folder(folder: Path, device) -> Path:
     from quant_real_shapes import NormalBank, _random, real_config
     from safetensors.torch import save_file
 
-    from hyperbagel_core.config import BagelConfig
+    from hyperbagel_core.config import FLUX_AE_DEFAULTS, BagelConfig
     from hyperbagel_core.model.bagel import BagelModel
     from hyperbagel_core.model.vae import FluxVAE
     from hyperbagel_core.testing import write_configs, write_tokenizer
     folder.mkdir(parents=True, exist_ok=True)
     write_tokenizer(folder)
     base = real_config()
-    cfg = BagelConfig(llm=base.llm, vit=base.vit, vae=FLUX_AE)
+    cfg = BagelConfig(llm=base.llm, vit=base.vit, vae=dict(FLUX_AE_DEFAULTS))   # the real FLUX AE (workflows use it)
     write_configs(folder, cfg)
     with torch.device("meta"):
         model = BagelModel(cfg)
@@ -108,7 +105,7 @@ def write_real_folder(folder: Path, device) -> Path:
             f.write(t.view(torch.uint8).numpy().tobytes())
     part.rename(folder / "ema.safetensors")
     torch.manual_seed(0)
-    vae = FluxVAE.from_config(FLUX_AE)
+    vae = FluxVAE.from_config(FLUX_AE_DEFAULTS)
     save_file({k: v.float().contiguous() for k, v in vae.official_state_dict().items()},
               str(folder / "ae.safetensors"), metadata={"format": "pt"})
     return folder
@@ -315,6 +312,13 @@ def main(argv=None) -> int:
                 date=time.strftime("%Y-%m-%d %H:%M"))
     rows, skipped = [], []
     deadline = float(os.environ.get("STEP_DEADLINE", "inf"))    # set by bench/gpu_check.sh
+
+    def save():
+        """Also after every budget: a run cut by the GPU check's time limit keeps the budgets it ran."""
+        if args.out:
+            skips = [dict(figure=f"budget {b:g} GiB", value="skipped: no time left") for b in skipped]
+            args.out.write_text(json.dumps(dict(meta, rows=rows, skipped_budgets=skipped,
+                                                summary=summary(rows, args.tiny) + skips), indent=1) + "\n")
     for b in args.budgets:
         last = max((r["seconds"] for r in rows), default=0.0)
         if time.time() + max(last, args.min_budget_s) > deadline:
@@ -323,14 +327,8 @@ def main(argv=None) -> int:
             continue
         t1 = time.time()
         rows.append(dict(run_budget(folder, b, args), seconds=time.time() - t1))
-        if args.out:          # as it goes: a run cut by the GPU check's time limit keeps the budgets it ran
-            args.out.write_text(json.dumps(dict(meta, rows=rows, skipped_budgets=skipped,
-                                                summary=summary(rows, args.tiny)), indent=1) + "\n")
-    if args.out:
-        args.out.write_text(json.dumps(dict(meta, rows=rows, skipped_budgets=skipped,
-                                            summary=summary(rows, args.tiny) + [
-                                                dict(figure=f"budget {b:g} GiB", value="skipped: no time left")
-                                                for b in skipped]), indent=1) + "\n")
+        save()
+    save()
     print("| budget GiB | auto | t2i s (with load) | t2i s | edit s | VQA tokens/s | peak GiB | errors |")
     print("|---|---|---|---|---|---|---|---|")
     for r in rows:

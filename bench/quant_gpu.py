@@ -32,7 +32,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 
 from quant_real_shapes import AnswerTokenizer, build_quantized, random_vae, real_config  # noqa: E402
-from sampler import PROMPT, TINY  # noqa: E402
+from sampler import PROMPT, TINY, sync  # noqa: E402
 
 from hyperbagel_core import quant as Q  # noqa: E402
 from hyperbagel_core.config import BagelConfig, LLMConfig, ViTConfig  # noqa: E402
@@ -52,11 +52,6 @@ def config(tiny: bool) -> BagelConfig:
         return real_config()
     cfg = BagelConfig(llm=LLMConfig(**TINY["llm"]), vit=ViTConfig(**TINY["vit"]))
     return BagelConfig(llm=cfg.llm, vit=cfg.vit, vae={**cfg.vae, **TINY["vae"]})
-
-
-def sync(device):
-    if device.type == "cuda":
-        torch.cuda.synchronize(device)
 
 
 def timed(fn, device, repeats: int):

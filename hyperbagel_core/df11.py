@@ -41,9 +41,9 @@ def missing_requirement(device: torch.device) -> str | None:
     return None
 
 
-def compressed_weights(folder: Path, model) -> tuple[dict, set]:
-    """(header of every root .safetensors, the model weights the package rebuilds from compressed tensors);
-    a clear error when a weight of ``model`` comes neither plain nor compressed, or with another shape."""
+def compressed_weights(folder: Path, model) -> set:
+    """The model weights the package rebuilds from compressed tensors; a clear error when a weight of ``model``
+    comes neither plain nor compressed, or with another shape."""
     cfg = json.loads((folder / "config.json").read_text(encoding="utf-8"))["dfloat11_config"]
     patterns = cfg.get("pattern_dict") or {}
     header = {}
@@ -73,7 +73,7 @@ def compressed_weights(folder: Path, model) -> tuple[dict, set]:
         raise CheckpointError(f"{folder}: the DFloat11 files do not hold this model's weights (missing "
                               f"{len(missing)}, e.g. {missing[:2]}; other shapes: {shapes[:2]}): check "
                               "llm_config.json / vit_config.json or re-download the folder")
-    return header, rebuilt
+    return rebuilt
 
 
 def load_df11_model(folder: Path, config: BagelConfig, *, device, dtype, ops=None, weight_dtype: str = "default"):
@@ -82,7 +82,7 @@ def load_df11_model(folder: Path, config: BagelConfig, *, device, dtype, ops=Non
 
     with torch.device("meta"):
         model = BagelModel(config, ops=ops)
-    _, rebuilt = compressed_weights(folder, model)   # checked before the requirement: a broken folder says so
+    rebuilt = compressed_weights(folder, model)   # checked before the requirement: a broken folder says so
     why = missing_requirement(device)
     if why is not None:
         raise CheckpointError(f"{folder}: a DFloat11-compressed BAGEL folder, and {why}. Install it on a CUDA "

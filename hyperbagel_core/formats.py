@@ -30,7 +30,7 @@ import torch
 
 from .config import FLUX_AE_DEFAULTS, BagelConfig, LLMConfig, ViTConfig
 from .errors import CheckpointError
-from .tensor_io import read_safetensors_header, read_safetensors_metadata
+from .tensor_io import read_safetensors_header, read_safetensors_header_metadata
 from .tokenizer import BagelTokenizer
 
 
@@ -285,10 +285,9 @@ def _metadata_record(raw, where: str) -> dict:
     return record
 
 
-def read_metadata(path: Path) -> tuple[dict | None, str]:
-    """The comfyui_bagel record of a single file and where it came from: the file's own header first, then its
+def read_metadata(path: Path, meta: Mapping) -> tuple[dict | None, str]:
+    """The comfyui_bagel record of a single file and where it came from: its header's ``meta`` first, then its
     sidecar, whose recorded size and SHA-256 must be the file's (the sidecar belongs to that file only)."""
-    meta = read_safetensors_metadata(path)
     if METADATA_KEY in meta:
         return _metadata_record(meta[METADATA_KEY], str(path)), "the file's comfyui_bagel metadata"
     sidecar = path.with_name(path.name + SIDECAR_SUFFIX)
@@ -408,9 +407,10 @@ def find_tokenizer(beside: list, config: BagelConfig, record: dict | None, expli
     skipped = []
     for folder, how, strict in _tokenizer_candidates(beside, explicit, search):
         problem = None
-        if fingerprint and tokenizer_fingerprint(folder) != fingerprint:
+        found = tokenizer_fingerprint(folder) if fingerprint else ""
+        if found != fingerprint:
             problem = (f"{folder}: its tokenizer files are not the ones {what.name} was made with (fingerprint "
-                       f"{tokenizer_fingerprint(folder)[:12]}..., the file records {fingerprint[:12]}...)")
+                       f"{found[:12]}..., the file records {fingerprint[:12]}...)")
         if problem is None:
             try:
                 tok = BagelTokenizer.from_folder(folder)
@@ -533,8 +533,8 @@ def _folder(folder: Path, tokenizer, vae, search: SearchPaths) -> Checkpoint:
     config = load_config(folder)
     sources = {"weights": weights.name if weights.name == "ema.safetensors" else f"{weights.name} (a fine-tune's name)",
                "configs": "llm_config.json, vit_config.json"}
-    header = read_safetensors_header(weights)
-    _refuse_other(weights, header, read_safetensors_metadata(weights), in_folder=True)
+    header, meta = read_safetensors_header_metadata(weights)
+    _refuse_other(weights, header, meta, in_folder=True)
     from .quant import read_quantized_metadata
     if read_quantized_metadata(weights) is None:   # a pre-quantized file holds codes: loading checks it
         check_bagel_weights(weights, header, config, "the folder's configs", shapes_too=False)
@@ -559,13 +559,13 @@ def _single_file(path: Path, tokenizer, vae, search: SearchPaths) -> Checkpoint:
     if path.suffix.lower() not in SINGLE_FILE_SUFFIXES:
         raise CheckpointError(f"{path}: not a .safetensors file; point to a BAGEL folder or a single-file BAGEL "
                               ".safetensors (hyperbagel never unpickles .bin/.pt/.ckpt files)")
-    header = read_safetensors_header(path)
-    _refuse_other(path, header, read_safetensors_metadata(path))
+    header, meta = read_safetensors_header_metadata(path)
+    _refuse_other(path, header, meta)
     from .quant import read_quantized_metadata
     if read_quantized_metadata(path) is not None:
         raise CheckpointError(f"{path}: hyperbagel pre-quantized weights, which need the folder they were written "
                               "in ('python -m hyperbagel_core quantize'): pick that folder")
-    record, meta_how = read_metadata(path)
+    record, meta_how = read_metadata(path, meta)
     sources = {"weights": f"{path.name} (single file)"}
     folder = path.parent
     config, origin = None, ""

@@ -112,12 +112,11 @@ def normalize_device(value) -> torch.device:
 
 def covering_key(device_map: dict, name: str) -> str | None:
     """The device-map key that places module or tensor ``name`` (the longest prefix)."""
-    best = None
-    for k in device_map:
-        if k == "" or name == k or name.startswith(k + "."):
-            if best is None or len(k) > len(best):
-                best = k
-    return best
+    while name not in device_map:
+        if not name:
+            return None
+        name = name.rpartition(".")[0]
+    return name
 
 
 def _values_within(device_map: dict, name: str) -> set:
@@ -340,10 +339,6 @@ def _runs(values: list[str]) -> str:
             out.append(f"{start}-{i - 1}: {values[start]}" if i - 1 > start else f"{start}: {values[start]}")
             start = i
     return ", ".join(out)
-
-
-def is_placed(model: nn.Module) -> bool:
-    return getattr(model, "placement", None) is not None
 
 
 def spans_devices(model: nn.Module) -> bool:

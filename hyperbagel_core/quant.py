@@ -141,10 +141,8 @@ def dequantize(q: torch.Tensor, scale: torch.Tensor, fmt: str, dtype: torch.dtyp
         codes = torch.stack([q & 0xF, q >> 4], dim=-1).view(q.shape[0], -1, NF4_BLOCK)
         w = levels[codes.long()] * scale.to(dtype)[..., None]
         return w.view(q.shape[0], -1)[:, :columns]
-    if fmt == "int8":
-        if columns % INT8_GROUP == 0:  # one kernel: int8 x scale promotes to ``dtype`` (same rounding as below)
-            return (q.view(q.shape[0], -1, INT8_GROUP) * scale.to(dtype)[..., None]).view(q.shape)
-        return scale_groups(q.to(dtype), scale.to(dtype))
+    if fmt == "int8":  # int8 x scale promotes to ``dtype`` in the multiply: no dense copy of the codes first
+        return scale_groups(q, scale.to(dtype))
     return q.to(dtype) * scale.to(dtype)[:, None]
 
 
@@ -339,9 +337,11 @@ def select_kernels(model: nn.Module, device, kernels: str | dict | None = None, 
         model._kernel_request = (kernels, compiled)
     if os.environ.get("HYPERBAGEL_QUANT_KERNELS", "auto") == "dequant":
         kernels = "dequant"
-    layers = [(n, m) for n, m in model.named_modules() if isinstance(m, QuantizedLinear) and is_quantized(m.weight)]
     key = (device.type, repr(kernels), compiled)
-    if not layers or getattr(model, "_kernel_choice", None) == key:
+    if getattr(model, "_kernel_choice", None) == key:  # checked before walking the modules: a node sets it per call
+        return getattr(model, "weight_kernels", "")
+    layers = [(n, m) for n, m in model.named_modules() if isinstance(m, QuantizedLinear) and is_quantized(m.weight)]
+    if not layers:
         return getattr(model, "weight_kernels", "")
     dtype = getattr(model, "compute_dtype", None) or layers[0][1].compute_dtype
     wanted = dict(kernels) if isinstance(kernels, dict) else {}

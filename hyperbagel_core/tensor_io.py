@@ -42,10 +42,10 @@ def read_safetensors_header(path: str | Path) -> dict[str, tuple[tuple[int, ...]
     return _parse_header(Path(path))[0]
 
 
-def read_safetensors_metadata(path: str | Path) -> dict[str, str]:
-    """The ``__metadata__`` strings of a .safetensors file (framing validated as above; {} when it has none)."""
-    meta = _parse_header(Path(path))[1]
-    return {str(k): v for k, v in meta.items()} if isinstance(meta, dict) else {}
+def read_safetensors_header_metadata(path: str | Path) -> tuple[dict, dict[str, str]]:
+    """The header as above and the ``__metadata__`` strings ({} when none), from one read of the file."""
+    header, meta = _parse_header(Path(path))
+    return header, ({str(k): v for k, v in meta.items()} if isinstance(meta, dict) else {})
 
 
 def _parse_header(path: Path) -> tuple[dict[str, tuple[tuple[int, ...], str]], dict]:

@@ -292,7 +292,6 @@ def check_guidance(interval_start: float, interval_end: float, renorm_type: str,
 # ----------------------------------------------------------------------------------------- feature cache
 
 CACHE_CHOICES = ["off", "taylorseer", "adaptive", "custom"]
-TAYLORSEER_DEFAULTS = {"first_enhance": 5, "fresh_threshold": 3, "max_order": 6}   # the official settings
 
 
 def plan_cache(cache: str, warmup: int = 5, interval: int = 3, order: int = 6) -> dict:

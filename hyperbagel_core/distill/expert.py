@@ -25,6 +25,7 @@ from torch import nn
 
 from ..errors import CheckpointError
 from ..fingerprint import fingerprint_tensors
+from ..placement import check_weight_swaps
 from ..quant import dense_shape, is_quantized
 from ..tensor_io import aligned, read_safetensors_header
 from .embedders import IMG_SCALE_RANGE, T2I_IMG_SCALE, TEXT_SCALE_RANGE, GuidanceEmbedding
@@ -154,7 +155,6 @@ class DistilledExpert:
         parameter that the manager loaded elsewhere is copied there for this block only (a partial load
         streams some layers from the offload device and keeps others resident).
         """
-        from ..placement import check_weight_swaps
         check_weight_swaps(model)
         params = dict(model.named_parameters())
         if self._module is not None:
@@ -327,7 +327,6 @@ def load_distilled_expert(path: str | Path, model: nn.Module) -> DistilledExpert
     Raises:
         CheckpointError: missing/corrupt file, wrong format, wrong base model, missing or misshapen tensors.
     """
-    from ..placement import check_weight_swaps
     check_weight_swaps(model)
     cfg, tensors = read_distilled_file(path)
     _check_against(model, cfg, tensors, str(path))

@@ -19,6 +19,7 @@ from torch import nn
 from ..config import LLMConfig
 from ..ops import resolve_ops
 from .attention import attention
+from .compiled import mark_dynamic
 
 
 class RMSNorm(nn.Module):
@@ -276,5 +277,4 @@ def pass_middle(layer, nxt, x, o, cos, sin):
 
 def _dyn_block(t: torch.Tensor) -> torch.Tensor:
     """One graph for every CFG batch of 2+ branches and every resolution (``compiled.mark_dynamic``)."""
-    from .compiled import mark_dynamic
     return mark_dynamic(t, 0, 1)
